@@ -1,0 +1,374 @@
+"""
+The multi-resolution diffusion process of Matryoshka Diffusion Models (section 3.1, Eq. 2-3,
+appendix C): one diffusion process in an extended space that holds an image at several
+resolutions at once.
+
+Given an image x, resolution r sees its down-sampled copy D^r(x) through its own noise and
+its own schedule, at a time t shared by all resolutions (Eq. 2):
+
+    q(z_t^r | x) = N(z_t^r; alpha_t^r D^r(x), (sigma_t^r)^2 I)
+
+The NestedUNet predicts v (Salimans & Ho, 2022) at every resolution, and all resolutions are
+trained jointly (Eq. 3) and denoised jointly (appendix C).
+
+The pieces, in reading order:
+    1. schedules: the cosine log-SNR and its resolution shift ("cosine-shift4")
+    2. the down-sampling operator D^r and the noising of Eq. 2
+    3. v-prediction and its conversions to x and epsilon
+    4. the joint loss of Eq. 3
+    5. samplers: DDPM (250 steps by default, as in the paper) and DDIM, with classifier-free
+       guidance and Imagen's dynamic thresholding
+
+Run it:
+    python diffusion.py                        # draws schedules.png for MDM-S64S128S256S512S1024
+    python diffusion.py MDM-S64S256 --out s.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nested_unet import parse_schedule, preset
+
+# ---------------------------------------------------------------------------------------
+# 1. Schedules
+# ---------------------------------------------------------------------------------------
+#
+# Time is continuous, t ~ U(0, 1) (DESIGN point 1). The cosine schedule written in log-SNR
+# (logsnr = log alpha^2 / sigma^2) is
+#
+#     logsnr(t) = -2 log tan(pi t / 2),        alpha^2 = sigmoid(logsnr),  sigma^2 = sigmoid(-logsnr)
+#
+# so alpha^2 + sigma^2 = 1 (variance preserving), and at t = 1/2 signal and noise are equal.
+# It is clipped to [logsnr_min, logsnr_max] so that t = 0 and t = 1 stay finite.
+#
+# The resolution shift (section 3.1, following Gu et al. 2022 and Hoogeboom et al. 2023):
+# averaging an s x s block of independent noise divides its variance by s^2, so at the same t
+# a 64x64 copy of an image is s^2 = 16 times "cleaner" than the 256x256 image. A level at s
+# times the base resolution therefore gets its SNR divided by s^2:
+#
+#     logsnr_s(t) = logsnr(t) - 2 log s        ("cosine-shift4": s = 4)
+#
+# The exponent (2) is `shift_power`; the official code shifted its 256 px level by log s only
+# (shift_power = 1). The shift is applied after the clipping, so SNR_s = SNR / s^2 at every t.
+
+
+def cosine_logsnr(t: torch.Tensor, logsnr_min: float = -15.0, logsnr_max: float = 15.0) -> torch.Tensor:
+    # float64 inside: tan(pi t / 2) near t = 1 is large, and logsnr feeds exp() later.
+    t64 = t.double()
+    return (-2 * torch.log(torch.tan(math.pi * t64 / 2))).clamp(logsnr_min, logsnr_max)
+
+
+def shifted_logsnr(t, shift: float, power: float = 2.0, logsnr_min=-15.0, logsnr_max=15.0):
+    return cosine_logsnr(t, logsnr_min, logsnr_max) - power * math.log(shift)
+
+
+def alpha_sigma(logsnr: torch.Tensor):
+    """alpha_t = sqrt(sigmoid(logsnr)), sigma_t = sqrt(sigmoid(-logsnr))."""
+    return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+
+
+# ---------------------------------------------------------------------------------------
+# 3. v-prediction (section 2: "reparameterize x_theta with noise- or v-prediction")
+# ---------------------------------------------------------------------------------------
+#
+# With z = alpha x + sigma eps, the network predicts v = alpha eps - sigma x. Since
+# alpha^2 + sigma^2 = 1, (z, v) is a rotation of (x, eps), and it rotates back:
+
+def v_from_x_eps(x, eps, alpha, sigma):
+    return alpha * eps - sigma * x
+
+
+def x_from_v(z, v, alpha, sigma):
+    return alpha * z - sigma * v
+
+
+def eps_from_v(z, v, alpha, sigma):
+    return sigma * z + alpha * v
+
+
+def bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample scalars (B,) -> (B, 1, 1, ...) to broadcast against images (B, ...)."""
+    return a.reshape(a.shape[0], *[1] * (like.dim() - 1)).to(like.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# 5a. Guidance and thresholding (appendix C)
+# ---------------------------------------------------------------------------------------
+
+def dynamic_threshold(x: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al., 2022): s is the `percentile` of |x| per
+    sample, never below 1; x is clipped to [-s, s] and divided by s. It keeps a strongly
+    guided prediction inside the image range without flattening it to +-1."""
+    s = torch.quantile(x.flatten(1).abs().float(), percentile, dim=1).clamp(min=1.0)
+    s = bcast(s, x)
+    return x.clamp(-s, s) / s
+
+
+def guided_v(v_cond, v_null, guidance_scale: float):
+    """Classifier-free guidance (Ho & Salimans, 2022): v_null + w (v_cond - v_null).
+    w = 1 is the conditional model, w = 0 the unconditional one, w > 1 guides."""
+    return v_null + guidance_scale * (v_cond - v_null)
+
+
+def cat_conditions(a: dict, b: dict) -> dict:
+    """Stack two conditions along the batch, padding text tokens to a common length (a
+    prompt and its negative prompt rarely have the same number of tokens)."""
+    out = {}
+    for key in a.keys() | b.keys():
+        x, y = a.get(key), b.get(key)
+        if x is None or y is None:
+            if x is not None or y is not None:
+                raise ValueError(f"both conditions must have {key!r} or neither")
+            continue
+        if key in ("text", "text_mask") and x.shape[1] != y.shape[1]:
+            L = max(x.shape[1], y.shape[1])
+            x, y = (F.pad(u, (0, 0) * (u.dim() - 2) + (0, L - u.shape[1])) for u in (x, y))
+        out[key] = torch.cat([x, y])
+    if "text" in out and "text_mask" not in out and a["text"].shape[1] != b["text"].shape[1]:
+        raise ValueError("text of different lengths needs a text_mask")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The process
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class DiffusionConfig:
+    shift_power: float = 2.0          # logsnr_s = logsnr - shift_power * log s (DESIGN point 2)
+    logsnr_min: float = -15.0
+    logsnr_max: float = 15.0
+    downsample: str = "avg"           # D^r: "avg" pooling (exact for integer ratios) or "bilinear"
+    loss_weights: list | None = None  # extra weight per resolution, lowest first (official 1024: 1, 4, 16)
+    loss_levels: str = "all"          # "all": Eq. 3; "top": only the highest resolution (simple DM)
+
+    def __post_init__(self):
+        if self.downsample not in ("avg", "bilinear"):
+            raise ValueError(f"downsample={self.downsample!r}: expected 'avg' or 'bilinear'")
+        if self.loss_levels not in ("all", "top"):
+            raise ValueError(f"loss_levels={self.loss_levels!r}: expected 'all' or 'top'")
+
+
+class MatryoshkaDiffusion:
+    """The diffusion process of one NestedUNet: its levels' resolutions and schedules.
+
+        diffusion = MatryoshkaDiffusion.for_model(model)
+        loss, per_level = diffusion.loss(model, images, cond)
+        images_per_level = diffusion.sample(model, cond, batch_size=16)
+
+    Everything is a list with one entry per resolution, lowest first, like the model's
+    inputs and outputs. `cond` is a dict of the model's condition: {"text", "text_mask"},
+    {"label"}, or {} for an unconditional model.
+    """
+
+    def __init__(self, resolutions, schedules, config: DiffusionConfig | None = None, downsample_fn=None):
+        self.resolutions = list(resolutions)
+        self.shifts = [parse_schedule(s) for s in schedules]
+        self.config = config or DiffusionConfig()
+        if self.config.loss_weights is not None and len(self.config.loss_weights) != len(self.resolutions):
+            raise ValueError(f"loss_weights={self.config.loss_weights} needs one weight per resolution "
+                             f"{self.resolutions}")
+        # video.py passes its own D^r (spatial pooling, then first-frame indexing in time).
+        self.downsample_fn = downsample_fn or self.spatial_downsample
+
+    @classmethod
+    def for_model(cls, model, config: DiffusionConfig | None = None, **kw):
+        levels = model.config.levels()
+        return cls(model.resolutions, [c.schedule for c in levels], config, **kw)
+
+    # -- 1. schedules, per level --
+    def logsnr(self, t: torch.Tensor, level: int) -> torch.Tensor:
+        c = self.config
+        return shifted_logsnr(t, self.shifts[level], c.shift_power, c.logsnr_min, c.logsnr_max)
+
+    def alpha_sigma(self, t: torch.Tensor, level: int):
+        return alpha_sigma(self.logsnr(t, level))
+
+    # -- 2. D^r and the noising of Eq. 2 --
+    def spatial_downsample(self, x: torch.Tensor, resolution: int) -> torch.Tensor:
+        """D^r for images (B, C, H, W): average pooling by the integer ratio H / r by default
+        (the reason for the s^2 shift above), or antialiased bilinear resizing."""
+        if x.shape[-1] == resolution:
+            return x
+        if self.config.downsample == "avg":
+            return F.avg_pool2d(x, x.shape[-1] // resolution)
+        return F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
+                             align_corners=False)
+
+    def downsample(self, x: torch.Tensor) -> list:
+        """[D^1(x), ..., D^R(x) = x], lowest resolution first."""
+        return [self.downsample_fn(x, r) for r in self.resolutions]
+
+    def add_noise(self, xs: list, t: torch.Tensor, noises: list) -> list:
+        """Eq. 2: z_t^r = alpha_t^r D^r(x) + sigma_t^r eps^r, each resolution with its own
+        independent noise eps^r and its own schedule, all at the same t. A level may hold
+        fewer samples than t (mixed-resolution training): it uses the first ones."""
+        zs = []
+        for r, (x, eps) in enumerate(zip(xs, noises)):
+            a, s = self.alpha_sigma(t[: x.shape[0]], r)
+            zs.append(bcast(a, x) * x + bcast(s, x) * eps)
+        return zs
+
+    # -- 4. the joint loss of Eq. 3 --
+    def loss(self, model, x: torch.Tensor, cond: dict | None = None, t=None, noises=None,
+             high_res_batch: int | None = None):
+        """Eq. 3: L = E_t E_z sum_r w_t^r || x_theta^r(z_t, t) - D^r(x) ||^2, in v-space.
+
+        Eq. 3 sums squares with w^r / w^R = N_R / N_r (N_r: the number of pixels of resolution
+        r). Dividing by N_R, this is sum_r (1 / N_r) * sum of squares = sum_r MSE_r: the *mean*
+        squared error of each resolution, added with equal weights (DESIGN point 5). That is
+        what we compute, times the optional extra `loss_weights`. With loss_levels="top" only
+        the highest resolution counts (the paper's "simple DM" baseline, same network); the
+        other levels get weight 0, so every parameter stays in the graph (DDP needs that).
+
+        `high_res_batch`: mixed-resolution training; only the first that many samples go
+        through the highest resolution. Returns (loss, [MSE per resolution, lowest first])."""
+        cond = cond or {}
+        B = x.shape[0]
+        xs = self.downsample(x)
+        if high_res_batch is not None and len(xs) > 1:
+            xs[-1] = xs[-1][:high_res_batch]
+        t = torch.rand(B, device=x.device) if t is None else t
+        noises = [torch.randn_like(a) for a in xs] if noises is None else noises
+        zs = self.add_noise(xs, t, noises)
+        v_pred = model(zs, t, **cond)
+        per_level = []
+        for r, (xr, eps, v) in enumerate(zip(xs, noises, v_pred)):
+            a, s = self.alpha_sigma(t[: xr.shape[0]], r)
+            target = v_from_x_eps(xr, eps, bcast(a, xr), bcast(s, xr))
+            per_level.append(F.mse_loss(v.float(), target.float()))
+        weights = list(self.config.loss_weights or [1.0] * len(xs))
+        if self.config.loss_levels == "top":
+            weights = [0.0] * (len(xs) - 1) + [weights[-1]]
+        total = sum(w * l for w, l in zip(weights, per_level))
+        return total, per_level
+
+    # -- 5. sampling --
+    @torch.no_grad()
+    def predict_v(self, model, zs, t, cond, guidance_scale=1.0, negative_cond=None):
+        """The network's v at every level, with classifier-free guidance in one network
+        evaluation: the condition and the null (or negative) condition go in one batch."""
+        B = zs[0].shape[0]
+        tt = torch.full((B,), float(t), device=zs[0].device)
+        if guidance_scale == 1.0 or not cond:
+            return [v.to(zs[0].dtype) for v in model(zs, tt, **cond)]   # no guidance: one half only
+        null = negative_cond if negative_cond is not None else \
+            model.null_condition(cond, torch.ones(B, dtype=torch.bool, device=zs[0].device))
+        vs = model([torch.cat([z, z]) for z in zs], torch.cat([tt, tt]), **cat_conditions(cond, null))
+        return [guided_v(*v.to(zs[0].dtype).chunk(2), guidance_scale) for v in vs]
+
+    @torch.no_grad()
+    def sample(self, model, cond: dict | None = None, batch_size: int = 1, sampler: str = "ddpm",
+               num_inference_steps: int = 250, guidance_scale: float = 1.0, negative_cond=None,
+               dynamic_thresholding: bool = True, generator: torch.Generator | None = None,
+               device=None, dtype=torch.float32, callback=None) -> list:
+        """Appendix C: start every resolution from its own independent Gaussian noise, run the
+        NestedUNet on all of them in parallel, take one denoising step per resolution with its
+        own schedule, repeat. Returns the final images, one tensor per resolution, lowest
+        first, in [-1, 1] when thresholded.
+
+        sampler="ddpm": ancestral sampling (Ho et al., 2020) on the continuous-time grid
+        t_i = 1 - i / N; "ddim": the deterministic DDIM update (Song et al., 2021).
+        callback(i, t, zs, x_preds) is called after every step (sample.py --show-steps)."""
+        cond = cond or {}
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps}: need at least 1 step")
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler={sampler!r}: expected 'ddpm' or 'ddim'")
+        device = device or next(model.parameters()).device
+        shapes = model.input_shapes(batch_size)
+        # The sampler's state stays in float32 (dtype) even when the network runs in bf16.
+        zs = [torch.randn(s, generator=generator, device=device, dtype=dtype) for s in shapes]
+        ts = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)
+        for i in range(num_inference_steps):
+            t, s = ts[i], ts[i + 1]
+            vs = self.predict_v(model, zs, t, cond, guidance_scale, negative_cond)
+            x_preds = []
+            for r, (z, v) in enumerate(zip(zs, vs)):
+                x_pred, z_next = self.step(z, v, t, s, r, sampler, dynamic_thresholding, generator,
+                                           last=(i == num_inference_steps - 1))
+                x_preds.append(x_pred)
+                zs[r] = z_next
+            if callback is not None:
+                callback(i, float(t), zs, x_preds)
+        return zs
+
+    def step(self, z, v, t, s, level, sampler, dynamic_thresholding, generator=None, last=False):
+        """One update of one resolution from time t to time s < t, with that resolution's own
+        schedule. Returns (predicted x, z_s); the last step returns the predicted x itself."""
+        lt, ls = (self.logsnr(u.reshape(1), level) for u in (t, s))
+        (a_t, s_t), (a_s, s_s) = alpha_sigma(lt), alpha_sigma(ls)
+        a_t, s_t, a_s, s_s = (u.to(z.dtype) for u in (a_t, s_t, a_s, s_s))
+        x_pred = x_from_v(z, v.to(z.dtype), a_t, s_t)
+        if dynamic_thresholding:
+            x_pred = dynamic_threshold(x_pred)
+        if last:
+            return x_pred, x_pred
+        if sampler == "ddim":
+            # DDIM (eta = 0): keep the predicted noise, move the signal to the level of s.
+            eps = (z - a_t * x_pred) / s_t
+            return x_pred, a_s * x_pred + s_s * eps
+        # DDPM: sample the posterior q(z_s | z_t, x = x_pred) of Eq. 1. With
+        # c = 1 - SNR_t / SNR_s = -expm1(logsnr_t - logsnr_s) (stable for close t and s):
+        #     mean = alpha_s ((1 - c) z_t / alpha_t + c x_pred),   variance = c sigma_s^2
+        c = (-torch.expm1(lt - ls)).to(z.dtype)
+        mean = a_s * ((1 - c) * z / a_t + c * x_pred)
+        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        return x_pred, mean + (c * s_s ** 2).sqrt() * noise
+
+
+# ---------------------------------------------------------------------------------------
+# A picture of the schedules
+# ---------------------------------------------------------------------------------------
+
+def plot_schedules(config, path: str, diffusion_config: DiffusionConfig | None = None):
+    """Left: log-SNR against t for every level of a config. Right: what each level's noise
+    amounts to once its image is average-pooled to the base resolution (pooling s x s blocks
+    multiplies the SNR by s^2). Unshifted (dotted), the high resolutions are far cleaner than
+    the base at the same t; shifted (solid), every level sits on the base curve."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = config.levels()
+    d = MatryoshkaDiffusion([c.resolutions[0] for c in levels], [c.schedule for c in levels],
+                            diffusion_config)
+    t = torch.linspace(0, 1, 501)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for r, c in enumerate(levels):
+        lam, s = d.logsnr(t, r), d.shifts[r]
+        color = f"C{r}"
+        label = f"{c.resolutions[0]}x{c.resolutions[0]} ({c.schedule})"
+        axes[0].plot(t, lam, color=color, label=label)
+        pooled = 2 * math.log(s)
+        axes[1].plot(t, lam + pooled, color=color, label=label + ", shifted", lw=2.5 - 0.4 * r)
+        if s != 1:
+            axes[1].plot(t, cosine_logsnr(t, d.config.logsnr_min, d.config.logsnr_max) + pooled,
+                         color=color, linestyle=":", label=label.split(" (")[0] + ", not shifted")
+    axes[0].set(xlabel="t", ylabel="log SNR", title="each resolution's own schedule")
+    axes[1].set(xlabel="t", ylabel="log SNR after pooling to the base resolution",
+                title="what the noise amounts to at the base resolution")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Resolution-shifted cosine schedules: logsnr_s(t) = logsnr(t) - "
+                 f"{d.config.shift_power:g} log s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Draw the log-SNR schedules of a preset's levels.")
+    p.add_argument("preset", nargs="?", default="MDM-S64S128S256S512S1024")
+    p.add_argument("--out", default="schedules.png")
+    p.add_argument("--shift-power", type=float, default=2.0)
+    a = p.parse_args()
+    plot_schedules(preset(a.preset), a.out, DiffusionConfig(shift_power=a.shift_power))
+    print(f"wrote {a.out}")

@@ -1,0 +1,640 @@
+"""
+The NestedUNet of Matryoshka Diffusion Models (Gu et al., ICLR 2024), section 3.2.
+
+One network denoises an image at several resolutions at once. The lowest resolution is an
+ordinary UNet; every higher resolution wraps the lower one like the shells of a matryoshka
+doll. This is the paper's pseudocode, and `NestedUNet._forward` below follows it line by line:
+
+    def NestedUNet(z: List[Tensor], h: Tensor = None, o: List[Tensor] = []):
+        x = z[-1] if h is None else f_merge(z[-1], h)
+        if len(z) > 1:  # move to next resolution
+            x = f_skip(x, f_up(NestedUNet(z[:-1], f_down(x), o)))
+        else:           # inner UNet at lowest resolution
+            x = f_skip(x, f_up(f_mid(f_down(x))))
+        o.append(x)     # return results of all resolutions
+        return x
+
+Inputs and outputs are lists ordered from the lowest to the highest resolution, as in the
+pseudocode. Most parameters live in the innermost 64x64 UNet (appendix A: about 450M of
+them); the outer levels are thin. The layers that connect a level to its inner model start
+at zero, so that a model grown for progressive training reproduces its inner model exactly.
+
+Run it:
+    python nested_unet.py                      # list the presets
+    python nested_unet.py MDM-S64S256          # print a preset's summary (the paper's Fig. 3 in text)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ---------------------------------------------------------------------------------------
+# The config: appendix A, key for key
+# ---------------------------------------------------------------------------------------
+
+# Keys that appendix A writes once, at the outermost level, and that hold for the whole
+# model. They are copied into every inner config, so each level can be built (and grown)
+# on its own and all levels agree.
+GLOBAL_KEYS = ("emb_channels", "num_lm_attn_layers", "lm_feature_projected_channels",
+               "text_channels", "num_classes", "in_channels", "dropout")
+
+
+@dataclass
+class NestedUNetConfig:
+    # Per level, as in appendix A. `resolutions` are the feature-map sizes inside this level,
+    # highest first: [256, 128, 64] means the level takes 256x256 inputs, works at 256, 128
+    # and 64, and hands its 64x64 features to `inner_config`, whose resolutions start at 64.
+    resolutions: list = field(default_factory=lambda: [64, 32, 16])
+    resolution_channels: list = field(default_factory=lambda: [256, 512, 768])
+    num_res_blocks: list = field(default_factory=lambda: [2, 2, 2])
+    num_attn_layers_per_block: list = field(default_factory=lambda: [0, 1, 5])
+    num_heads: int = 8
+    schedule: str = "cosine"              # "cosine-shift4" = cosine with SNR / 4^2 (diffusion.py)
+    inner_config: NestedUNetConfig | None = None
+    # Whole-model keys of appendix A (GLOBAL_KEYS), set at the outermost level.
+    emb_channels: int = 1024              # width of the time (+ condition) embedding
+    num_lm_attn_layers: int = 2           # learned self-attention layers over the text tokens
+    lm_feature_projected_channels: int = 1024
+    # Beyond appendix A: what the model is conditioned on, and its image channels.
+    text_channels: int = 0                # width of the frozen encoder's features (2048: FLAN-T5 XL); 0: no text
+    num_classes: int = 0                  # class-conditional (ImageNet); 0: no labels
+    in_channels: int = 3
+    dropout: float = 0.0
+    # Appendix A's video keys; levels with temporal_axis=True are built by video.py.
+    temporal_axis: bool = False
+    temporal_resolutions: list | None = None
+    num_temporal_attn_layers_per_block: list | None = None
+
+    def __post_init__(self):
+        if isinstance(self.inner_config, dict):       # rebuilt from a checkpoint's JSON
+            self.inner_config = NestedUNetConfig(**self.inner_config)
+        if self.inner_config is not None:             # the outermost level's global keys win
+            self.inner_config = dataclasses.replace(
+                self.inner_config, **{k: getattr(self, k) for k in GLOBAL_KEYS})
+        self.validate()
+
+    def validate(self):
+        """Bad configs fail here, with a message a person can act on, not deep in a forward."""
+        n = len(self.resolution_channels)
+        for key in ("resolutions", "num_res_blocks", "num_attn_layers_per_block"):
+            if len(getattr(self, key)) != n and not (self.temporal_axis and key == "resolutions"):
+                raise ValueError(f"{key}={getattr(self, key)} must have one entry per entry of "
+                                 f"resolution_channels={self.resolution_channels}")
+        for hi, lo in zip(self.resolutions, self.resolutions[1:]):
+            if lo >= hi or hi % lo:
+                raise ValueError(f"resolutions={self.resolutions}: each resolution must be an integer "
+                                 f"multiple of the next, and larger ({hi} / {lo} is not)")
+        if self.inner_config is not None and self.inner_config.resolutions[0] != self.resolutions[-1]:
+            raise ValueError(
+                f"a level with resolutions={self.resolutions} hands {self.resolutions[-1]}x"
+                f"{self.resolutions[-1]} features to its inner model, but the inner config starts at "
+                f"{self.inner_config.resolutions[0]}: inner_config.resolutions[0] must equal "
+                f"resolutions[-1]")
+        if self.text_channels and self.num_classes:
+            raise ValueError("a model is conditioned on text or on class labels, not both")
+        shift = parse_schedule(self.schedule)          # raises on an unknown name
+        del shift
+
+    # -- the list view of the nesting, lowest resolution first (the pseudocode's order) --
+    def levels(self) -> list[NestedUNetConfig]:
+        inner = self.inner_config.levels() if self.inner_config is not None else []
+        return inner + [self]
+
+    @property
+    def image_resolutions(self) -> list[int]:
+        """The resolution of each input/output, lowest first: [64, 256] for MDM-S64S256."""
+        return [c.resolutions[0] for c in self.levels()]
+
+    def truncated(self, resolution: int) -> NestedUNetConfig:
+        """The inner config whose top resolution is `resolution` (a progressive-training stage)."""
+        for c in self.levels():
+            if c.resolutions[0] == resolution:
+                return c
+        raise ValueError(f"no level of this model takes {resolution}x{resolution} inputs; "
+                         f"its levels take {self.image_resolutions}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_schedule(name: str) -> float:
+    """'cosine' -> shift 1, 'cosine-shift4' -> shift 4 (the paper's schedule names)."""
+    if name == "cosine":
+        return 1.0
+    if name.startswith("cosine-shift"):
+        try:
+            return float(name[len("cosine-shift"):])
+        except ValueError:
+            pass
+    raise ValueError(f"unknown schedule {name!r}: expected 'cosine' or 'cosine-shiftS' "
+                     f"with a number S, e.g. 'cosine-shift4'")
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer that ends a residual branch: the branch starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    # 32 groups as usual; fewer for the thin channels of tiny CPU models.
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the embedding `emb` (time + condition) by scale and shift
+    of its second normalisation (adaptive group norm, as in ADM and the official code)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_ch, 2 * out_ch)
+        self.norm2, self.dropout = group_norm(out_ch), nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb, tokens=None, mask=None):
+        # x: (B, C_in, H, W); emb: (B, E), already passed through SiLU once per forward.
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+        h = F.silu(self.norm2(h) * (1 + scale) + shift)
+        return self.skip(x) + self.conv2(self.dropout(h))
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions, plus cross-attention to the text tokens when the
+    model has text. Like Imagen, the text tokens are appended to the keys and values of the
+    same attention, so one softmax weighs pixels and words together; a masked (padding or
+    dropped) token gets no weight. A feed-forward layer follows, as in a transformer block."""
+
+    def __init__(self, channels: int, num_heads: int, cond_ch: int = 0):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels cannot be split into num_heads={num_heads} heads")
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        if cond_ch:
+            self.norm_cond, self.kv_cond = nn.LayerNorm(cond_ch), nn.Linear(cond_ch, 2 * channels)
+        self.proj_out = zero_init(nn.Linear(channels, channels))
+        self.ffn = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, 4 * channels),
+                                 nn.GELU(), zero_init(nn.Linear(4 * channels, channels)))
+
+    def forward(self, x, emb=None, tokens=None, mask=None):
+        B, C, H, W = x.shape
+        # (B, C, H, W) -> (B, HW, C): one token per position.
+        seq = x.flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(self.norm(x).flatten(2).transpose(1, 2)).chunk(3, dim=-1)
+        attn_mask = None
+        if tokens is not None:                  # tokens: (B, L, D), mask: (B, L) bool or None
+            k_txt, v_txt = self.kv_cond(self.norm_cond(tokens)).chunk(2, dim=-1)
+            k, v = torch.cat([k, k_txt], 1), torch.cat([v, v_txt], 1)
+            if mask is not None:                # pixels are always visible; padding never is
+                attn_mask = torch.cat([mask.new_ones(B, H * W), mask], 1)[:, None, None, :]
+        # (B, N, C) -> (B, heads, N, C / heads) for F.scaled_dot_product_attention.
+        q, k, v = (a.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for a in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        seq = seq + self.proj_out(out.transpose(1, 2).flatten(2))
+        seq = seq + self.ffn(seq)
+        return seq.transpose(1, 2).reshape(B, C, H, W)
+
+
+class TokenAttention(nn.Module):
+    """A transformer layer over a token sequence (B, L, D): the learned self-attention layers
+    that run over the frozen text encoder's features (`num_lm_attn_layers`)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm, self.qkv = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim)
+        self.proj_out = zero_init(nn.Linear(dim, dim))
+        self.ffn = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(),
+                                 zero_init(nn.Linear(4 * dim, dim)))
+
+    def forward(self, x, mask=None):
+        q, k, v = (a.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+                   for a in self.qkv(self.norm(x)).chunk(3, dim=-1))
+        attn_mask = None
+        if mask is not None:
+            # A token may attend to the valid tokens and to itself. The diagonal keeps a fully
+            # masked row (the null condition of classifier-free guidance) free of NaNs; such
+            # tokens are masked everywhere downstream, so what they compute is never used.
+            eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+            attn_mask = (mask[:, None, :] | eye)[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = x + self.proj_out(out.transpose(1, 2).flatten(2))
+        return x + self.ffn(x)
+
+
+class Downsample(nn.Module):
+    """Average-pool by an integer factor (2 everywhere in appendix A), then a 3x3 conv."""
+
+    def __init__(self, channels: int, factor: int):
+        super().__init__()
+        self.factor, self.conv = factor, nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, *args):
+        return self.conv(F.avg_pool2d(x, self.factor))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour up by an integer factor, then a 3x3 conv."""
+
+    def __init__(self, channels: int, factor: int):
+        super().__init__()
+        self.factor, self.conv = factor, nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, *args):
+        return self.conv(F.interpolate(x, scale_factor=self.factor, mode="nearest"))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of the continuous time t in [0, 1] (scaled by 1000 so that the
+    frequencies match the usual 1000-step models): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+    args = 1000 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ConditionEmbedding(nn.Module):
+    """Everything the innermost UNet owns besides its layers: the time embedding, and the
+    condition, which is text, a class label, or nothing.
+
+    Text (section 4.1): features of a frozen encoder (B, L, text_channels) are projected to
+    `lm_feature_projected_channels`, run through `num_lm_attn_layers` learned self-attention
+    layers, and (a) cross-attended by the UNet's attention blocks, (b) masked-mean pooled
+    into the time embedding. Labels (appendix F): an embedding added to the time embedding,
+    no cross-attention. The null condition of classifier-free guidance is an all-False text
+    mask (no tokens at all) or the extra label `num_classes`."""
+
+    def __init__(self, cfg: NestedUNetConfig):
+        super().__init__()
+        E = cfg.emb_channels
+        self.time_mlp = nn.Sequential(nn.Linear(E // 4, E), nn.SiLU(), nn.Linear(E, E))
+        if cfg.text_channels:
+            D = cfg.lm_feature_projected_channels
+            self.text_proj = nn.Linear(cfg.text_channels, D)
+            self.text_layers = nn.ModuleList(TokenAttention(D, cfg.num_heads)
+                                             for _ in range(cfg.num_lm_attn_layers))
+            self.text_pool = nn.Linear(D, E)
+        if cfg.num_classes:
+            self.label_emb = nn.Embedding(cfg.num_classes + 1, E)   # + 1: the null class
+
+    def forward(self, t, text=None, text_mask=None, label=None):
+        emb = self.time_mlp(timestep_embedding(t, self.time_mlp[0].in_features))
+        tokens = None
+        if text is not None:
+            tokens = self.text_proj(text)
+            for layer in self.text_layers:
+                tokens = layer(tokens, text_mask)
+            # Masked mean over the valid tokens; zero for the null condition (no tokens).
+            w = (torch.ones(text.shape[:2], device=text.device) if text_mask is None
+                 else text_mask.to(tokens.dtype))
+            pooled = (tokens * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+            emb = emb + self.text_pool(pooled)
+        if label is not None:
+            emb = emb + self.label_emb(label)
+        return emb, tokens
+
+
+# ---------------------------------------------------------------------------------------
+# The NestedUNet
+# ---------------------------------------------------------------------------------------
+
+class NestedUNet(nn.Module):
+    """One level of the nesting. With `inner_config=None` it is a plain UNet (the innermost,
+    lowest-resolution model, with its own mid block); otherwise it wraps an inner NestedUNet
+    that takes the place of its mid block. Call the outermost level:
+
+        outputs = model([z_64, z_256], t, text=..., text_mask=...)    # [v_64, v_256]
+
+    Mixed-resolution training (appendix B, "mixed-resolution training") passes fewer samples
+    at a higher resolution than at the one below it: the first B_r samples of every level
+    carry level r, the others stop at the level below.
+    """
+
+    def __init__(self, config: NestedUNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        chans, E = cfg.resolution_channels, cfg.emb_channels
+        cond_ch = cfg.lm_feature_projected_channels if cfg.text_channels else 0
+        self.gradient_checkpointing = False       # recompute this level's activations in backward
+
+        def stage(in_ch, out_ch, n_attn):
+            """A res block followed by its attention layers (only the first takes input)."""
+            return nn.ModuleList([ResBlock(in_ch, out_ch, E, cfg.dropout)] + [
+                AttentionBlock(out_ch, cfg.num_heads, cond_ch) for _ in range(n_attn)])
+
+        # f_merge: the input conv; an outer level's features h are added to it (section 3.2).
+        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        # f_down: res blocks per resolution, down-sampling between resolutions. `skips` are
+        # the channel counts of the activations the up path will concatenate (as in ADM).
+        self.down, skips, ch = nn.ModuleList(), [chans[0]], chans[0]
+        for i, out_ch in enumerate(chans):
+            for _ in range(cfg.num_res_blocks[i]):
+                self.down.append(stage(ch, out_ch, cfg.num_attn_layers_per_block[i]))
+                ch = out_ch
+                skips.append(ch)
+            if i < len(chans) - 1:
+                self.down.append(nn.ModuleList([Downsample(ch, cfg.resolutions[i] // cfg.resolutions[i + 1])]))
+                skips.append(ch)
+
+        if cfg.inner_config is None:
+            # The innermost UNet: f_mid, and the conditioning that every level shares.
+            self.inner = None
+            self.mid = nn.ModuleList([nn.ModuleList([ResBlock(ch, ch, E, cfg.dropout),
+                                                     AttentionBlock(ch, cfg.num_heads, cond_ch),
+                                                     ResBlock(ch, ch, E, cfg.dropout)])])
+            self.cond_embed = ConditionEmbedding(cfg)
+        else:
+            self.inner = self.build_inner(cfg.inner_config)
+            inner_ch = cfg.inner_config.resolution_channels[0]
+            # The two connections to the inner model start at zero (DESIGN point 7): the inner
+            # model then sees exactly what it saw before it was wrapped, and the outer level
+            # starts as a UNet of its own. `in_adapter` is the pseudocode's f_down(x) handed
+            # to the inner f_merge; `out_adapter` is f_up.
+            self.in_adapter = zero_init(nn.Conv2d(ch, inner_ch, 3, padding=1))
+            self.out_adapter = zero_init(nn.Conv2d(inner_ch, ch, 3, padding=1))
+
+        # f_up and f_skip: each resolution has one more res block than on the way down, and each
+        # block concatenates one skip activation (the UNet's long skip connections).
+        self.up = nn.ModuleList()
+        for i in reversed(range(len(chans))):
+            for _ in range(cfg.num_res_blocks[i] + 1):
+                self.up.append(stage(ch + skips.pop(), chans[i], cfg.num_attn_layers_per_block[i]))
+                ch = chans[i]
+            if i > 0:
+                self.up.append(nn.ModuleList([Upsample(ch, cfg.resolutions[i - 1] // cfg.resolutions[i])]))
+        self.norm_out = group_norm(ch)
+        self.conv_out = zero_init(nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
+
+    def build_inner(self, config: NestedUNetConfig) -> NestedUNet:
+        """The inner model; video.py overrides this to build levels with a time axis."""
+        if config.temporal_axis:
+            raise ValueError("this config nests a video level (temporal_axis=True): "
+                             "build it with video.py's VideoNestedUNet")
+        return type(self)(config)
+
+    # -- the nesting as a list, lowest resolution first --
+    def levels(self) -> list[NestedUNet]:
+        return (self.inner.levels() if self.inner is not None else []) + [self]
+
+    @property
+    def innermost(self) -> NestedUNet:
+        return self.levels()[0]
+
+    @property
+    def resolutions(self) -> list[int]:
+        return self.config.image_resolutions
+
+    def input_shapes(self, batch_size: int) -> list[tuple]:
+        """The shape of each level's input z, lowest resolution first."""
+        return [(batch_size, c.in_channels, c.resolutions[0], c.resolutions[0])
+                for c in self.config.levels()]
+
+    # -- conditioning helpers (used by training dropout and classifier-free guidance) --
+    def null_condition(self, cond: dict, drop: torch.Tensor) -> dict:
+        """Replace the condition of the samples where `drop` (B,) is True by the null
+        condition: no text tokens at all, or the null class."""
+        cond = dict(cond)
+        if cond.get("text") is not None:
+            mask = cond.get("text_mask")
+            if mask is None:
+                mask = torch.ones(cond["text"].shape[:2], dtype=torch.bool, device=drop.device)
+            cond["text_mask"] = mask & ~drop[:, None]
+        if cond.get("label") is not None:
+            cond["label"] = torch.where(drop, torch.full_like(cond["label"], self.config.num_classes),
+                                        cond["label"])
+        return cond
+
+    def check_inputs(self, z: list, t, text, text_mask, label):
+        """Clear errors for inputs that do not fit the model (before any layer runs)."""
+        cfg = self.config
+        if not isinstance(z, (list, tuple)) or len(z) != len(cfg.levels()):
+            raise ValueError(f"this model has {len(cfg.levels())} levels at resolutions "
+                             f"{self.resolutions}: pass a list of {len(cfg.levels())} tensors, "
+                             f"lowest resolution first (got {type(z).__name__} of "
+                             f"{len(z) if isinstance(z, (list, tuple)) else '?'})")
+        for i, (x, c) in enumerate(zip(z, cfg.levels())):
+            r = c.resolutions[0]
+            if x.dim() != 4 or x.shape[1] != c.in_channels or x.shape[-2:] != (r, r):
+                raise ValueError(f"input {i} must be (B, {c.in_channels}, {r}, {r}) for the "
+                                 f"{r}x{r} level, got {tuple(x.shape)}; inputs go lowest resolution first")
+            if i and x.shape[0] > z[i - 1].shape[0]:
+                raise ValueError("a higher resolution may carry fewer samples than the one below it "
+                                 "(mixed-resolution training), never more")
+        if t.shape != (z[0].shape[0],):
+            raise ValueError(f"t must have shape ({z[0].shape[0]},), one time per sample; got {tuple(t.shape)}")
+        if text is not None and not cfg.text_channels:
+            raise ValueError("text was given to a model that is not text-conditional "
+                             "(text_channels=0); leave it out, or build the model with text_channels")
+        if label is not None and not cfg.num_classes:
+            raise ValueError("a class label was given to a model that is not class-conditional "
+                             "(num_classes=0)")
+        if text is not None and (text.dim() != 3 or text.shape[-1] != cfg.text_channels):
+            raise ValueError(f"text features must be (B, L, {cfg.text_channels}), got {tuple(text.shape)}")
+        if text_mask is not None and (text is None or text_mask.shape != text.shape[:2]):
+            raise ValueError("text_mask must be (B, L) and come with text")
+
+    def forward(self, z: list, t: torch.Tensor, text=None, text_mask=None, label=None) -> list:
+        """z: inputs lowest resolution first, each (B_r, C, r, r); t: (B,) in [0, 1];
+        text: (B, L, text_channels) with text_mask (B, L) bool; label: (B,) long.
+        Returns one prediction (v) per resolution, lowest first."""
+        self.check_inputs(z, t, text, text_mask, label)
+        if text_mask is not None and bool(text_mask.all()):
+            text_mask = None                      # no padding: the fast attention path
+        emb, tokens = self.innermost.cond_embed(t, text, text_mask, label)
+        outputs = []
+        self._forward(list(z), F.silu(emb), tokens, text_mask, None, outputs)
+        return outputs
+
+    def _forward(self, z, emb, tokens, mask, h, o):
+        """The pseudocode of section 3.2. `h` comes from the outer level, `o` collects the
+        outputs. emb, tokens and mask hold every sample; under mixed-resolution training this
+        level uses the first B of them and hands all of them on to its inner model."""
+        B = z[-1].shape[0]
+        cond = (emb[:B], None if tokens is None else tokens[:B], None if mask is None else mask[:B])
+        # x = z[-1] if h is None else f_merge(z[-1], h)
+        x = self.conv_in(z[-1])
+        if h is not None:
+            x = x + h
+        skips = [x]
+        x = self.run(self.down, x, cond, collect=skips)
+        if self.inner is not None:
+            # x = f_skip(x, f_up(NestedUNet(z[:-1], f_down(x), o)))
+            h_inner = self.in_adapter(x)
+            if z[-2].shape[0] > B:                # samples that skip this level get h = 0
+                h_inner = torch.cat([h_inner, h_inner.new_zeros(z[-2].shape[0] - B, *h_inner.shape[1:])])
+            x = x + self.out_adapter(self.inner._forward(z[:-1], emb, tokens, mask, h_inner, o)[:B])
+        else:
+            # x = f_skip(x, f_up(f_mid(f_down(x))))
+            x = self.run(self.mid, x, cond)
+        x = self.run(self.up, x, cond, skips=skips)
+        o.append(self.conv_out(F.silu(self.norm_out(x))))   # o.append(x): this level's prediction
+        return x                                   # its features go back to the outer level
+
+    def run(self, stages, x, cond, collect=None, skips=None):
+        """Run a list of stages. On the way down, `collect` gathers every stage's output; on
+        the way up, each res block first concatenates the last of `skips` (the UNet's long
+        skip connections)."""
+        for stage in stages:
+            if skips is not None and isinstance(stage[0], ResBlock):
+                x = torch.cat([x, skips.pop()], dim=1)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(run_stage, stage, x, *cond, use_reentrant=False)
+            else:
+                x = run_stage(stage, x, *cond)
+            if collect is not None:
+                collect.append(x)
+        return x
+
+
+def run_stage(stage, x, emb, tokens, mask):
+    for layer in stage:
+        x = layer(x, emb, tokens, mask)
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+# Presets: the paper's named models (appendix A), and small ones a CPU can train
+# ---------------------------------------------------------------------------------------
+
+def _S64(**kw):
+    """The innermost 64x64 UNet of every paper model (MDM-S64, appendix A): most attention
+    layers sit at 16x16, following SDXL (Podell et al., 2023)."""
+    return NestedUNetConfig(resolutions=[64, 32, 16], resolution_channels=[256, 512, 768],
+                            num_res_blocks=[2, 2, 2], num_attn_layers_per_block=[0, 1, 5],
+                            num_heads=8, schedule="cosine", **kw)
+
+
+def _level(inner, resolutions, channels, blocks, schedule, **kw):
+    """An outer level without attention, as all of appendix A's outer levels are."""
+    return NestedUNetConfig(resolutions=resolutions, resolution_channels=channels,
+                            num_res_blocks=blocks, num_attn_layers_per_block=[0] * len(blocks),
+                            schedule=schedule, inner_config=inner, **kw)
+
+
+# Appendix A's whole-model keys; the paper's text encoder is FLAN-T5 XL (2048 wide).
+PAPER = dict(emb_channels=1024, num_lm_attn_layers=2, lm_feature_projected_channels=1024,
+             text_channels=2048)
+
+PRESETS = {
+    "MDM-S64": lambda **kw: _S64(**{**PAPER, **kw}),
+    "MDM-S64S256": lambda **kw: _level(_S64(), [256, 128, 64], [64, 128, 256], [2, 2, 1],
+                                       "cosine-shift4", **{**PAPER, **kw}),
+    "MDM-S64S128S256": lambda **kw: _level(
+        _level(_S64(), [128, 64], [128, 256], [2, 1], "cosine-shift2"),
+        [256, 128], [64, 128], [2, 1], "cosine-shift4", **{**PAPER, **kw}),
+    "MDM-S64S256S1024": lambda **kw: _level(
+        _level(_S64(), [256, 128, 64], [64, 128, 256], [2, 2, 1], "cosine-shift4"),
+        [1024, 512, 256], [32, 32, 64], [2, 2, 1], "cosine-shift16", **{**PAPER, **kw}),
+    "MDM-S64S128S256S512S1024": lambda **kw: _level(_level(_level(_level(
+        _S64(), [128, 64], [128, 256], [2, 1], "cosine-shift2"),
+        [256, 128], [64, 128], [2, 1], "cosine-shift4"),
+        [512, 256], [32, 64], [2, 1], "cosine-shift8"),
+        [1024, 512], [32, 32], [2, 1], "cosine-shift16", **{**PAPER, **kw}),
+    # Small models for a 2-core CPU: the same shape at a sixteenth of the width and a quarter
+    # of the resolution. The shift of the outer level is its resolution over the base's.
+    "CPU-S16": lambda **kw: NestedUNetConfig(**{**_CPU_INNER, **_CPU, **kw}),
+    "CPU-S16S32": lambda **kw: _level(NestedUNetConfig(**_CPU_INNER), [32, 16], [32, 64], [1, 1],
+                                      "cosine-shift2", **{**_CPU, **kw}),
+    "CPU-S16S32S64": lambda **kw: _level(
+        _level(NestedUNetConfig(**_CPU_INNER), [32, 16], [32, 64], [1, 1], "cosine-shift2"),
+        [64, 32], [32, 32], [1, 1], "cosine-shift4", **{**_CPU, **kw}),
+    # A toy for the tests: a few thousand parameters per level.
+    "tiny": lambda **kw: NestedUNetConfig(resolutions=[8, 4], resolution_channels=[8, 16],
+                                          num_res_blocks=[1, 1], num_attn_layers_per_block=[0, 1],
+                                          num_heads=2, **{**_TINY, **kw}),
+}
+_CPU_INNER = dict(resolutions=[16, 8, 4], resolution_channels=[64, 128, 192], num_res_blocks=[1, 2, 2],
+                  num_attn_layers_per_block=[0, 1, 2], num_heads=4, schedule="cosine")
+_CPU = dict(emb_channels=256, num_lm_attn_layers=1, lm_feature_projected_channels=192)
+_TINY = dict(emb_channels=32, num_lm_attn_layers=1, lm_feature_projected_channels=16)
+
+
+def preset(name: str, **overrides) -> NestedUNetConfig:
+    """A named config; `overrides` set whole-model keys, e.g. preset("MDM-S64S256",
+    text_channels=0, num_classes=1000) for the class-conditional ImageNet model."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; the presets are: {', '.join(PRESETS)}")
+    return PRESETS[name](**overrides)
+
+
+# ---------------------------------------------------------------------------------------
+# Progressive training: grow a trained model into the inner model of a bigger one
+# ---------------------------------------------------------------------------------------
+
+def grow(model: NestedUNet, config: NestedUNetConfig) -> NestedUNet:
+    """A NestedUNet built from `config` whose inner levels are `model`, with its trained
+    weights (section 3.3, "progressive training"). `model` must be exactly the inner part of
+    `config` up to its own top resolution; it may be several levels down (--res 64,256 on
+    MDM-S64S128S256 adds two levels at once). The new connections start at zero, so the new
+    model's lower-resolution outputs equal the old model's."""
+    inner_cfg = config.truncated(model.config.resolutions[0])
+    if inner_cfg.to_dict() != model.config.to_dict():
+        diff = {k: (v, inner_cfg.to_dict()[k]) for k, v in model.config.to_dict().items()
+                if v != inner_cfg.to_dict()[k]}
+        raise ValueError(f"cannot grow: the trained model differs from the inner part of the new "
+                         f"config in {diff} (trained, new)")
+    p = next(model.parameters())
+    new = model.__class__(config).to(device=p.device, dtype=p.dtype)
+    target = new.levels()[len(model.levels()) - 1]
+    # Strict loading: every tensor of the trained model has its place, and no place is left
+    # empty (the official code's progressive loading silently loaded nothing).
+    target.load_state_dict(model.state_dict(), strict=True)
+    return new
+
+
+# ---------------------------------------------------------------------------------------
+# A readable summary: the paper's Fig. 3 in text
+# ---------------------------------------------------------------------------------------
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def summary(model: NestedUNet, name: str = "") -> str:
+    cfg = model.config
+    rows = [f"{name or 'NestedUNet'}: {len(cfg.levels())} level(s) at "
+            f"{' -> '.join(f'{r}x{r}' for r in model.resolutions)}, "
+            f"{count_params(model) / 1e6:.1f}M parameters",
+            f"{'level':<6}{'input':>10}  {'feature maps (size x channels)':<36}{'res blocks':<12}"
+            f"{'attention':<11}{'schedule':<16}{'params':>9}"]
+    for i, level in enumerate(model.levels()):
+        c = level.config
+        own = count_params(level) - (count_params(level.inner) if level.inner is not None else 0)
+        maps = " -> ".join(f"{r}x{ch}" for r, ch in zip(c.resolutions, c.resolution_channels))
+        rows.append(f"{i + 1:<6}{f'{c.resolutions[0]}x{c.resolutions[0]}':>10}  {maps:<36}"
+                    f"{','.join(map(str, c.num_res_blocks)):<12}"
+                    f"{','.join(map(str, c.num_attn_layers_per_block)):<11}{c.schedule:<16}"
+                    f"{own / 1e6:>8.1f}M")
+    cond = count_params(model.innermost.cond_embed)
+    what = (f"text ({cfg.text_channels}-wide features -> {cfg.lm_feature_projected_channels}, "
+            f"{cfg.num_lm_attn_layers} self-attention layers)" if cfg.text_channels else
+            f"{cfg.num_classes} classes" if cfg.num_classes else "unconditional")
+    rows.append(f"conditioning: {what}; time + condition embedding {cfg.emb_channels} wide, "
+                f"{cond / 1e6:.1f}M parameters (counted in level 1)")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        print(__doc__.strip().splitlines()[-1])
+        print("presets:", ", ".join(PRESETS))
+        sys.exit(0)
+    with torch.device("meta"):            # no memory, no time: shapes and counts only
+        print(summary(NestedUNet(preset(sys.argv[1])), sys.argv[1]))
