@@ -174,7 +174,7 @@ class MatryoshkaDiffusion:
         if self.config.loss_weights is not None and len(self.config.loss_weights) != len(self.resolutions):
             raise ValueError(f"loss_weights={self.config.loss_weights} needs one weight per resolution "
                              f"{self.resolutions}")
-        # video.py passes its own D^r (spatial pooling, then first-frame indexing in time).
+        # D^r(x, level). video.py passes its own (spatial pooling, first-frame indexing in time).
         self.downsample_fn = downsample_fn or self.spatial_downsample
 
     @classmethod
@@ -191,9 +191,10 @@ class MatryoshkaDiffusion:
         return alpha_sigma(self.logsnr(t, level))
 
     # -- 2. D^r and the noising of Eq. 2 --
-    def spatial_downsample(self, x: torch.Tensor, resolution: int) -> torch.Tensor:
+    def spatial_downsample(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """D^r for images (B, C, H, W): average pooling by the integer ratio H / r by default
         (the reason for the s^2 shift above), or antialiased bilinear resizing."""
+        resolution = self.resolutions[level]
         if x.shape[-1] == resolution:
             return x
         if self.config.downsample == "avg":
@@ -203,7 +204,7 @@ class MatryoshkaDiffusion:
 
     def downsample(self, x: torch.Tensor) -> list:
         """[D^1(x), ..., D^R(x) = x], lowest resolution first."""
-        return [self.downsample_fn(x, r) for r in self.resolutions]
+        return [self.downsample_fn(x, r) for r in range(len(self.resolutions))]
 
     def add_noise(self, xs: list, t: torch.Tensor, noises: list) -> list:
         """Eq. 2: z_t^r = alpha_t^r D^r(x) + sigma_t^r eps^r, each resolution with its own
@@ -217,7 +218,7 @@ class MatryoshkaDiffusion:
 
     # -- 4. the joint loss of Eq. 3 --
     def loss(self, model, x: torch.Tensor, cond: dict | None = None, t=None, noises=None,
-             high_res_batch: int | None = None):
+             high_res_batch: int | None = None, high_res_fraction: float | None = None):
         """Eq. 3: L = E_t E_z sum_r w_t^r || x_theta^r(z_t, t) - D^r(x) ||^2, in v-space.
 
         Eq. 3 sums squares with w^r / w^R = N_R / N_r (N_r: the number of pixels of resolution
@@ -228,7 +229,11 @@ class MatryoshkaDiffusion:
         other levels get weight 0, so every parameter stays in the graph (DDP needs that).
 
         `high_res_batch`: mixed-resolution training; only the first that many samples go
-        through the highest resolution. Returns (loss, [MSE per resolution, lowest first])."""
+        through the highest resolution. If they were drawn at random with probability
+        `high_res_fraction`, the highest resolution's squared errors are divided by the
+        expected count (fraction * B) instead of the drawn one: the loss then does not depend
+        on how many were drawn, and its average over DDP ranks equals the loss of one
+        process over the whole batch. Returns (loss, [MSE per resolution, lowest first])."""
         cond = cond or {}
         B = x.shape[0]
         xs = self.downsample(x)
@@ -242,7 +247,10 @@ class MatryoshkaDiffusion:
         for r, (xr, eps, v) in enumerate(zip(xs, noises, v_pred)):
             a, s = self.alpha_sigma(t[: xr.shape[0]], r)
             target = v_from_x_eps(xr, eps, bcast(a, xr), bcast(s, xr))
-            per_level.append(F.mse_loss(v.float(), target.float()))
+            mse = F.mse_loss(v.float(), target.float(), reduction="sum") / math.prod(xr.shape[1:])
+            count = B * high_res_fraction if (high_res_fraction and r == len(xs) - 1 and len(xs) > 1) \
+                else xr.shape[0]
+            per_level.append(mse / count)
         weights = list(self.config.loss_weights or [1.0] * len(xs))
         if self.config.loss_levels == "top":
             weights = [0.0] * (len(xs) - 1) + [weights[-1]]

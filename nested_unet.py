@@ -113,13 +113,26 @@ class NestedUNetConfig:
         """The resolution of each input/output, lowest first: [64, 256] for MDM-S64S256."""
         return [c.resolutions[0] for c in self.levels()]
 
-    def truncated(self, resolution: int) -> NestedUNetConfig:
-        """The inner config whose top resolution is `resolution` (a progressive-training stage)."""
+    @property
+    def frames(self) -> int:
+        """Frames of this level's input: 1 for images; a video level's frames, which the
+        spatial levels around it carry too."""
+        if self.temporal_axis:
+            return self.temporal_resolutions[0]
+        return self.inner_config.frames if self.inner_config is not None else 1
+
+    def level_sizes(self) -> list[tuple[int, int]]:
+        """(frames, resolution) of each level, lowest first: [(1, 64), (16, 64), (16, 256)]."""
+        return [(c.frames, c.resolutions[0]) for c in self.levels()]
+
+    def truncated(self, resolution: int, frames: int = 1) -> NestedUNetConfig:
+        """The inner config whose top level takes `frames` x `resolution`^2 inputs (the model
+        of a progressive-training stage)."""
         for c in self.levels():
-            if c.resolutions[0] == resolution:
+            if (c.frames, c.resolutions[0]) == (frames, resolution):
                 return c
-        raise ValueError(f"no level of this model takes {resolution}x{resolution} inputs; "
-                         f"its levels take {self.image_resolutions}")
+        raise ValueError(f"no level of this model takes {frames} x {resolution}x{resolution} inputs; "
+                         f"its levels take {self.level_sizes()} (frames, resolution)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -154,6 +167,12 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
+def per_frame(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Repeat per-sample rows a (B, ...) for x's rows (B * T, ...): the T frames of a video
+    are folded into the batch, sample by sample."""
+    return a if a.shape[0] == x.shape[0] else a.repeat_interleave(x.shape[0] // a.shape[0], dim=0)
+
+
 class ResBlock(nn.Module):
     """Residual block conditioned on the embedding `emb` (time + condition) by scale and shift
     of its second normalisation (adaptive group norm, as in ADM and the official code)."""
@@ -167,9 +186,10 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, emb, tokens=None, mask=None):
-        # x: (B, C_in, H, W); emb: (B, E), already passed through SiLU once per forward.
+        # x: (B, C_in, H, W); emb: (B, E), already passed through SiLU once per forward. In a
+        # video level x holds B * T frames, and each sample's embedding serves all its frames.
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+        scale, shift = per_frame(self.emb_proj(emb), x)[:, :, None, None].chunk(2, dim=1)
         h = F.silu(self.norm2(h) * (1 + scale) + shift)
         return self.skip(x) + self.conv2(self.dropout(h))
 
@@ -200,7 +220,8 @@ class AttentionBlock(nn.Module):
         q, k, v = self.qkv(self.norm(x).flatten(2).transpose(1, 2)).chunk(3, dim=-1)
         attn_mask = None
         if tokens is not None:                  # tokens: (B, L, D), mask: (B, L) bool or None
-            k_txt, v_txt = self.kv_cond(self.norm_cond(tokens)).chunk(2, dim=-1)
+            k_txt, v_txt = per_frame(self.kv_cond(self.norm_cond(tokens)), x).chunk(2, dim=-1)
+            mask = per_frame(mask, x) if mask is not None else None
             k, v = torch.cat([k, k_txt], 1), torch.cat([v, v_txt], 1)
             if mask is not None:                # pixels are always visible; padding never is
                 attn_mask = torch.cat([mask.new_ones(B, H * W), mask], 1)[:, None, None, :]
@@ -330,14 +351,10 @@ class NestedUNet(nn.Module):
     def __init__(self, config: NestedUNetConfig):
         super().__init__()
         self.config = cfg = config
-        chans, E = cfg.resolution_channels, cfg.emb_channels
-        cond_ch = cfg.lm_feature_projected_channels if cfg.text_channels else 0
+        chans, E, stage = cfg.resolution_channels, cfg.emb_channels, self.make_stage
+        # The width of the text tokens that the attention blocks cross-attend to (0: no text).
+        self.cond_ch = cfg.lm_feature_projected_channels if cfg.text_channels else 0
         self.gradient_checkpointing = False       # recompute this level's activations in backward
-
-        def stage(in_ch, out_ch, n_attn):
-            """A res block followed by its attention layers (only the first takes input)."""
-            return nn.ModuleList([ResBlock(in_ch, out_ch, E, cfg.dropout)] + [
-                AttentionBlock(out_ch, cfg.num_heads, cond_ch) for _ in range(n_attn)])
 
         # f_merge: the input conv; an outer level's features h are added to it (section 3.2).
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
@@ -346,18 +363,18 @@ class NestedUNet(nn.Module):
         self.down, skips, ch = nn.ModuleList(), [chans[0]], chans[0]
         for i, out_ch in enumerate(chans):
             for _ in range(cfg.num_res_blocks[i]):
-                self.down.append(stage(ch, out_ch, cfg.num_attn_layers_per_block[i]))
+                self.down.append(stage(ch, out_ch, i))
                 ch = out_ch
                 skips.append(ch)
             if i < len(chans) - 1:
-                self.down.append(nn.ModuleList([Downsample(ch, cfg.resolutions[i] // cfg.resolutions[i + 1])]))
+                self.down.append(nn.ModuleList([self.make_downsample(ch, i)]))
                 skips.append(ch)
 
         if cfg.inner_config is None:
             # The innermost UNet: f_mid, and the conditioning that every level shares.
             self.inner = None
             self.mid = nn.ModuleList([nn.ModuleList([ResBlock(ch, ch, E, cfg.dropout),
-                                                     AttentionBlock(ch, cfg.num_heads, cond_ch),
+                                                     AttentionBlock(ch, cfg.num_heads, self.cond_ch),
                                                      ResBlock(ch, ch, E, cfg.dropout)])])
             self.cond_embed = ConditionEmbedding(cfg)
         else:
@@ -375,12 +392,32 @@ class NestedUNet(nn.Module):
         self.up = nn.ModuleList()
         for i in reversed(range(len(chans))):
             for _ in range(cfg.num_res_blocks[i] + 1):
-                self.up.append(stage(ch + skips.pop(), chans[i], cfg.num_attn_layers_per_block[i]))
+                self.up.append(stage(ch + skips.pop(), chans[i], i))
                 ch = chans[i]
             if i > 0:
-                self.up.append(nn.ModuleList([Upsample(ch, cfg.resolutions[i - 1] // cfg.resolutions[i])]))
+                self.up.append(nn.ModuleList([self.make_upsample(ch, i)]))
         self.norm_out = group_norm(ch)
         self.conv_out = zero_init(nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
+
+    # -- the layers of a level; video.py overrides them for levels with a time axis --
+    def make_stage(self, in_ch: int, out_ch: int, i: int) -> nn.ModuleList:
+        """A res block followed by the attention layers of resolution i."""
+        cfg = self.config
+        return nn.ModuleList([ResBlock(in_ch, out_ch, cfg.emb_channels, cfg.dropout)] + [
+            AttentionBlock(out_ch, cfg.num_heads, self.cond_ch) for _ in range(cfg.num_attn_layers_per_block[i])])
+
+    def make_downsample(self, ch: int, i: int) -> nn.Module:
+        return Downsample(ch, self.config.resolutions[i] // self.config.resolutions[i + 1])
+
+    def make_upsample(self, ch: int, i: int) -> nn.Module:
+        return Upsample(ch, self.config.resolutions[i - 1] // self.config.resolutions[i])
+
+    def fold_input(self, z: torch.Tensor) -> torch.Tensor:
+        """This level's input as a batch of images (video.py folds frames into the batch)."""
+        return z
+
+    def unfold_output(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        return x
 
     def build_inner(self, config: NestedUNetConfig) -> NestedUNet:
         """The inner model; video.py overrides this to build levels with a time axis."""
@@ -402,8 +439,9 @@ class NestedUNet(nn.Module):
         return self.config.image_resolutions
 
     def input_shapes(self, batch_size: int) -> list[tuple]:
-        """The shape of each level's input z, lowest resolution first."""
-        return [(batch_size, c.in_channels, c.resolutions[0], c.resolutions[0])
+        """The shape of each level's input z, lowest resolution first: (B, C, r, r) for
+        images, (B, T, C, r, r) for the levels of a video."""
+        return [(batch_size,) + ((c.frames,) if c.frames > 1 else ()) + (c.in_channels,) + (c.resolutions[0],) * 2
                 for c in self.config.levels()]
 
     # -- conditioning helpers (used by training dropout and classifier-free guidance) --
@@ -429,11 +467,10 @@ class NestedUNet(nn.Module):
                              f"{self.resolutions}: pass a list of {len(cfg.levels())} tensors, "
                              f"lowest resolution first (got {type(z).__name__} of "
                              f"{len(z) if isinstance(z, (list, tuple)) else '?'})")
-        for i, (x, c) in enumerate(zip(z, cfg.levels())):
-            r = c.resolutions[0]
-            if x.dim() != 4 or x.shape[1] != c.in_channels or x.shape[-2:] != (r, r):
-                raise ValueError(f"input {i} must be (B, {c.in_channels}, {r}, {r}) for the "
-                                 f"{r}x{r} level, got {tuple(x.shape)}; inputs go lowest resolution first")
+        for i, (x, shape) in enumerate(zip(z, self.input_shapes(1))):
+            if tuple(x.shape[1:]) != shape[1:]:
+                raise ValueError(f"input {i} must be (B, {', '.join(map(str, shape[1:]))}), got "
+                                 f"{tuple(x.shape)}; inputs go lowest resolution first")
             if i and x.shape[0] > z[i - 1].shape[0]:
                 raise ValueError("a higher resolution may carry fewer samples than the one below it "
                                  "(mixed-resolution training), never more")
@@ -469,7 +506,7 @@ class NestedUNet(nn.Module):
         B = z[-1].shape[0]
         cond = (emb[:B], None if tokens is None else tokens[:B], None if mask is None else mask[:B])
         # x = z[-1] if h is None else f_merge(z[-1], h)
-        x = self.conv_in(z[-1])
+        x = self.conv_in(self.fold_input(z[-1]))
         if h is not None:
             x = x + h
         skips = [x]
@@ -477,14 +514,16 @@ class NestedUNet(nn.Module):
         if self.inner is not None:
             # x = f_skip(x, f_up(NestedUNet(z[:-1], f_down(x), o)))
             h_inner = self.in_adapter(x)
+            rows = h_inner.shape[0] // B          # 1, or the frames of a video level
             if z[-2].shape[0] > B:                # samples that skip this level get h = 0
-                h_inner = torch.cat([h_inner, h_inner.new_zeros(z[-2].shape[0] - B, *h_inner.shape[1:])])
-            x = x + self.out_adapter(self.inner._forward(z[:-1], emb, tokens, mask, h_inner, o)[:B])
+                h_inner = torch.cat([h_inner, h_inner.new_zeros((z[-2].shape[0] - B) * rows, *h_inner.shape[1:])])
+            x = x + self.out_adapter(self.inner._forward(z[:-1], emb, tokens, mask, h_inner, o)[:B * rows])
         else:
             # x = f_skip(x, f_up(f_mid(f_down(x))))
             x = self.run(self.mid, x, cond)
         x = self.run(self.up, x, cond, skips=skips)
-        o.append(self.conv_out(F.silu(self.norm_out(x))))   # o.append(x): this level's prediction
+        # o.append(x): this level's prediction
+        o.append(self.unfold_output(self.conv_out(F.silu(self.norm_out(x))), B))
         return x                                   # its features go back to the outer level
 
     def run(self, stages, x, cond, collect=None, skips=None):
@@ -550,18 +589,23 @@ PRESETS = {
     # Small models for a 2-core CPU: the same shape at a sixteenth of the width and a quarter
     # of the resolution. The shift of the outer level is its resolution over the base's.
     "CPU-S16": lambda **kw: NestedUNetConfig(**{**_CPU_INNER, **_CPU, **kw}),
-    "CPU-S16S32": lambda **kw: _level(NestedUNetConfig(**_CPU_INNER), [32, 16], [32, 64], [1, 1],
+    "CPU-S16S32": lambda **kw: _level(NestedUNetConfig(**_CPU_INNER), [32, 16], [32, 48], [1, 1],
                                       "cosine-shift2", **{**_CPU, **kw}),
     "CPU-S16S32S64": lambda **kw: _level(
-        _level(NestedUNetConfig(**_CPU_INNER), [32, 16], [32, 64], [1, 1], "cosine-shift2"),
+        _level(NestedUNetConfig(**_CPU_INNER), [32, 16], [32, 48], [1, 1], "cosine-shift2"),
         [64, 32], [32, 32], [1, 1], "cosine-shift4", **{**_CPU, **kw}),
+    # The comparison of evaluate.py: 12 trainings must fit in about two hours of a 2-core CPU.
+    "CPU-tiny-S16S32": lambda **kw: _level(NestedUNetConfig(**_TINY_INNER), [32, 16], [16, 32], [1, 1],
+                                           "cosine-shift2", **{**_CPU, **kw}),
     # A toy for the tests: a few thousand parameters per level.
     "tiny": lambda **kw: NestedUNetConfig(resolutions=[8, 4], resolution_channels=[8, 16],
                                           num_res_blocks=[1, 1], num_attn_layers_per_block=[0, 1],
                                           num_heads=2, **{**_TINY, **kw}),
 }
-_CPU_INNER = dict(resolutions=[16, 8, 4], resolution_channels=[64, 128, 192], num_res_blocks=[1, 2, 2],
+_CPU_INNER = dict(resolutions=[16, 8, 4], resolution_channels=[48, 96, 192], num_res_blocks=[1, 1, 2],
                   num_attn_layers_per_block=[0, 1, 2], num_heads=4, schedule="cosine")
+_TINY_INNER = dict(resolutions=[16, 8, 4], resolution_channels=[32, 64, 128], num_res_blocks=[1, 1, 1],
+                   num_attn_layers_per_block=[0, 1, 1], num_heads=4, schedule="cosine")
 _CPU = dict(emb_channels=256, num_lm_attn_layers=1, lm_feature_projected_channels=192)
 _TINY = dict(emb_channels=32, num_lm_attn_layers=1, lm_feature_projected_channels=16)
 
@@ -578,25 +622,55 @@ def preset(name: str, **overrides) -> NestedUNetConfig:
 # Progressive training: grow a trained model into the inner model of a bigger one
 # ---------------------------------------------------------------------------------------
 
-def grow(model: NestedUNet, config: NestedUNetConfig) -> NestedUNet:
+def grow(model: NestedUNet, config: NestedUNetConfig, build=None) -> NestedUNet:
     """A NestedUNet built from `config` whose inner levels are `model`, with its trained
     weights (section 3.3, "progressive training"). `model` must be exactly the inner part of
     `config` up to its own top resolution; it may be several levels down (--res 64,256 on
     MDM-S64S128S256 adds two levels at once). The new connections start at zero, so the new
-    model's lower-resolution outputs equal the old model's."""
-    inner_cfg = config.truncated(model.config.resolutions[0])
+    model's lower-resolution outputs equal the old model's. `build` makes the new model from
+    its config (video.py passes its own, to grow an image model into a video model)."""
+    inner_cfg = config.truncated(model.config.resolutions[0], model.config.frames)
     if inner_cfg.to_dict() != model.config.to_dict():
         diff = {k: (v, inner_cfg.to_dict()[k]) for k, v in model.config.to_dict().items()
                 if v != inner_cfg.to_dict()[k]}
         raise ValueError(f"cannot grow: the trained model differs from the inner part of the new "
                          f"config in {diff} (trained, new)")
     p = next(model.parameters())
-    new = model.__class__(config).to(device=p.device, dtype=p.dtype)
+    new = (build or model.__class__)(config).to(device=p.device, dtype=p.dtype)
     target = new.levels()[len(model.levels()) - 1]
     # Strict loading: every tensor of the trained model has its place, and no place is left
     # empty (the official code's progressive loading silently loaded nothing).
     target.load_state_dict(model.state_dict(), strict=True)
     return new
+
+
+# ---------------------------------------------------------------------------------------
+# Loading trained weights (written by train.py: EMA weights, config in the metadata)
+# ---------------------------------------------------------------------------------------
+
+def load_weights(path, model_class=None, device="cpu"):
+    """Rebuild the model stored in an ema.safetensors file from the config in its metadata, and
+    load its weights. Returns (model in eval mode, metadata dict)."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    if "model_config" not in meta:
+        raise ValueError(f"{path} has no model config in its metadata: it was not written by train.py")
+    config = NestedUNetConfig(**meta["model_config"])
+    model = (model_class or NestedUNet)(config)
+    state, own = load_file(str(path)), model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"the weights in {path} do not match this version of the model code: "
+                         f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                         f"(e.g. {unexpected[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]})")
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
 
 
 # ---------------------------------------------------------------------------------------

