@@ -1,0 +1,228 @@
+"""
+Speed and memory of a NestedUNet, against a plain UNet of the same size (appendix D.1,
+Table 2: 0.52 vs 0.50 s per training iteration, 0.41 vs 0.40 s per sampling step).
+
+The plain UNet is the NestedUNet flattened: one UNet over the same feature resolutions,
+channels, res blocks and attention layers, without the nesting (no inner input convs, no
+adapters, no lower-resolution outputs), at the highest resolution. Every measurement runs in
+a fresh process (so that peak memory is its own), with warm-up steps and the median of
+several repeats:
+
+    training step   forward + backward + Adam step, in seconds, and images per second
+    sampling step   one network evaluation (classifier-free guidance: condition and null
+                    condition in one batch), and the sampler's own overhead: N DDIM steps
+                    against N bare network evaluations of the same batch
+    peak memory     CPU RSS; CUDA peak allocation on a GPU
+    MFU             model FLOPs utilisation on GPUs (FLOPs counted by FlopCounterMode)
+
+and the memory/speed knobs of train.py: bf16 autocast, channels_last, torch.compile,
+gradient checkpointing of the outer levels, gradient accumulation.
+
+    python bench.py                                   # the CPU demo's model, batch 32
+    python bench.py --config MDM-S64S256 --batch 32 --device cuda --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from diffusion import MatryoshkaDiffusion
+from nested_unet import NestedUNet, NestedUNetConfig, count_params, preset
+
+# Dense bf16 peak of the GPUs we know, for MFU (FLOP/s); others: pass --peak-flops.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def flattened(config: NestedUNetConfig) -> NestedUNetConfig:
+    """The plain UNet with the NestedUNet's layers: the levels' resolutions joined into one
+    list. Where a level hands over to its inner level (both work at that resolution), the
+    two stages become one stage with the res blocks of both."""
+    levels = config.levels()[::-1]                 # highest first
+    res, ch, blocks, attn = [], [], [], []
+    for i, c in enumerate(levels):
+        r, cc, b, a = (list(v) for v in (c.resolutions, c.resolution_channels, c.num_res_blocks,
+                                         c.num_attn_layers_per_block))
+        if res:                                    # merge the shared resolution
+            blocks[-1] += b.pop(0)
+            attn[-1] = max(attn[-1], a.pop(0))
+            ch[-1] = cc.pop(0)
+            r.pop(0)
+        res, ch, blocks, attn = res + r, ch + cc, blocks + b, attn + a
+    globals_ = {k: getattr(config, k) for k in ("emb_channels", "num_lm_attn_layers", "lm_feature_projected_channels",
+                                                 "text_channels", "num_classes", "in_channels", "num_heads")}
+    return NestedUNetConfig(resolutions=res, resolution_channels=ch, num_res_blocks=blocks,
+                            num_attn_layers_per_block=attn, schedule="cosine", **globals_)
+
+
+def measure(spec: dict) -> dict:
+    """One measurement, in this process: spec says which model and which knobs."""
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    cfg = preset(spec["config"], text_channels=spec["text_channels"])
+    if spec["model"] == "plain":
+        cfg = flattened(cfg)
+    model = NestedUNet(cfg).to(device)
+    if spec.get("grad_ckpt"):
+        for level in model.levels()[1:]:
+            level.gradient_checkpointing = True
+    B, accum = spec["batch"], spec.get("accum", 1)
+    cl = torch.channels_last if spec.get("channels_last") else torch.contiguous_format
+    model = model.to(memory_format=cl)
+    run = torch.compile(model) if spec.get("compile") else model
+    diffusion = MatryoshkaDiffusion.for_model(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    R = model.resolutions[-1]
+    x = (torch.rand(B, 3, R, R, device=device) * 2 - 1).contiguous(memory_format=cl)
+    L = 16
+    cond = {"text": torch.randn(B, L, spec["text_channels"], device=device),
+            "text_mask": torch.ones(B, L, dtype=torch.bool, device=device)} if spec["text_channels"] else {}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("bf16", False))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def train_step():
+        for i in range(accum):
+            mb = slice(i * B // accum, (i + 1) * B // accum)
+            with autocast:
+                loss = diffusion.loss(run, x[mb], {k: v[mb] for k, v in cond.items()})[0] / accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def timed(fn, n):
+        out = []
+        for _ in range(n):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    result = {**spec, "params": count_params(model)}
+    timed(train_step, spec["warmup"])
+    t = statistics.median(timed(train_step, spec["repeats"]))
+    result.update(train_step_s=t, images_per_s=B / t)
+    if spec.get("flops") and device.type == "cuda":
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as fc:
+            train_step()
+        result["train_flops"] = fc.get_total_flops()
+        name = torch.cuda.get_device_name(device)
+        peak = spec.get("peak_flops") or next((v for k, v in PEAK_BF16.items() if k in name), None)
+        if peak:
+            result["mfu"] = result["train_flops"] / t / peak
+    if spec.get("sampling", True):
+        model.eval()
+        zs = [torch.randn(s, device=device) for s in model.input_shapes(B)]
+        null = model.null_condition(cond, torch.ones(B, dtype=torch.bool, device=device))
+        from diffusion import cat_conditions
+        both = cat_conditions(cond, null) if cond else {}
+        zz = [torch.cat([z, z]) for z in zs] if cond else zs
+        tt = torch.full((zz[0].shape[0],), 0.5, device=device)
+
+        @torch.no_grad()
+        def net_eval():
+            with autocast:
+                run(zz, tt, **both)
+        timed(net_eval, spec["warmup"])
+        t_eval = statistics.median(timed(net_eval, spec["repeats"]))
+        n = spec["sample_steps"]
+
+        @torch.no_grad()
+        def sampler():
+            with autocast:
+                diffusion.sample(run, cond, batch_size=B, sampler="ddim", num_inference_steps=n,
+                                 guidance_scale=3.0 if cond else 1.0)
+        t_sample = statistics.median(timed(sampler, max(1, spec["repeats"] // 3)))
+        result.update(sample_step_s=t_eval, sampler_overhead=t_sample / (n * t_eval) - 1)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="CPU-S16S32")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--text-channels", type=int, default=384)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--knobs", default="base,bf16,channels_last,grad_ckpt,accum2,compile",
+                   help="comma-separated: base, bf16, channels_last, grad_ckpt, accum2, compile")
+    p.add_argument("--peak-flops", type=float, default=None)
+    p.add_argument("--json", default="bench.json")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: one measurement
+    a = p.parse_args(argv)
+    if a.one:
+        print(json.dumps(measure(json.loads(a.one))))
+        return
+    base = dict(config=a.config, batch=a.batch, device=a.device, text_channels=a.text_channels, warmup=a.warmup,
+                repeats=a.repeats, sample_steps=a.sample_steps, peak_flops=a.peak_flops,
+                bf16=a.device.startswith("cuda"), flops=a.device.startswith("cuda"))
+    knobs = {"base": {}, "bf16": {"bf16": not base["bf16"]}, "channels_last": {"channels_last": True},
+             "grad_ckpt": {"grad_ckpt": True, "sampling": False}, "accum2": {"accum": 2, "sampling": False},
+             "compile": {"compile": True}}
+    rows = []
+    for knob in a.knobs.split(","):
+        for model in ("nested", "plain"):
+            if model == "plain" and knob in ("grad_ckpt",):
+                continue                           # the plain UNet has no outer levels
+            spec = {**base, **knobs[knob], "model": model, "knob": knob}
+            out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+            if out.returncode:
+                print(f"{knob}/{model} failed:\n{out.stderr[-1500:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(format_row(rows[-1]), flush=True)
+    report(rows, a)
+
+
+def format_row(r):
+    s = (f"{r['knob']:<14}{r['model']:<8}{r['params'] / 1e6:>8.2f}M  train {r['train_step_s'] * 1e3:8.1f} ms "
+         f"({r['images_per_s']:7.1f} img/s)")
+    if "sample_step_s" in r:
+        s += f"  sample step {r['sample_step_s'] * 1e3:7.1f} ms  sampler overhead {100 * r['sampler_overhead']:+5.1f}%"
+    s += f"  peak RSS {r['peak_rss_mb']:7.0f} MB"
+    if "cuda_peak_mb" in r:
+        s += f"  CUDA peak {r['cuda_peak_mb']:7.0f} MB"
+    if "mfu" in r:
+        s += f"  MFU {100 * r['mfu']:.1f}%"
+    return s
+
+
+def report(rows, a):
+    by = {(r["knob"], r["model"]): r for r in rows}
+    ratios = {}
+    for knob in {r["knob"] for r in rows}:
+        n, p = by.get((knob, "nested")), by.get((knob, "plain"))
+        if n and p:
+            ratios[knob] = {"train": n["train_step_s"] / p["train_step_s"],
+                            "sample": n.get("sample_step_s", float("nan")) / p.get("sample_step_s", float("nan")),
+                            "params": n["params"] / p["params"]}
+    print("\nNestedUNet / plain UNet (same layers; the paper's Table 2 has 1.04 and 1.03):")
+    for knob, v in ratios.items():
+        print(f"  {knob:<14} params {v['params']:.3f}  train step {v['train']:.3f}  sampling step {v['sample']:.3f}")
+    meta = {"machine": torch.cuda.get_device_name() if a.device.startswith("cuda") else
+            f"CPU, {torch.get_num_threads()} threads", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+    with open(a.json, "w") as f:
+        json.dump({"meta": meta, "rows": rows, "ratios": ratios}, f, indent=2)
+    print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
