@@ -4,14 +4,26 @@ of the code under test: a closed form, a float64 recomputation, a torch built-in
 second code path. Run: python -m pytest -q test_mdm.py
 """
 
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import data
 import diffusion as D
+import evaluate as E
 import nested_unet as N
+import sample as S
+import video as V
 from diffusion import DiffusionConfig, MatryoshkaDiffusion
 from nested_unet import NestedUNet, NestedUNetConfig, grow, preset
 
@@ -437,3 +449,421 @@ def test_sampling_runs_on_tiny_model_with_text_and_guidance():
     assert all(o.abs().max() <= 1 for o in out)
     with pytest.raises(ValueError, match="at least 1"):
         d.sample(model, cond, batch_size=1, num_inference_steps=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Training (train.py, run as a user runs it: in fresh processes)
+# ---------------------------------------------------------------------------------------
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_train(tmp, *args, nproc=1, check=True, timeout=300):
+    """python train.py (or torchrun with nproc processes) with a tiny two-level config on
+    Fashion-MNIST at 4x4 -> 8x8; returns the completed process."""
+    cfg = tmp / "tiny.json"
+    if not cfg.exists():
+        cfg.write_text(json.dumps(tiny_levels(2).to_dict()))
+    base = ["--config", str(cfg), "--data", "fashion-mnist", "--data-limit", "256", "--out", str(tmp),
+            "--no-samples", "--log-every", "1", "--workers", "0"]
+    launcher = [sys.executable, "train.py"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(launcher + base + list(args), cwd=HERE, capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def load_ckpt(run):
+    return torch.load(Path(run) / "checkpoint.pt", map_location="cpu", weights_only=False)
+
+
+def test_stage_boundary_grows_the_trained_model(tmp_path):
+    """Stage 1 alone (run A) and a two-stage run stopped right at its stage boundary (run B)
+    train the same 4x4 model. B's checkpoint then holds the grown model: its 4x4 weights are
+    A's trained ones (not fresh), and its 4x4 outputs equal A's model's outputs."""
+    run_train(tmp_path, "--res", "4", "--steps", "5", "--batch", "16", "--name", "A")
+    run_train(tmp_path, "--res", "4,8", "--steps", "5,5", "--batch", "16,8", "--name", "B", "--stop-after", "5")
+    a, b = load_ckpt(tmp_path / "A"), load_ckpt(tmp_path / "B")
+    assert (a["stage"], b["stage"], b["step"]) == (0, 1, 5)
+    cfg = NestedUNetConfig(**b["meta"]["model_config"])
+    small, grown = NestedUNet(cfg.truncated(4)), NestedUNet(cfg)
+    small.load_state_dict(a["model"])
+    grown.load_state_dict(b["model"])
+    fresh = NestedUNet(cfg.truncated(4))
+    for key, w in small.state_dict().items():
+        assert torch.equal(grown.innermost.state_dict()[key], w), key
+    moved = [k for k, w in small.state_dict().items() if not torch.equal(w, fresh.state_dict()[k])]
+    assert len(moved) > len(small.state_dict()) // 2          # trained, not a fresh init
+    g = torch.Generator().manual_seed(0)
+    z = [torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 8, 8, generator=g)]
+    t, label = torch.rand(3, generator=g), torch.tensor([0, 3, 10])
+    with torch.no_grad():
+        assert torch.equal(grown(z, t, label=label)[0], small(z[:1], t, label=label)[0])
+    # the EMA was grown too, with the same trained inner weights
+    ema = NestedUNet(cfg)
+    ema.load_state_dict(b["ema"])
+    for key, w in a["ema"].items():
+        assert torch.equal(ema.innermost.state_dict()[key], w), key
+
+
+def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path):
+    args = ["--res", "4,8", "--steps", "20,20", "--batch", "16,8", "--ckpt-every", "3"]
+    run_train(tmp_path, *args, "--name", "straight")
+    cfg = tmp_path / "tiny.json"
+    cmd = [sys.executable, "train.py", "--config", str(cfg), "--data", "fashion-mnist", "--data-limit", "256",
+           "--out", str(tmp_path), "--no-samples", "--log-every", "1", "--name", "killed"] + args
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tmp_path / "killed" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:                  # SIGKILL once about half the steps are done
+        rows = log.read_text().splitlines() if log.exists() else []
+        if rows and json.loads(rows[-1])["step"] >= 20:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    killed_at = json.loads(log.read_text().splitlines()[-1])["step"]
+    assert proc.returncode == -signal.SIGKILL and killed_at < 40, "the run was not killed mid-way"
+    assert load_ckpt(tmp_path / "killed")["step"] < 40
+    run_train(tmp_path, "--resume", str(tmp_path / "killed"))
+    a, b = load_ckpt(tmp_path / "straight"), load_ckpt(tmp_path / "killed")
+    assert a["step"] == b["step"] == 40
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    steps = [json.loads(r)["step"] for r in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))             # the log has no gap and no repeat
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    """Same global batch, same seed: one optimizer step with torchrun --nproc_per_node=2 (gloo)
+    gives the weights of one process, and of one process accumulating two micro-batches."""
+    args = ["--res", "8", "--steps", "1", "--batch", "16"]
+    run_train(tmp_path, *args, "--name", "one")
+    run_train(tmp_path, *args, "--name", "two", nproc=2)
+    run_train(tmp_path, *args, "--name", "accum", "--accum", "2")
+    one, two, acc = (load_ckpt(tmp_path / n)["model"] for n in ("one", "two", "accum"))
+    init = NestedUNet(NestedUNetConfig(**load_ckpt(tmp_path / "one")["meta"]["model_config"]))
+    moved = 0
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=2e-6, msg=key)
+        torch.testing.assert_close(acc[key], one[key], rtol=0, atol=2e-6, msg=key)
+        moved += not torch.equal(one[key], init.state_dict()[key])
+    assert moved > 10                              # the step did change the weights
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--res", "4,6", "--steps", "1,1", "--batch", "8,8"], "integer multiple"),
+    (["--res", "4,8,16", "--steps", "1,1,1", "--batch", "8,8,8"], "has only 2 levels"),
+    (["--res", "4,8", "--steps", "1", "--batch", "8,8"], "one entry per stage"),
+    (["--res", "8", "--steps", "1", "--batch", "9", "--accum", "2"], "divisible by the number of processes"),
+    (["--res", "8", "--steps", "1", "--batch", "8", "--data", "/no/such/folder"], "no such folder"),
+])
+def test_clear_errors_before_training(tmp_path, args, message):
+    p = run_train(tmp_path, *args, check=False)
+    assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+
+
+def test_folder_without_images_and_undecodable_images(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    p = run_train(tmp_path, "--res", "8", "--steps", "1", "--batch", "8", "--data", str(empty), check=False)
+    assert p.returncode != 0 and "holds no images" in p.stderr
+    # A folder with captions (metadata.jsonl) and one broken image: training runs, the broken
+    # image is skipped and counted.
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    rows = []
+    for i in range(15):
+        Image.new("RGB", (20, 12), (16 * i, 100, 200)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"colour number {i}"})
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    rows.append({"file_name": "broken.png", "text": "broken"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    run_train(tmp_path, "--res", "8", "--steps", "4", "--batch", "8", "--data", str(folder), "--name", "pics")
+    log = [json.loads(r) for r in (tmp_path / "pics" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["skipped"] >= 1
+    assert load_ckpt(tmp_path / "pics")["meta"]["cond"] == "text"
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    p = run_train(tmp_path, "--res", "8", "--steps", "30", "--batch", "8", "--lr", "1e30", "--clip", "1e30",
+                  "--ckpt-every", "1", "--name", "nan", check=False)
+    assert p.returncode == 1 and "NaN or infinite" in p.stderr, p.stderr[-2000:]
+    ck = load_ckpt(tmp_path / "nan")
+    assert ck["step"] < 30
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling (sample.py)
+# ---------------------------------------------------------------------------------------
+
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+    """Two tiny runs of a few steps: class-conditional (Fashion-MNIST) and text-conditional
+    (a folder of captioned images, MiniLM features)."""
+    tmp = tmp_path_factory.mktemp("runs")
+    run_train(tmp, "--res", "4,8", "--steps", "2,2", "--batch", "8,8", "--name", "fashion")
+    folder = tmp / "pics"
+    folder.mkdir()
+    rows = []
+    for i, (name, colour) in enumerate([("a red square", (220, 20, 20)), ("a green square", (20, 200, 20)),
+                                        ("a blue square", (20, 20, 220)), ("a yellow square", (230, 220, 20))] * 2):
+        Image.new("RGB", (16, 16), colour).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": name})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    run_train(tmp, "--res", "8", "--steps", "2", "--batch", "8", "--data", str(folder), "--name", "text")
+    return tmp
+
+
+def run_sample(*args, cwd=HERE):
+    return subprocess.run([sys.executable, str(HERE / "sample.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_sample_script_end_to_end_and_same_seed_same_images(trained_runs, tmp_path):
+    run = trained_runs / "text"
+    outs = []
+    for seed in (3, 3, 4):
+        prefix = tmp_path / f"s{len(outs)}"
+        p = run_sample("a red square", "--ckpt", str(run), "--num-images", "2", "--num-inference-steps", "4",
+                       "--seed", str(seed), "--out", str(prefix), "--show-steps")
+        assert p.returncode == 0, p.stderr[-2000:]
+        for suffix in ("", "-matryoshka", "-steps"):
+            assert (tmp_path / f"s{len(outs)}{suffix}.png").exists()
+        outs.append(np.asarray(Image.open(f"{prefix}.png")))
+    assert np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
+
+
+def test_sample_many_images_into_a_folder(trained_runs, tmp_path):
+    prompts = tmp_path / "labels.txt"
+    prompts.write_text("0\nsandal\nbag\n")
+    p = run_sample("--ckpt", str(trained_runs / "fashion"), "--prompts-file", str(prompts), "--num-images", "5",
+                   "--batch-size", "2", "--out-dir", str(tmp_path / "gen"), "--num-inference-steps", "2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(f.name for f in (tmp_path / "gen").glob("*.png")) == [f"{i:06d}.png" for i in range(5)]
+    rows = [json.loads(r) for r in (tmp_path / "gen" / "captions-0.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["0", "sandal", "bag", "0", "sandal"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["a sandal", "--ckpt", "{fashion}"], "class-conditional: use --label"),
+    (["--label", "11", "--ckpt", "{fashion}"], "out of range"),
+    (["--label", "spaceship", "--ckpt", "{fashion}"], "not a class of this model"),
+    (["--label", "3", "--ckpt", "{text}"], "text-conditional: give a prompt"),
+    (["a cat", "--ckpt", "{text}", "--num-inference-steps", "0"], "at least 1 step"),
+    (["a cat", "--ckpt", "{bad}"], "do not match this version"),
+    (["a cat", "--ckpt", "{missing}"], "no such file"),
+])
+def test_sample_errors(trained_runs, tmp_path, args, message):
+    from safetensors.torch import load_file, save_file
+    good = trained_runs / "text" / "ema.safetensors"
+    from safetensors import safe_open
+    with safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+    state = load_file(str(good))
+    state.pop(next(iter(state)))                  # one tensor missing
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata=meta)
+    paths = dict(fashion=trained_runs / "fashion", text=trained_runs / "text",
+                 bad=tmp_path / "bad.safetensors", missing=tmp_path / "nothing")
+    p = run_sample(*[a.format(**paths) for a in args])
+    assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+
+
+def test_sample_without_trained_weights_says_how_to_train(tmp_path):
+    p = run_sample("a panda", cwd=tmp_path)       # no runs/ folder here
+    assert p.returncode != 0 and "python train.py" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 250), ("ddim", 50)])
+def test_generate_passes_the_oracle_check(sampler, steps):
+    """sample.generate, the function sample.py samples with, on the one-image oracle."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 16, 16, generator=g, dtype=torch.float64) * 1.6 - 0.8
+    oracle = OracleModel(image, [4, 8, 16], [1, 2, 4])
+    d = MatryoshkaDiffusion([4, 8, 16], ["cosine", "cosine-shift2", "cosine-shift4"])
+    out = S.generate(oracle, d, {}, 2, sampler=sampler, num_inference_steps=steps, progress=False)
+    for o, x in zip(out, oracle.targets):
+        torch.testing.assert_close(o.double(), x, rtol=0, atol=1e-4)
+    assert oracle.calls == steps
+
+
+def test_guidance_is_one_network_evaluation_per_step():
+    model = NestedUNet(tiny_levels(2, text_channels=6)).eval()
+    calls = []
+    model.register_forward_hook(lambda m, inp, out: calls.append(inp[0][0].shape[0]))
+    d = MatryoshkaDiffusion.for_model(model)
+    cond = dict(text=torch.randn(3, 4, 6), text_mask=torch.ones(3, 4, dtype=torch.bool))
+    S.generate(model, d, cond, 3, num_inference_steps=5, guidance_scale=4.0, progress=False)
+    assert calls == [6] * 5                       # condition and null condition in one batch of 2 x 3
+    calls.clear()
+    S.generate(model, d, cond, 3, num_inference_steps=5, guidance_scale=1.0, progress=False)
+    assert calls == [3] * 5                       # no guidance: no null half
+
+
+# ---------------------------------------------------------------------------------------
+# Video (video.py)
+# ---------------------------------------------------------------------------------------
+
+
+
+def tiny_video(t_attn=(1, 1, 0), outer=True, **kw):
+    """Image level 4x4 (first frame) -> 4 frames at 4x4 -> (optionally) 4 frames at 8x8."""
+    g = dict(emb_channels=16, num_lm_attn_layers=1, lm_feature_projected_channels=8, **kw)
+    image = NestedUNetConfig(resolutions=[4, 2], resolution_channels=[8, 8], num_res_blocks=[1, 1],
+                             num_attn_layers_per_block=[0, 1], num_heads=2, **g)
+    temporal = V._temporal(image, 4, 8, [1, 1, 1], list(t_attn), "cosine-shift2", 4, num_heads=2, **g)
+    if not outer:
+        return temporal
+    return NestedUNetConfig(resolutions=[8, 4], resolution_channels=[8, 8], num_res_blocks=[1, 1],
+                            num_attn_layers_per_block=[0, 0], num_heads=2, schedule="cosine-shift4",
+                            inner_config=temporal, **g)
+
+
+def test_video_levels_shapes_and_first_frame_downsampling():
+    cfg = tiny_video(text_channels=6)
+    model = V.build_level(cfg)
+    assert cfg.level_sizes() == [(1, 4), (4, 4), (4, 8)]
+    B = 2
+    z = [torch.randn(s) for s in model.input_shapes(B)]
+    assert [tuple(x.shape) for x in z] == [(2, 3, 4, 4), (2, 4, 3, 4, 4), (2, 4, 3, 8, 8)]
+    out = model(z, torch.rand(B), text=torch.randn(B, 3, 6))
+    assert [o.shape for o in out] == [x.shape for x in z]
+    x = torch.randn(B, 4, 3, 8, 8, dtype=torch.float64)
+    D = V.video_downsample(cfg)
+    pooled = x.reshape(B, 4, 3, 4, 2, 4, 2).mean((4, 6))            # 2x2 blocks averaged by hand
+    torch.testing.assert_close(D(x, 0), pooled[:, 0])                # image level: the first frame
+    torch.testing.assert_close(D(x, 1), pooled)
+    assert torch.equal(D(x, 2), x)
+    with torch.device("meta"):
+        paper = V.build_level(V.preset("MDM-S64T16S256"))
+    assert paper.config.level_sizes() == [(1, 64), (16, 64), (16, 256)]
+    assert [s[1:] for s in paper.input_shapes(1)] == [(3, 64, 64), (16, 3, 64, 64), (16, 3, 256, 256)]
+
+
+@pytest.mark.parametrize("t_attn,independent", [((0, 0, 0), True), ((1, 1, 0), False)])
+def test_frames_mix_only_through_temporal_attention(t_attn, independent):
+    torch.manual_seed(0)
+    model = randomize(V.build_level(tiny_video(t_attn, outer=False)), std=0.2).eval()
+    B = 1
+    z = [torch.randn(s) for s in model.input_shapes(B)]
+    t = torch.rand(B)
+    ref = model(z, t)[1]                                             # (1, 4, 3, 4, 4)
+    for k in (0, 1, 3):                                              # change one frame of the video level
+        z2 = [z[0], z[1].clone()]
+        z2[1][:, k] += 1.0
+        out = model(z2, t)[1]
+        changed = [(out[:, f] - ref[:, f]).abs().max().item() > 1e-6 for f in range(4)]
+        assert changed[k]
+        others = changed[:k] + changed[k + 1:]
+        assert (not any(others)) if independent else any(others), (k, changed)
+
+
+def test_image_model_grows_into_a_video_model_with_its_weights():
+    torch.manual_seed(0)
+    cfg = tiny_video(text_channels=6)
+    image = randomize(NestedUNet(cfg.truncated(4)), seed=3).eval()
+    vid = grow(image, cfg, V.build_level).eval()
+    assert type(vid.levels()[1]) is V.TemporalUNet and type(vid.levels()[0]) is NestedUNet
+    for key, w in image.state_dict().items():
+        assert torch.equal(vid.innermost.state_dict()[key], w), key
+    z = [torch.randn(s) for s in vid.input_shapes(2)]
+    t, text = torch.rand(2), torch.randn(2, 3, 6)
+    assert torch.equal(vid(z, t, text=text)[0], image(z[:1], t, text=text)[0])
+
+
+def test_emoji_motion_clips_and_the_motion_measure():
+    ds = V.EmojiMotion(size=16, frames=8, num_emoji=40)
+    assert len(ds) == 240 and ds[7]["image"].shape == (8, 3, 16, 16)
+    assert ds[7]["caption"].endswith(V.MOTIONS[1]) and torch.equal(ds[7]["image"], ds[7]["image"])
+    right = [V.motion_of(ds[i]["image"]) == i % 6 for i in range(len(ds))]
+    assert np.mean(right) >= 0.95                                    # the measure reads real clips right
+    assert V.motion_of(torch.flip(ds[0]["image"], dims=[0])) == 1   # left, played backwards: right
+
+
+def test_video_training_runs_through_train_py(tmp_path):
+    cfg = tmp_path / "tinyvideo.json"
+    cfg.write_text(json.dumps(tiny_video(outer=False).to_dict()))
+    p = subprocess.run([sys.executable, "train.py", "--config", str(cfg), "--data", "emoji-motion", "--res", "4,4x4",
+                        "--steps", "2,2", "--batch", "8,4", "--data-limit", "48", "--out", str(tmp_path),
+                        "--name", "vid", "--sample-every", "1000", "--sample-steps", "2", "--log-every", "1"],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "vid" / "samples" / "step0000004.gif").exists()
+    model, meta = N.load_weights(tmp_path / "vid" / "ema.safetensors", model_class=V.build_level)
+    assert meta["video"] and model.config.level_sizes() == [(1, 4), (4, 4)]
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation (evaluate.py)
+# ---------------------------------------------------------------------------------------
+
+
+
+def test_frechet_distance_closed_forms():
+    g = torch.Generator().manual_seed(0)
+    # diagonal covariances: d^2 = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
+    mu1, mu2 = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    a, b = torch.rand(6, generator=g, dtype=torch.float64) + 0.1, torch.rand(6, generator=g, dtype=torch.float64) + 0.1
+    ref = float(((mu1 - mu2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum())
+    assert E.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(ref, rel=1e-10)
+    # full covariances: tr (S1^1/2 S2 S1^1/2)^1/2 = sum sqrt(eigenvalues of S1 S2), via numpy
+    A, B = torch.randn(8, 8, generator=g, dtype=torch.float64), torch.randn(8, 8, generator=g, dtype=torch.float64)
+    S1, S2 = A @ A.T + 0.1 * torch.eye(8, dtype=torch.float64), B @ B.T
+    ev = np.linalg.eigvals(S1.numpy() @ S2.numpy())
+    ref = float(np.trace(S1.numpy()) + np.trace(S2.numpy()) - 2 * np.sqrt(np.clip(ev.real, 0, None)).sum())
+    m = torch.zeros(8, dtype=torch.float64)
+    assert E.frechet_distance(m, S1, m, S2) == pytest.approx(ref, rel=1e-9)
+    assert E.frechet_distance(m, S1, m, S1) == pytest.approx(0, abs=1e-9)
+    # sample statistics of two known Gaussians approach the closed form
+    x = torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    y = torch.randn(20000, 3, generator=g, dtype=torch.float64) + 1.0
+    expected = 3 * 1.0 + (1 - 1) ** 2 + (2 - 1) ** 2 + (0.5 - 1) ** 2
+    assert E.frechet_distance(*E.gaussian_stats(x), *E.gaussian_stats(y)) == pytest.approx(expected, rel=0.05)
+
+
+def test_fd_effnet_tells_real_from_noise():
+    feats = E.EffNetFeatures(size=96)
+    ds = data.load_fashion_mnist(16, "test")
+    real = data.to_tensor(ds.images[:200])
+    f = feats(real)
+    assert f.shape == (200, 1280) and torch.isfinite(f).all()
+    torch.testing.assert_close(feats(real[:5]), f[:5], rtol=1e-4, atol=1e-4)    # batch-independent
+    half = E.frechet_distance(*E.gaussian_stats(f[:100]), *E.gaussian_stats(f[100:]))
+    noise = E.frechet_distance(*E.gaussian_stats(f[:100]), *E.gaussian_stats(feats(torch.rand(100, 3, 16, 16) * 2 - 1)))
+    assert noise > 3 * half
+
+
+def test_clip_score_with_a_tiny_random_clip(tmp_path):
+    from transformers import ByT5Tokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    torch.manual_seed(0)
+    tc = CLIPTextConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        max_position_embeddings=64, eos_token_id=1, pad_token_id=0, bos_token_id=0)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=32, patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=tc.to_dict(), vision_config=vc.to_dict(), projection_dim=16)).eval()
+    model.save_pretrained(tmp_path)
+    ByT5Tokenizer().save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    score = E.ClipScore(str(tmp_path))
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    prompts = ["a red heart", "a cat", "a rocket moving up"]
+    got = score(images, prompts)
+    # second path: the model's own forward gives logit_scale * cos on the diagonal
+    x = (((images + 1) / 2) - score.mean) / score.std
+    tok = score.tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, pixel_values=x)
+        cos = out.logits_per_image.diagonal() / model.logit_scale.exp()
+    assert got == pytest.approx(float((100 * cos).clamp(min=0).mean()), rel=1e-4, abs=1e-4)
