@@ -348,14 +348,24 @@ class TextEncoder:
         return pad_tokens([fresh[c] if c in fresh else self.cache[c] for c in captions])
 
 
+    def condition(self, captions: list[str], device) -> dict:
+        """The model's text condition for these captions, on `device`."""
+        features, mask = self(captions)
+        cond = {"text": features.to(device)}
+        if mask is not None:
+            cond["text_mask"] = mask.to(device)
+        return cond
+
+
 def pad_tokens(feats: list[torch.Tensor]):
-    """A list of (L_i, D) -> (B, L, D) zero-padded, and the (B, L) mask of real tokens."""
+    """A list of (L_i, D) -> (B, L, D) zero-padded, and the (B, L) mask of real tokens, or
+    None when nothing is padded (decided here, on the CPU: the model never has to ask)."""
     L = max(f.shape[0] for f in feats)
     out = torch.zeros(len(feats), L, feats[0].shape[1])
     mask = torch.zeros(len(feats), L, dtype=torch.bool)
     for i, f in enumerate(feats):
         out[i, : f.shape[0]], mask[i, : f.shape[0]] = f, True
-    return out, mask
+    return out, (None if all(f.shape[0] == L for f in feats) else mask)
 
 
 # ---------------------------------------------------------------------------------------

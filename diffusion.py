@@ -117,22 +117,20 @@ def guided_v(v_cond, v_null, guidance_scale: float):
 
 
 def cat_conditions(a: dict, b: dict) -> dict:
-    """Stack two conditions along the batch, padding text tokens to a common length (a
-    prompt and its negative prompt rarely have the same number of tokens)."""
-    out = {}
-    for key in a.keys() | b.keys():
-        x, y = a.get(key), b.get(key)
-        if x is None or y is None:
-            if x is not None or y is not None:
-                raise ValueError(f"both conditions must have {key!r} or neither")
-            continue
-        if key in ("text", "text_mask") and x.shape[1] != y.shape[1]:
-            L = max(x.shape[1], y.shape[1])
-            x, y = (F.pad(u, (0, 0) * (u.dim() - 2) + (0, L - u.shape[1])) for u in (x, y))
-        out[key] = torch.cat([x, y])
-    if "text" in out and "text_mask" not in out and a["text"].shape[1] != b["text"].shape[1]:
-        raise ValueError("text of different lengths needs a text_mask")
-    return out
+    """Stack two conditions along the batch. Text tokens are padded to a common length (a
+    prompt and its negative prompt rarely have the same number of tokens), with a mask."""
+    if set(a) - {"text_mask"} != set(b) - {"text_mask"}:
+        raise ValueError(f"cannot batch conditions of different kinds: {sorted(a)} and {sorted(b)}")
+    a, b = dict(a), dict(b)
+    if "text" in a:
+        L = max(a["text"].shape[1], b["text"].shape[1])
+        for c in (a, b):
+            mask = c.get("text_mask")
+            if mask is None:
+                mask = torch.ones(c["text"].shape[:2], dtype=torch.bool, device=c["text"].device)
+            pad = L - c["text"].shape[1]
+            c["text"], c["text_mask"] = F.pad(c["text"], (0, 0, 0, pad)), F.pad(mask, (0, pad))
+    return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
 # ---------------------------------------------------------------------------------------
@@ -267,7 +265,7 @@ class MatryoshkaDiffusion:
         if guidance_scale == 1.0 or not cond:
             return [v.to(zs[0].dtype) for v in model(zs, tt, **cond)]   # no guidance: one half only
         null = negative_cond if negative_cond is not None else \
-            model.null_condition(cond, torch.ones(B, dtype=torch.bool, device=zs[0].device))
+            model.null_condition(cond, torch.ones(B, dtype=torch.bool))
         vs = model([torch.cat([z, z]) for z in zs], torch.cat([tt, tt]), **cat_conditions(cond, null))
         return [guided_v(*v.to(zs[0].dtype).chunk(2), guidance_scale) for v in vs]
 

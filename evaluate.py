@@ -233,8 +233,7 @@ def generate_set(model, diffusion, kind, n, class_names=None, captions=None, enc
             conds.append(lab.cpu())
         elif kind == "text":
             caps = [captions[j % len(captions)] for j in range(i, i + b)]
-            f, m = encoder(caps)
-            cond = {"text": f.to(device), "text_mask": m.to(device)}
+            cond = encoder.condition(caps, device)
             conds += caps
         else:
             cond = {}

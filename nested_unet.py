@@ -447,8 +447,15 @@ class NestedUNet(nn.Module):
     # -- conditioning helpers (used by training dropout and classifier-free guidance) --
     def null_condition(self, cond: dict, drop: torch.Tensor) -> dict:
         """Replace the condition of the samples where `drop` (B,) is True by the null
-        condition: no text tokens at all, or the null class."""
+        condition: no text tokens at all, or the null class. (A `drop` on the CPU that drops
+        nothing leaves the condition as it is, without asking the GPU anything.)"""
         cond = dict(cond)
+        if drop.device.type == "cpu" and not drop.any():
+            return cond
+        ref = next(iter(cond.values()), None)
+        if ref is None:                            # an unconditional model
+            return cond
+        drop = drop.to(ref.device)
         if cond.get("text") is not None:
             mask = cond.get("text_mask")
             if mask is None:
@@ -489,11 +496,10 @@ class NestedUNet(nn.Module):
 
     def forward(self, z: list, t: torch.Tensor, text=None, text_mask=None, label=None) -> list:
         """z: inputs lowest resolution first, each (B_r, C, r, r); t: (B,) in [0, 1];
-        text: (B, L, text_channels) with text_mask (B, L) bool; label: (B,) long.
+        text: (B, L, text_channels) with text_mask (B, L) bool (leave it out when nothing is
+        padded: attention is faster without a mask); label: (B,) long.
         Returns one prediction (v) per resolution, lowest first."""
         self.check_inputs(z, t, text, text_mask, label)
-        if text_mask is not None and bool(text_mask.all()):
-            text_mask = None                      # no padding: the fast attention path
         emb, tokens = self.innermost.cond_embed(t, text, text_mask, label)
         outputs = []
         self._forward(list(z), F.silu(emb), tokens, text_mask, None, outputs)

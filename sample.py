@@ -102,8 +102,7 @@ class Pipeline:
         if self.kind == "text":
             if labels is not None or prompts is None:
                 fail("this model is text-conditional: give a prompt, e.g. python sample.py \"a panda\"")
-            f, m = self.encoder(prompts)
-            return {"text": f.to(self.device), "text_mask": m.to(self.device)}
+            return self.encoder.condition(prompts, self.device)
         if self.kind == "label":
             names = ", ".join(f"{i} {n}" for i, n in enumerate(self.class_names))
             if prompts is not None or labels is None:

@@ -54,6 +54,14 @@ def randomize(model, std=0.2, seed=0):
     return model
 
 
+def ref_alpha_sigma(t, shift):
+    """The shifted cosine schedule written out in numpy float64, independently of
+    diffusion.py: alpha and sigma for times t (array) at a level shifted by `shift`."""
+    with np.errstate(divide="ignore"):
+        lam = np.clip(-2 * np.log(np.tan(np.pi * np.asarray(t, dtype=np.float64) / 2)), -15, 15) - 2 * np.log(shift)
+    return np.sqrt(1 / (1 + np.exp(-lam))), np.sqrt(1 / (1 + np.exp(lam)))
+
+
 # ---------------------------------------------------------------------------------------
 # Schedules
 # ---------------------------------------------------------------------------------------
@@ -120,10 +128,7 @@ def eq3_reference(model, diff, x, t, noises, cond, weights):
     xs = [diff.downsample(x)[r] for r in range(len(diff.resolutions))]
     zs, targets = [], []
     for r, (xr, eps) in enumerate(zip(xs, noises)):
-        lam = (np.clip(-2 * np.log(np.tan(np.pi * t.double().numpy() / 2)), -15, 15)
-               - 2 * np.log(diff.shifts[r]))
-        a = torch.tensor(np.sqrt(1 / (1 + np.exp(-lam))))[:, None, None, None]
-        s = torch.tensor(np.sqrt(1 / (1 + np.exp(lam))))[:, None, None, None]
+        a, s = (torch.tensor(u)[:, None, None, None] for u in ref_alpha_sigma(t.double().numpy(), diff.shifts[r]))
         zs.append((a * xr + s * eps).float())
         targets.append(a * eps - s * xr)
     preds = model(zs, t, **cond)
@@ -300,8 +305,8 @@ def test_clear_errors():
 
 class OracleModel(torch.nn.Module):
     """For a data set of one image x, the exact v is known in closed form: the posterior
-    mean of x is x itself, so v = (alpha_t z - x) / sigma_t. The schedule here is written out
-    independently of diffusion.py (numpy, float64), with each level's own shift."""
+    mean of x is x itself, so v = (alpha_t z - x) / sigma_t, with each level's own shifted
+    schedule (ref_alpha_sigma)."""
 
     def __init__(self, image, resolutions, shifts):
         super().__init__()
@@ -316,14 +321,15 @@ class OracleModel(torch.nn.Module):
     def null_condition(self, cond, drop):
         return cond
 
+    def posterior_mean(self, z, a, sigma, level):
+        return self.targets[level]
+
     def forward(self, zs, t, **cond):
         self.calls += 1
         vs = []
-        for z, x, s in zip(zs, self.targets, self.shifts):
-            lam = np.clip(-2 * np.log(np.tan(np.pi * t.double().numpy() / 2)), -15, 15) - 2 * np.log(s)
-            a = torch.tensor(np.sqrt(1 / (1 + np.exp(-lam))))[:, None, None, None]
-            sig = torch.tensor(np.sqrt(1 / (1 + np.exp(lam))))[:, None, None, None]
-            vs.append((a * z - x) / sig)
+        for level, (z, s) in enumerate(zip(zs, self.shifts)):
+            a, sig = (torch.tensor(u)[:, None, None, None] for u in ref_alpha_sigma(t.double().numpy(), s))
+            vs.append((a * z - self.posterior_mean(z, a, sig, level)) / sig)
         return vs
 
 
@@ -357,16 +363,9 @@ class GaussianOracle(OracleModel):
         super().__init__(torch.zeros(1, 3, resolutions[-1], resolutions[-1]), resolutions, shifts)
         self.mu, self.taus = mu, [tau * r / resolutions[-1] for r in resolutions]
 
-    def forward(self, zs, t, **cond):
-        self.calls += 1
-        vs = []
-        for z, tau, s in zip(zs, self.taus, self.shifts):
-            lam = np.clip(-2 * np.log(np.tan(np.pi * t.double().numpy() / 2)), -15, 15) - 2 * np.log(s)
-            a = torch.tensor(np.sqrt(1 / (1 + np.exp(-lam))))[:, None, None, None]
-            sig = torch.tensor(np.sqrt(1 / (1 + np.exp(lam))))[:, None, None, None]
-            x_mean = self.mu + a * tau ** 2 / (a ** 2 * tau ** 2 + sig ** 2) * (z - a * self.mu)
-            vs.append((a * z - x_mean) / sig)
-        return vs
+    def posterior_mean(self, z, a, sigma, level):
+        tau = self.taus[level]
+        return self.mu + a * tau ** 2 / (a ** 2 * tau ** 2 + sigma ** 2) * (z - a * self.mu)
 
 
 def gaussian_chain_reference(sampler, steps, mu, tau, shift):
@@ -374,14 +373,10 @@ def gaussian_chain_reference(sampler, steps, mu, tau, shift):
     variance of the final samples follow a scalar recursion (float64, written out here
     independently of diffusion.py: DDIM z_s = alpha_s x + sigma_s eps; DDPM the posterior
     q(z_s | z_t, x) of Ho et al. 2020)."""
-    def a_s(t):
-        with np.errstate(divide="ignore"):
-            lam = np.clip(-2 * np.log(np.tan(np.pi * t / 2)), -15, 15) - 2 * np.log(shift)
-        return np.sqrt(1 / (1 + np.exp(-lam))), np.sqrt(1 / (1 + np.exp(lam)))
     m, V = 0.0, 1.0                               # z_1 ~ N(0, 1)
     ts = np.linspace(1, 0, steps + 1)
     for i in range(steps):
-        (at, st), (a_, s_) = a_s(ts[i]), a_s(ts[i + 1])
+        (at, st), (a_, s_) = ref_alpha_sigma(ts[i], shift), ref_alpha_sigma(ts[i + 1], shift)
         k = at * tau ** 2 / (at ** 2 * tau ** 2 + st ** 2)   # x_pred = k z + mu (1 - k at)
         c0 = mu * (1 - k * at)
         if i == steps - 1:

@@ -556,8 +556,7 @@ def main(argv=None):
             pool = getattr(base, "captions", None) or ["a smiling face", "a red heart", "a cat", "a rocket"]
             rng = np.random.default_rng(0)
             grid_captions = [pool[i] for i in rng.choice(len(pool), n, replace=False)] if len(pool) >= n else pool
-            f, m = encoder(grid_captions)
-            grid_cond = {"text": f.to(device), "text_mask": m.to(device)}
+            grid_cond = encoder.condition(grid_captions, device)
         elif cond_kind == "label":
             labels = torch.arange(n) % len(class_names)
             grid_captions = [class_names[i] for i in labels]
@@ -603,8 +602,7 @@ def main(argv=None):
                 lab = torch.arange(i, i + b, device=device) % len(class_names)
                 cond, labels = {"label": lab}, labels + [lab.cpu()]
             elif cond_kind == "text":
-                f, m = encoder([eval_captions[j % len(eval_captions)] for j in range(i, i + b)])
-                cond = {"text": f.to(device), "text_mask": m.to(device)}
+                cond = encoder.condition([eval_captions[j % len(eval_captions)] for j in range(i, i + b)], device)
             with autocast:
                 images.append(sd.sample(ema, cond, batch_size=b, sampler="ddim", num_inference_steps=args.eval_steps,
                                         guidance_scale=1.0, generator=g)[-1].float().cpu())
@@ -667,15 +665,14 @@ def main(argv=None):
                     x = x.contiguous(memory_format=torch.channels_last)
                 cond = {}
                 if cond_kind == "text":
-                    f, m = encoder(batch["caption"])
-                    cond = {"text": f.to(device), "text_mask": m.to(device)}
+                    cond = encoder.condition(batch["caption"], device)
                 elif cond_kind == "label":
                     cond = {"label": batch["label"].to(device)}
                 keys = (batch["index"] * world + rank if args.streaming else batch["index"]).tolist()
                 shapes = [s[1:] for s in model.input_shapes(1)]
                 t, noises, u_drop, u_high = per_sample_randomness(keys, step, args.seed, shapes, device)
                 # Conditioning dropout: some samples learn the null condition (guidance needs it).
-                cond = model.null_condition(cond, (u_drop < args.cond_drop).to(device))
+                cond = model.null_condition(cond, u_drop < args.cond_drop)
                 # Mixed resolution: the samples drawn for the highest level go first.
                 high = (u_high < args.high_res_fraction) if len(model.resolutions) > 1 else torch.ones_like(u_high, dtype=torch.bool)
                 order = torch.argsort((~high).int(), stable=True)

@@ -45,8 +45,8 @@ from torch.utils.data import Dataset
 
 import data
 from diffusion import DiffusionConfig, MatryoshkaDiffusion
-from nested_unet import (GLOBAL_KEYS, PAPER, NestedUNet, NestedUNetConfig, _CPU, _CPU_INNER, _S64, load_weights,
-                         summary, zero_init)
+from nested_unet import (PAPER, NestedUNet, NestedUNetConfig, _CPU, _S64, _TINY_INNER, load_weights, summary,
+                         zero_init)
 
 # ---------------------------------------------------------------------------------------
 # Layers with a time axis. Inside a video level a tensor is (B * T, C, H, W): the frames of
@@ -218,7 +218,7 @@ VIDEO_PRESETS = {
         **{**PAPER, **kw}),
     # The CPU demo: 8 frames of 16x16 around the 16x16 image UNet of the CPU presets.
     # 8 frames hold 8 times the pixels of one: the shift is sqrt(8) (16 frames: 4, as in the paper).
-    "CPU-S16T8": lambda **kw: _temporal(NestedUNetConfig(**_CPU_INNER), 8, 64, [1, 1, 1, 1], [1, 1, 1, 0],
+    "CPU-S16T8": lambda **kw: _temporal(NestedUNetConfig(**_TINY_INNER), 8, 32, [1, 1, 1, 1], [1, 1, 1, 0],
                                         "cosine-shift2.828", 16, **{**_CPU, **kw}),
 }
 
@@ -310,7 +310,9 @@ def render_clip(sprite: torch.Tensor, motion: int, size: int, frames: int, g: to
     s = torch.linspace(0, 1, frames)
     scale = torch.full((frames,), 0.45 + 0.1 * float(u[0]))            # sprite width / canvas width
     cx, cy = torch.full((frames,), 0.2 * (float(u[1]) - 0.5)), torch.full((frames,), 0.2 * (float(u[2]) - 0.5))
-    travel = (0.55 + 0.25 * float(u[3])) * (1 - float(scale[0]))       # canvas coordinates are [-1, 1]
+    # Canvas coordinates are [-1, 1]; the sprite stays inside while |centre| <= 1 - scale. The
+    # centre travels 70 to 100% of that room: half the canvas or more.
+    travel = (0.7 + 0.3 * float(u[3])) * 2 * (1 - float(scale[0]))
     if motion < 4:                                                      # left, right, up, down
         sign = -1 if motion in (0, 2) else 1
         path = sign * travel * (s - 0.5)
@@ -420,9 +422,7 @@ def _metadata(path) -> str:
 
 
 def sample_clips(model, diffusion, encoder, captions, steps=50, sampler="ddim", guidance=4.0, seed=0, device="cpu"):
-    f, m = encoder(captions)
-    cond = {"text": f.to(device), "text_mask": m.to(device)}
-    return diffusion.sample(model, cond, batch_size=len(captions), sampler=sampler, num_inference_steps=steps,
+    return diffusion.sample(model, encoder.condition(captions, device), batch_size=len(captions), sampler=sampler, num_inference_steps=steps,
                             guidance_scale=guidance, generator=torch.Generator(device).manual_seed(seed))
 
 
