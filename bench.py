@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from diffusion import MatryoshkaDiffusion
+from diffusion import MatryoshkaDiffusion, cat_conditions
 from nested_unet import NestedUNet, NestedUNetConfig, count_params, preset
 
 # Dense bf16 peak of the GPUs we know, for MFU (FLOP/s); others: pass --peak-flops.
@@ -62,12 +62,14 @@ def flattened(config: NestedUNetConfig) -> NestedUNetConfig:
                             num_attn_layers_per_block=attn, schedule="cosine", **globals_)
 
 
-def measure(spec: dict) -> dict:
-    """One measurement, in this process: spec says which model and which knobs."""
+def harness(spec: dict, kind: str):
+    """The model of `kind` ("nested" or "plain") with spec's knobs, and three timed actions
+    on one fixed batch: a training step, one network evaluation of a guided sampling step
+    (condition and null condition in one batch), and a whole DDIM sampling run."""
     device = torch.device(spec["device"])
     torch.manual_seed(0)
     cfg = preset(spec["config"], text_channels=spec["text_channels"])
-    if spec["model"] == "plain":
+    if kind == "plain":
         cfg = flattened(cfg)
     model = NestedUNet(cfg).to(device)
     if spec.get("grad_ckpt"):
@@ -81,15 +83,12 @@ def measure(spec: dict) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     R = model.resolutions[-1]
     x = (torch.rand(B, 3, R, R, device=device) * 2 - 1).contiguous(memory_format=cl)
-    L = 16
-    cond = {"text": torch.randn(B, L, spec["text_channels"], device=device),
-            "text_mask": torch.ones(B, L, dtype=torch.bool, device=device)} if spec["text_channels"] else {}
+    L = 16        # 16 text tokens, none of them padding (as data.TextEncoder gives: no mask)
+    cond = {"text": torch.randn(B, L, spec["text_channels"], device=device)} if spec["text_channels"] else {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("bf16", False))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
     def train_step():
+        model.train()
         for i in range(accum):
             mb = slice(i * B // accum, (i + 1) * B // accum)
             with autocast:
@@ -99,20 +98,49 @@ def measure(spec: dict) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def timed(fn, n):
-        out = []
-        for _ in range(n):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            out.append(time.perf_counter() - t0)
-        return out
+    zs = [torch.randn(s, device=device) for s in model.input_shapes(B)]
+    both = cat_conditions(cond, model.null_condition(cond, torch.ones(B, dtype=torch.bool))) if cond else {}
+    zz = [torch.cat([z, z]) for z in zs] if cond else zs
+    tt = torch.full((zz[0].shape[0],), 0.5, device=device)
 
+    @torch.no_grad()
+    def net_eval():
+        model.eval()
+        with autocast:
+            run(zz, tt, **both)
+
+    @torch.no_grad()
+    def sample():
+        model.eval()
+        with autocast:
+            diffusion.sample(run, cond, batch_size=B, sampler="ddim", num_inference_steps=spec["sample_steps"],
+                             guidance_scale=3.0 if cond else 1.0)
+
+    return model, train_step, net_eval, sample
+
+
+def timed(fn, n: int, device: torch.device) -> list[float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = []
+    for _ in range(n):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measure(spec: dict) -> dict:
+    """One measurement, in this process (so that peak memory is its own)."""
+    device = torch.device(spec["device"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model, train_step, net_eval, sample = harness(spec, spec["model"])
     result = {**spec, "params": count_params(model)}
-    timed(train_step, spec["warmup"])
-    t = statistics.median(timed(train_step, spec["repeats"]))
-    result.update(train_step_s=t, images_per_s=B / t)
+    timed(train_step, spec["warmup"], device)
+    t = statistics.median(timed(train_step, spec["repeats"], device))
+    result.update(train_step_s=t, images_per_s=spec["batch"] / t)
     if spec.get("flops") and device.type == "cuda":
         from torch.utils.flop_counter import FlopCounterMode
         with FlopCounterMode(display=False) as fc:
@@ -123,33 +151,34 @@ def measure(spec: dict) -> dict:
         if peak:
             result["mfu"] = result["train_flops"] / t / peak
     if spec.get("sampling", True):
-        model.eval()
-        zs = [torch.randn(s, device=device) for s in model.input_shapes(B)]
-        null = model.null_condition(cond, torch.ones(B, dtype=torch.bool, device=device))
-        from diffusion import cat_conditions
-        both = cat_conditions(cond, null) if cond else {}
-        zz = [torch.cat([z, z]) for z in zs] if cond else zs
-        tt = torch.full((zz[0].shape[0],), 0.5, device=device)
-
-        @torch.no_grad()
-        def net_eval():
-            with autocast:
-                run(zz, tt, **both)
-        timed(net_eval, spec["warmup"])
-        t_eval = statistics.median(timed(net_eval, spec["repeats"]))
-        n = spec["sample_steps"]
-
-        @torch.no_grad()
-        def sampler():
-            with autocast:
-                diffusion.sample(run, cond, batch_size=B, sampler="ddim", num_inference_steps=n,
-                                 guidance_scale=3.0 if cond else 1.0)
-        t_sample = statistics.median(timed(sampler, max(1, spec["repeats"] // 3)))
-        result.update(sample_step_s=t_eval, sampler_overhead=t_sample / (n * t_eval) - 1)
+        timed(net_eval, spec["warmup"], device)
+        t_eval = statistics.median(timed(net_eval, spec["repeats"], device))
+        t_sample = statistics.median(timed(sample, max(1, spec["repeats"] // 3), device))
+        result.update(sample_step_s=t_eval, sampler_overhead=t_sample / (spec["sample_steps"] * t_eval) - 1)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return result
+
+
+def paired(spec: dict) -> dict:
+    """The NestedUNet/plain UNet time ratio, measured in one process with the two models'
+    steps interleaved (nested, plain, plain, nested, ...): a machine that slows down for a
+    while (another job, the clock) slows both alike, which separate runs cannot promise.
+    Returns the median of the per-round ratios."""
+    device = torch.device(spec["device"])
+    runs = {k: harness(spec, k) for k in ("nested", "plain")}
+    ratios = {}
+    for what, i in (("train", 1), ("sample", 2)):
+        for k in runs:
+            timed(runs[k][i], spec["warmup"], device)
+        r = []
+        for rnd in range(spec["repeats"]):
+            order = ("nested", "plain") if rnd % 2 == 0 else ("plain", "nested")
+            t = {k: timed(runs[k][i], 1, device)[0] for k in order}
+            r.append(t["nested"] / t["plain"])
+        ratios[what] = statistics.median(r)
+    return ratios
 
 
 def main(argv=None):
@@ -166,9 +195,13 @@ def main(argv=None):
     p.add_argument("--peak-flops", type=float, default=None)
     p.add_argument("--json", default="bench.json")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: one measurement
+    p.add_argument("--paired", default=None, help=argparse.SUPPRESS)   # internal: the interleaved ratios
     a = p.parse_args(argv)
     if a.one:
         print(json.dumps(measure(json.loads(a.one))))
+        return
+    if a.paired:
+        print(json.dumps(paired(json.loads(a.paired))))
         return
     base = dict(config=a.config, batch=a.batch, device=a.device, text_channels=a.text_channels, warmup=a.warmup,
                 repeats=a.repeats, sample_steps=a.sample_steps, peak_flops=a.peak_flops,
@@ -188,7 +221,13 @@ def main(argv=None):
                 continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(format_row(rows[-1]), flush=True)
-    report(rows, a)
+    # The headline ratio: both models in one process, their steps interleaved.
+    out = subprocess.run([sys.executable, __file__, "--paired", json.dumps({**base, "repeats": 2 * a.repeats + 1})],
+                         capture_output=True, text=True)
+    interleaved = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+    if interleaved is None:
+        print(f"interleaved measurement failed:\n{out.stderr[-1500:]}", file=sys.stderr)
+    report(rows, a, interleaved)
 
 
 def format_row(r):
@@ -204,7 +243,7 @@ def format_row(r):
     return s
 
 
-def report(rows, a):
+def report(rows, a, interleaved=None):
     by = {(r["knob"], r["model"]): r for r in rows}
     ratios = {}
     for knob in {r["knob"] for r in rows}:
@@ -216,11 +255,14 @@ def report(rows, a):
     print("\nNestedUNet / plain UNet (same layers; the paper's Table 2 has 1.04 and 1.03):")
     for knob, v in ratios.items():
         print(f"  {knob:<14} params {v['params']:.3f}  train step {v['train']:.3f}  sampling step {v['sample']:.3f}")
+    if interleaved:
+        print(f"  interleaved in one process (the fair figure): train step {interleaved['train']:.3f}  "
+              f"sampling step {interleaved['sample']:.3f}")
     meta = {"machine": torch.cuda.get_device_name() if a.device.startswith("cuda") else
             f"CPU, {torch.get_num_threads()} threads", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d")}
     with open(a.json, "w") as f:
-        json.dump({"meta": meta, "rows": rows, "ratios": ratios}, f, indent=2)
+        json.dump({"meta": meta, "rows": rows, "ratios": ratios, "interleaved_ratios": interleaved}, f, indent=2)
     print(f"wrote {a.json}")
 
 

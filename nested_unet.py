@@ -687,10 +687,15 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _size(frames: int, res: int) -> str:
+    """64x64 for an image level, 16x64x64 for a level of 16 frames."""
+    return f"{frames}x{res}x{res}" if frames > 1 else f"{res}x{res}"
+
+
 def summary(model: NestedUNet, name: str = "") -> str:
     cfg = model.config
     rows = [f"{name or 'NestedUNet'}: {len(cfg.levels())} level(s) at "
-            f"{' -> '.join(f'{r}x{r}' for r in model.resolutions)}, "
+            f"{' -> '.join(_size(f, r) for f, r in cfg.level_sizes())}, "
             f"{count_params(model) / 1e6:.1f}M parameters",
             f"{'level':<6}{'input':>10}  {'feature maps (size x channels)':<36}{'res blocks':<12}"
             f"{'attention':<11}{'schedule':<16}{'params':>9}"]
@@ -698,7 +703,7 @@ def summary(model: NestedUNet, name: str = "") -> str:
         c = level.config
         own = count_params(level) - (count_params(level.inner) if level.inner is not None else 0)
         maps = " -> ".join(f"{r}x{ch}" for r, ch in zip(c.resolutions, c.resolution_channels))
-        rows.append(f"{i + 1:<6}{f'{c.resolutions[0]}x{c.resolutions[0]}':>10}  {maps:<36}"
+        rows.append(f"{i + 1:<6}{_size(c.frames, c.resolutions[0]):>10}  {maps:<36}"
                     f"{','.join(map(str, c.num_res_blocks)):<12}"
                     f"{','.join(map(str, c.num_attn_layers_per_block)):<11}{c.schedule:<16}"
                     f"{own / 1e6:>8.1f}M")

@@ -862,3 +862,31 @@ def test_clip_score_with_a_tiny_random_clip(tmp_path):
         out = model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, pixel_values=x)
         cos = out.logits_per_image.diagonal() / model.logit_scale.exp()
     assert got == pytest.approx(float((100 * cos).clamp(min=0).mean()), rel=1e-4, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# bench.py
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["CPU-S16S32", "CPU-S16S32S64", "MDM-S64S256"])
+def test_plain_unet_of_the_benchmark_has_the_nested_models_layers(name):
+    import bench
+    cfg = preset(name, text_channels=384)
+    flat = bench.flattened(cfg)
+    with torch.device("meta"):
+        nested, plain = N.count_params(NestedUNet(cfg)), N.count_params(NestedUNet(flat))
+    # the same feature resolutions and the same total of res blocks, in one UNet
+    assert sorted(set(flat.resolutions)) == sorted({r for c in cfg.levels() for r in c.resolutions})
+    assert sum(flat.num_res_blocks) == sum(sum(c.num_res_blocks) for c in cfg.levels())
+    assert flat.inner_config is None and abs(nested / plain - 1) < 0.03, (nested, plain)
+
+
+def test_benchmark_measures_and_pairs_on_a_tiny_model():
+    import bench
+    spec = dict(config="tiny", batch=2, device="cpu", text_channels=8, warmup=1, repeats=3, sample_steps=2,
+                bf16=False, model="nested", knob="base")
+    r = bench.measure(spec)
+    assert r["train_step_s"] > 0 and r["sample_step_s"] > 0 and r["peak_rss_mb"] > 0
+    assert r["images_per_s"] == pytest.approx(2 / r["train_step_s"])
+    ratios = bench.paired(spec)
+    assert set(ratios) == {"train", "sample"} and all(0 < v < 10 for v in ratios.values())

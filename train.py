@@ -319,16 +319,19 @@ def plot_losses(log_path: Path, out: Path):
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     if not rows:
         return
-    keys = sorted({k for r in rows for k in r if k.startswith("loss_")}, key=lambda k: int(k[5:]))
+    # Keys are loss_64, loss_256, or loss_16x64 for a video level (frames x size): order by pixels.
+    keys = sorted({k for r in rows for k in r if k.startswith("loss_")},
+                  key=lambda k: math.prod(int(v) for v in k[5:].split("x")))
     evals = [k for k in ("eval_fd_effnet", "eval_class_acc") if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, 1 + len(evals), figsize=(7 + 4 * len(evals), 4), squeeze=False)
     ax = axes[0, 0]
     for k in keys:
         pts = [(r["step"], r[k]) for r in rows if k in r]
-        ax.plot(*zip(*pts), label=f"{k[5:]}x{k[5:]}")
+        size = k[5:].split("x")
+        ax.plot(*zip(*pts), label=f"{size[-1]}x{size[-1]}" + (f", {size[0]} frames" if len(size) > 1 else ""))
     for r in rows:
-        if r.get("stage_start"):
-            ax.axvline(r["step"], color="grey", linestyle=":", lw=1)
+        if "stage_start" in r:
+            ax.axvline(r["stage_start"], color="grey", linestyle=":", lw=1)
     ax.set(xlabel="step", ylabel="v-prediction MSE", yscale="log",
            title="training loss per resolution (dotted: a new stage starts)")
     ax.grid(alpha=0.3, which="both")
@@ -711,13 +714,14 @@ def main(argv=None):
                        "lr": sched.get_last_lr()[0],
                        "steps_per_s": n_logged / dt, "images_per_s": n_logged * args.batch[stage] / dt,
                        "data_wait": wait / dt, "skipped": batches.skipped,
-                       **{f"loss_{r}": v for r, v in zip(model.resolutions, losses)}}
+                       **{f"loss_{fmt_size(z)}": v for z, v in zip(model.config.level_sizes(), losses)}}
                 if stage_start:
-                    row["stage_start"], stage_start = True, False
+                    row["stage_start"], stage_start = step - n_logged, False   # the step the stage began at
                 if is_main:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
-                    bar.set_postfix_str(" ".join(f"{r}px {v:.4f}" for r, v in zip(model.resolutions, losses)))
+                    bar.set_postfix_str(" ".join(f"{fmt_size(z)}px {v:.4f}"
+                                                 for z, v in zip(model.config.level_sizes(), losses)))
                 loss_sum.zero_()
                 n_logged, t_log, wait = 0, time.perf_counter(), 0.0
             if is_main and not args.no_samples and (step % args.sample_every == 0 or step in stage_ends):
@@ -767,7 +771,10 @@ def main(argv=None):
         bar.close()
     if is_main:
         plot_losses(log_path, run_dir / "loss.png")
-        print(f"done: {run_dir}/ema.safetensors (sample with: python sample.py --ckpt {run_dir} \"a prompt\")")
+        how = (f"python video.py sample --ckpt {run_dir} \"a prompt\"" if sizes[-1][0] > 1 else
+               f"python sample.py --ckpt {run_dir} " + ("--label <class>" if cond_kind == "label" else
+                                                         "\"a prompt\"" if cond_kind == "text" else ""))
+        print(f"done: {run_dir}/ema.safetensors (sample with: {how.strip()})")
     if dist.is_initialized():
         dist.destroy_process_group()
     return run_dir

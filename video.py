@@ -395,7 +395,7 @@ def save_levels_figure(levels: list, path, captions=None):
 # The command line
 # ---------------------------------------------------------------------------------------
 
-DEMO = ["--config", "CPU-S16T8", "--data", "emoji-motion", "--res", "16,8x16", "--steps", "500,700",
+DEMO = ["--config", "CPU-S16T8", "--data", "emoji-motion", "--res", "16,8x16", "--steps", "600,450",
         "--batch", "64,24", "--sample-every", "400"]
 
 
