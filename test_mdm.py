@@ -890,3 +890,29 @@ def test_benchmark_measures_and_pairs_on_a_tiny_model():
     assert r["images_per_s"] == pytest.approx(2 / r["train_step_s"])
     ratios = bench.paired(spec)
     assert set(ratios) == {"train", "sample"} and all(0 < v < 10 for v in ratios.values())
+
+
+def test_comparison_table_reports_mean_and_spread_of_the_final_evaluations(tmp_path):
+    import argparse
+    rng = np.random.default_rng(0)
+    plan = {"simple DM": None, "MDM (no PT)": None, "MDM (PT)": None}
+    args = argparse.Namespace(data="fashion-mnist", seeds=[0, 1], res=[16, 32], config="CPU-tiny-S16S32")
+    finals = {}
+    for arm in plan:
+        for seed in args.seeds:
+            run = tmp_path / f"{E.slug(arm)}-seed{seed}"
+            run.mkdir()
+            rows = [{"step": s, "time": s / 3, "eval_fd_effnet": float(rng.uniform(10, 100)),
+                     "eval_class_acc": float(rng.uniform())} for s in (200, 400, 600)]
+            rows.insert(1, {"step": 300, "loss_32": 0.1})           # a training row: not an evaluation
+            (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+            finals.setdefault(arm, []).append(rows[-1])
+    E.plot_comparison(tmp_path, plan, args)
+    assert (tmp_path / "comparison.png").exists()
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    for arm, line in zip(plan, lines[2:]):
+        fd = [r["eval_fd_effnet"] for r in finals[arm]]
+        acc = [r["eval_class_acc"] for r in finals[arm]]
+        assert line.startswith(f"| {arm} |")
+        assert f"{np.mean(fd):.3g} ({min(fd):.3g} to {max(fd):.3g})" in line
+        assert f"{np.mean(acc):.3g} ({min(acc):.3g} to {max(acc):.3g})" in line
