@@ -347,7 +347,6 @@ class TextEncoder:
             self.cache.update(fresh)
         return pad_tokens([fresh[c] if c in fresh else self.cache[c] for c in captions])
 
-
     def condition(self, captions: list[str], device) -> dict:
         """The model's text condition for these captions, on `device`."""
         features, mask = self(captions)

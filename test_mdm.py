@@ -840,6 +840,33 @@ def test_fd_effnet_tells_real_from_noise():
     assert noise > 3 * half
 
 
+def test_t5_text_encoder_from_a_local_folder_matches_the_model_on_each_caption(tmp_path):
+    # The FLAN-T5 path of data.TextEncoder, with a tiny random T5 saved locally: batched,
+    # padded and cached features must equal the encoder run on each caption alone.
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    T5EncoderModel(cfg).save_pretrained(tmp_path)
+    ByT5Tokenizer().save_pretrained(tmp_path)
+    enc = data.TextEncoder(str(tmp_path))
+    captions = ["a red heart", "a panda playing guitar", "fire"]
+    feats, mask = enc(captions)
+    assert enc.dim == 32 and feats.shape[-1] == 32 and mask is not None
+    ref = T5EncoderModel.from_pretrained(tmp_path).eval()
+    for i, c in enumerate(captions):
+        tok = enc.tokenizer([c], return_tensors="pt")
+        with torch.no_grad():
+            alone = ref(input_ids=tok.input_ids).last_hidden_state[0]
+        n = alone.shape[0]
+        assert mask[i].sum() == n and not mask[i, n:].any()
+        assert torch.allclose(feats[i, :n], alone, atol=1e-5)
+        assert feats[i, n:].abs().sum() == 0
+    again, _ = enc(captions[::-1])                            # from the cache, in another order
+    assert torch.equal(again[0, : mask[2].sum()], feats[2, : mask[2].sum()])
+    cond = enc.condition(["fire", "fire"], "cpu")
+    assert "text_mask" not in cond                            # nothing padded: no mask
+
+
 def test_clip_score_with_a_tiny_random_clip(tmp_path):
     from transformers import ByT5Tokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
     torch.manual_seed(0)
