@@ -520,7 +520,7 @@ class NestedUNet(nn.Module):
         if self.inner is not None:
             # x = f_skip(x, f_up(NestedUNet(z[:-1], f_down(x), o)))
             h_inner = self.in_adapter(x)
-            rows = h_inner.shape[0] // B          # 1, or the frames of a video level
+            rows = z[-2].shape[1] if z[-2].dim() == 5 else 1   # the inner level's frames (B may be 0)
             if z[-2].shape[0] > B:                # samples that skip this level get h = 0
                 h_inner = torch.cat([h_inner, h_inner.new_zeros((z[-2].shape[0] - B) * rows, *h_inner.shape[1:])])
             x = x + self.out_adapter(self.inner._forward(z[:-1], emb, tokens, mask, h_inner, o)[:B * rows])

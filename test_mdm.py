@@ -253,6 +253,17 @@ def test_mixed_resolution_batch_matches_full_batch():
     torch.testing.assert_close(mixed[0][:2], full[0][:2])
     h_zero = model.levels()[0]([z[0][2:]], t[2:], text=text[2:])[0]
     torch.testing.assert_close(mixed[0][2:], h_zero)
+    # a batch in which no sample reaches the highest level: the inner model alone, a zero
+    # loss there, and finite gradients (a small batch draws this now and then)
+    empty = model([z[0], z[1][:0]], t, text=text)
+    assert empty[1].shape == (0, 3, 8, 8)
+    torch.testing.assert_close(empty[0], model.levels()[0]([z[0]], t, text=text)[0])
+    d = MatryoshkaDiffusion.for_model(model)
+    loss, per_level = d.loss(model.train(), torch.rand(3, 3, 8, 8) * 2 - 1, {"text": text},
+                             high_res_batch=0, high_res_fraction=0.5)
+    loss.backward()
+    assert per_level[1] == 0 and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_paper_presets_parameter_counts_on_meta_device():
@@ -474,6 +485,37 @@ def run_train(tmp, *args, nproc=1, check=True, timeout=300):
 
 def load_ckpt(run):
     return torch.load(Path(run) / "checkpoint.pt", map_location="cpu", weights_only=False)
+
+
+def test_per_sample_randomness_is_a_function_of_the_sample_and_normal():
+    import train
+    # lowbias32 written with Python's unbounded integers: the int64 version must agree
+    def lowbias32(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    xs = [0, 1, 2, 12345, 2 ** 31, 2 ** 32 - 1, 987654321]
+    assert train.hash32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]
+    shapes = [(3, 4, 4), (3, 8, 8)]
+    t, noises, u_drop, u_high = train.per_sample_randomness(torch.tensor([5, 9, 2, 7]), 3, 0, shapes, "cpu")
+    # a sample draws the same numbers whatever else is in its batch (and wherever it is)
+    t2, noises2, d2, h2 = train.per_sample_randomness(torch.tensor([7, 5]), 3, 0, shapes, "cpu")
+    assert torch.equal(t2, t[[3, 0]]) and torch.equal(d2, u_drop[[3, 0]]) and torch.equal(h2, u_high[[3, 0]])
+    assert all(torch.equal(a, b[[3, 0]]) for a, b in zip(noises2, noises))
+    # ... and different numbers at another step, with another seed, for another level
+    assert not torch.equal(train.per_sample_randomness(torch.tensor([5]), 4, 0, shapes, "cpu")[1][0], noises[0][:1])
+    assert not torch.equal(train.per_sample_randomness(torch.tensor([5]), 3, 1, shapes, "cpu")[1][0], noises[0][:1])
+    # many samples: standard normal (Kolmogorov-Smirnov against the normal CDF), uncorrelated
+    # between neighbouring samples, uniform t
+    t, noises, _, _ = train.per_sample_randomness(torch.arange(2000), 11, 0, [(3, 16, 16)], "cpu")
+    z = noises[0].flatten(1).double()
+    x, _ = z.flatten().sort()
+    ks = (torch.special.ndtr(x) - torch.arange(1, len(x) + 1, dtype=torch.float64) / len(x)).abs().max()
+    assert ks < 0.003, ks                                  # 1.5M draws: 1.36/sqrt(n) = 0.0011 at 5%
+    assert abs(float(torch.corrcoef(torch.stack([z[:-1].flatten(), z[1:].flatten()]))[0, 1])) < 0.005
+    assert abs(float(t.double().mean()) - 0.5) < 0.02 and abs(float(t.double().var()) - 1 / 12) < 0.005
 
 
 def test_stage_boundary_grows_the_trained_model(tmp_path):

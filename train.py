@@ -29,6 +29,7 @@ state, written atomically) and ema.safetensors (EMA weights with their config, f
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -250,22 +251,63 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
 
 # ---------------------------------------------------------------------------------------
 # Randomness per sample: the diffusion time, the noise of every resolution, the conditioning
-# dropout and the mixed-resolution draw of a sample are seeded by (seed, step, its index in
-# the data set). A step then computes the same thing however the batch is split over
+# dropout and the mixed-resolution draw of a sample are a function of (seed, step, its index
+# in the data set). A step then computes the same thing however the batch is split over
 # processes or micro-batches (1 process = N processes = gradient accumulation), and a
 # resumed run draws exactly what the run it continues would have drawn.
+#
+# A generator per sample would need a Python loop over the batch. Instead the numbers are
+# drawn by a counter-based generator: number j of stream s of a sample is a hash of (sample,
+# s, j), computed for the whole batch at once on the device. The hash is Chris Wellons'
+# "lowbias32" (every input bit flips every output bit with probability close to 1/2), in
+# int64 arithmetic that never overflows; two uniforms make two normals (Box-Muller).
 # ---------------------------------------------------------------------------------------
 
-def per_sample_randomness(keys: list[int], step: int, seed: int, shapes: list[tuple], device):
-    B = len(keys)
-    t, u_drop, u_high = torch.empty(B), torch.empty(B), torch.empty(B)
-    noises = [torch.empty((B,) + s, device=device) for s in shapes]
-    for j, k in enumerate(keys):
-        s = int(np.random.SeedSequence([seed, step, k]).generate_state(1, np.uint64)[0] >> 1)
-        t[j], u_drop[j], u_high[j] = torch.rand(3, generator=torch.Generator().manual_seed(s))
-        g = torch.Generator(device=device).manual_seed(s)
-        for n in noises:
-            n[j] = torch.randn(n.shape[1:], generator=g, device=device)
+M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2^32 for 32-bit values held in int64, in two 16-bit halves of c (no overflow)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+@functools.lru_cache(maxsize=16)
+def _hashed_counter(n: int, device: torch.device) -> torch.Tensor:
+    return hash32(torch.arange(n, device=device, dtype=torch.int64))
+
+
+def uniforms(sample_keys: torch.Tensor, stream: int, n: int) -> torch.Tensor:
+    """(B, n) uniforms in (0, 1): number j of the given stream of each sample."""
+    base = hash32((sample_keys + stream * 0x9E3779B9) & M32)          # one key per (sample, stream)
+    j = _hashed_counter(n, sample_keys.device)
+    return ((hash32(j[None, :] ^ base[:, None]) >> 8).float() + 0.5) / 2 ** 24   # 24 random bits
+
+
+def normals(sample_keys: torch.Tensor, stream: int, shape: tuple) -> torch.Tensor:
+    n = math.prod(shape)
+    u = uniforms(sample_keys, stream, 2 * n)
+    z = torch.sqrt(-2 * torch.log(u[:, :n])) * torch.cos(2 * math.pi * u[:, n:])
+    return z.view(-1, *shape)
+
+
+def per_sample_randomness(keys: torch.Tensor, step: int, seed: int, shapes: list[tuple], device):
+    """For each sample (its index in the data set in `keys`): its diffusion time t, the noise
+    of every level (shapes without the batch), and two uniforms for the conditioning dropout
+    and the mixed-resolution draw. Those two stay on the CPU, where the batch is reordered,
+    so that nothing here waits for the device."""
+    k = torch.as_tensor(keys, dtype=torch.int64).cpu() & M32
+    k = hash32(hash32(hash32(torch.tensor(seed & M32)) ^ (step & M32)) ^ k)
+    t, u_drop, u_high = uniforms(k, 0, 3).unbind(1)
+    k = k.to(device)
+    noises = [normals(k, 1 + i, shape) for i, shape in enumerate(shapes)]
     return t.to(device), noises, u_drop, u_high
 
 
@@ -671,7 +713,7 @@ def main(argv=None):
                     cond = encoder.condition(batch["caption"], device)
                 elif cond_kind == "label":
                     cond = {"label": batch["label"].to(device)}
-                keys = (batch["index"] * world + rank if args.streaming else batch["index"]).tolist()
+                keys = batch["index"] * world + rank if args.streaming else batch["index"]
                 shapes = [s[1:] for s in model.input_shapes(1)]
                 t, noises, u_drop, u_high = per_sample_randomness(keys, step, args.seed, shapes, device)
                 # Conditioning dropout: some samples learn the null condition (guidance needs it).
