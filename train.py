@@ -361,16 +361,15 @@ def plot_losses(log_path: Path, out: Path):
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     if not rows:
         return
-    # Keys are loss_64, loss_256, or loss_16x64 for a video level (frames x size): order by pixels.
-    keys = sorted({k for r in rows for k in r if k.startswith("loss_")},
-                  key=lambda k: math.prod(int(v) for v in k[5:].split("x")))
+    # Keys are loss_64, loss_256, or loss_16x64 for a video level (fmt_size): order by pixels.
+    sizes = {k: parse_sizes(k[5:])[0] for r in rows for k in r if k.startswith("loss_")}
     evals = [k for k in ("eval_fd_effnet", "eval_class_acc") if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, 1 + len(evals), figsize=(7 + 4 * len(evals), 4), squeeze=False)
     ax = axes[0, 0]
-    for k in keys:
+    for k in sorted(sizes, key=lambda k: math.prod(sizes[k])):
         pts = [(r["step"], r[k]) for r in rows if k in r]
-        size = k[5:].split("x")
-        ax.plot(*zip(*pts), label=f"{size[-1]}x{size[-1]}" + (f", {size[0]} frames" if len(size) > 1 else ""))
+        frames, res = sizes[k]
+        ax.plot(*zip(*pts), label=f"{res}x{res}" + (f", {frames} frames" if frames > 1 else ""))
     for r in rows:
         if "stage_start" in r:
             ax.axvline(r["stage_start"], color="grey", linestyle=":", lw=1)
@@ -499,10 +498,10 @@ def main(argv=None):
         return torch.utils.data.Subset(ds, range(min(args.data_limit, len(ds)))) if args.data_limit else ds
 
     dataset = make_dataset(sizes[stage_of(ckpt)])
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset   # without --data-limit
     if args.streaming:
         has_text, class_names = True, None
     else:
-        base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
         has_text = getattr(base, "captions", None) is not None or getattr(base, "caption_column", None)
         class_names = getattr(base, "class_names", None)
         if len(dataset) < args.batch[0] // world:
@@ -513,7 +512,6 @@ def main(argv=None):
         raise SystemExit(f"train.py: --cond label: {args.data} has no class labels")
     encoder = data.TextEncoder(args.text_encoder, device=device) if cond_kind == "text" else None
     if encoder is not None and not args.streaming:
-        base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
         if base.captions is not None:
             encoder(list(dict.fromkeys(base.captions)))   # a fixed caption set: encode it once, now
     cfg_full = NestedUNetConfig(**{**cfg_full.to_dict(),
@@ -597,7 +595,6 @@ def main(argv=None):
     if is_main and not args.no_samples:
         n = 8
         if cond_kind == "text":
-            base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
             pool = getattr(base, "captions", None) or ["a smiling face", "a red heart", "a cat", "a rocket"]
             rng = np.random.default_rng(0)
             grid_captions = [pool[i] for i in rng.choice(len(pool), n, replace=False)] if len(pool) >= n else pool
@@ -632,30 +629,19 @@ def main(argv=None):
         evaluator = {"features": evaluate.EffNetFeatures(device)}
         evaluator["real"] = evaluate.real_stats(args.data, sizes[-1][1], 1000, evaluator["features"])
         if cond_kind == "label":
-            evaluator["classifier"] = evaluate.train_classifier(args.data, sizes[-1][1])[0].to(device)
+            evaluator["classifier"] = evaluate.train_classifier(args.data, sizes[-1][1])[0]   # on the CPU, with the images
 
     def run_eval():
         import evaluate
         t0 = time.perf_counter()
-        g = torch.Generator(device).manual_seed(1234)
-        n, images, labels = args.eval_samples, [], []
-        sd = make_diffusion(ema, dcfg)
-        for i in range(0, n, 64):
-            b = min(64, n - i)
-            cond = {}
-            if cond_kind == "label":
-                lab = torch.arange(i, i + b, device=device) % len(class_names)
-                cond, labels = {"label": lab}, labels + [lab.cpu()]
-            elif cond_kind == "text":
-                cond = encoder.condition([eval_captions[j % len(eval_captions)] for j in range(i, i + b)], device)
-            with autocast:
-                images.append(sd.sample(ema, cond, batch_size=b, sampler="ddim", num_inference_steps=args.eval_steps,
-                                        guidance_scale=1.0, generator=g)[-1].float().cpu())
-        images = torch.cat(images)
+        with autocast:
+            images, labels = evaluate.generate_set(ema, make_diffusion(ema, dcfg), cond_kind, args.eval_samples,
+                                                   class_names, eval_captions, encoder, guidance=1.0,
+                                                   steps=args.eval_steps, seed=1234)
         row = {"step": step, "eval_fd_effnet": evaluate.fd_effnet(images, evaluator["real"], evaluator["features"]),
                "time": train_time["s"]}
         if cond_kind == "label":
-            row["eval_class_acc"] = evaluate.accuracy(evaluator["classifier"].cpu(), images, torch.cat(labels))
+            row["eval_class_acc"] = evaluate.accuracy(evaluator["classifier"], images, labels)
         row["eval_seconds"] = time.perf_counter() - t0
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -691,7 +677,6 @@ def main(argv=None):
     train_time = {"s": ckpt.get("train_time", 0.0) if ckpt else 0.0}   # training seconds, evals excluded
     eval_captions = None
     if cond_kind == "text" and not args.streaming:
-        base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
         eval_captions = [base.captions[i] for i in np.random.default_rng(1).permutation(len(base))]
     loss_sum = torch.zeros(len(model.resolutions), device=device)
     n_logged, t_log, wait = 0, time.perf_counter(), 0.0
