@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -62,13 +63,24 @@ def flattened(config: NestedUNetConfig) -> NestedUNetConfig:
                             num_attn_layers_per_block=attn, schedule="cosine", **globals_)
 
 
-def harness(spec: dict, kind: str):
-    """The model of `kind` ("nested" or "plain") with spec's knobs, and three timed actions
-    on one fixed batch: a training step, one network evaluation of a guided sampling step
-    (condition and null condition in one batch), and a whole DDIM sampling run."""
+def harness(spec: dict, kind: str) -> dict:
+    """The model of `kind` ("nested" or "plain") with spec's knobs, and the timed actions on
+    one fixed batch:
+
+        train_step   forward + backward + clipping + Adam step
+        net_eval     one network evaluation of a guided sampling step (condition and null
+                     condition in one batch, as diffusion.sample calls the network)
+        sample       a whole DDIM sampling run of spec["sample_steps"] steps
+        count_flops  the FLOPs of one forward + backward, counted on the eager model
+
+    spec: config (a preset name), batch, device, and optionally text_channels or num_classes
+    (the conditioning), truncate (train only the levels up to this resolution), bf16,
+    channels_last, compile, grad_ckpt, accum, sample_steps."""
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    cfg = preset(spec["config"], text_channels=spec["text_channels"])
+    cfg = preset(spec["config"], text_channels=spec.get("text_channels", 0), num_classes=spec.get("num_classes", 0))
+    if spec.get("truncate"):
+        cfg = cfg.truncated(spec["truncate"])      # the low-resolution stage of progressive training
     if kind == "plain":
         cfg = flattened(cfg)
     model = NestedUNet(cfg).to(device)
@@ -82,24 +94,47 @@ def harness(spec: dict, kind: str):
     diffusion = MatryoshkaDiffusion.for_model(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     R = model.resolutions[-1]
-    x = (torch.rand(B, 3, R, R, device=device) * 2 - 1).contiguous(memory_format=cl)
-    L = 16        # 16 text tokens, none of them padding (as data.TextEncoder gives: no mask)
-    cond = {"text": torch.randn(B, L, spec["text_channels"], device=device)} if spec["text_channels"] else {}
+    x = (torch.rand(B, 3, R, R, device=device) * 2 - 1).contiguous(memory_format=cl)   # (B, 3, R, R)
+    if cfg.text_channels:      # 16 text tokens, none of them padding (as data.TextEncoder gives: no mask)
+        cond = {"text": torch.randn(B, 16, cfg.text_channels, device=device)}
+    elif cfg.num_classes:
+        cond = {"label": torch.randint(cfg.num_classes, (B,), device=device)}
+    else:
+        cond = {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("bf16", False))
 
-    def train_step():
-        model.train()
+    def loss_backward(net):
         for i in range(accum):
             mb = slice(i * B // accum, (i + 1) * B // accum)
             with autocast:
-                loss = diffusion.loss(run, x[mb], {k: v[mb] for k, v in cond.items()})[0] / accum
+                loss = diffusion.loss(net, x[mb], {k: v[mb] for k, v in cond.items()})[0] / accum
             loss.backward()
+
+    def train_step():
+        model.train()
+        loss_backward(run)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def count_flops() -> int:
+        # The "model FLOPs" of MFU: the matrix multiplications, convolutions and attention of
+        # one forward and backward pass (FlopCounterMode counts those aten ops; norms,
+        # activations and the optimizer are left out, as in MFU's usual definition). Counted
+        # on the eager model: a compiled graph runs fused kernels that the counter cannot see.
+        # FlopCounterMode knows the GPU attention kernels (flash, memory-efficient, cuDNN) but
+        # not the CPU one; on a CPU the attention runs as plain batched matmuls to be counted.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+        model.train()
+        kernels = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
+        with FlopCounterMode(display=False) as fc, kernels:
+            loss_backward(model)
+        opt.zero_grad(set_to_none=True)
+        return fc.get_total_flops()
+
     zs = [torch.randn(s, device=device) for s in model.input_shapes(B)]
-    both = cat_conditions(cond, model.null_condition(cond, torch.ones(B, dtype=torch.bool))) if cond else {}
+    both = cat_conditions(cond, model.null_condition(cond, torch.ones(B, dtype=torch.bool, device=device))) if cond else {}
     zz = [torch.cat([z, z]) for z in zs] if cond else zs
     tt = torch.full((zz[0].shape[0],), 0.5, device=device)
 
@@ -113,10 +148,10 @@ def harness(spec: dict, kind: str):
     def sample():
         model.eval()
         with autocast:
-            diffusion.sample(run, cond, batch_size=B, sampler="ddim", num_inference_steps=spec["sample_steps"],
+            diffusion.sample(run, cond, batch_size=B, sampler="ddim", num_inference_steps=spec.get("sample_steps", 20),
                              guidance_scale=3.0 if cond else 1.0)
 
-    return model, train_step, net_eval, sample
+    return dict(model=model, train_step=train_step, net_eval=net_eval, sample=sample, count_flops=count_flops)
 
 
 def timed(fn, n: int, device: torch.device) -> list[float]:
@@ -136,24 +171,26 @@ def measure(spec: dict) -> dict:
     device = torch.device(spec["device"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model, train_step, net_eval, sample = harness(spec, spec["model"])
-    result = {**spec, "params": count_params(model)}
-    timed(train_step, spec["warmup"], device)
-    t = statistics.median(timed(train_step, spec["repeats"], device))
+    h = harness(spec, spec["model"])
+    result = {**spec, "params": count_params(h["model"])}
+    timed(h["train_step"], spec["warmup"], device)
+    t = statistics.median(timed(h["train_step"], spec["repeats"], device))
     result.update(train_step_s=t, images_per_s=spec["batch"] / t)
-    if spec.get("flops") and device.type == "cuda":
-        from torch.utils.flop_counter import FlopCounterMode
-        with FlopCounterMode(display=False) as fc:
-            train_step()
-        result["train_flops"] = fc.get_total_flops()
-        name = torch.cuda.get_device_name(device)
-        peak = spec.get("peak_flops") or next((v for k, v in PEAK_BF16.items() if k in name), None)
+    if spec.get("flops", True):
+        # Model FLOPs utilisation: the FLOPs a step needs over the time it took, as a
+        # fraction of what the chip can do (its dense bf16 peak, or --peak-flops).
+        result["train_flops"] = h["count_flops"]()
+        result["train_tflop_per_s"] = result["train_flops"] / t / 1e12
+        peak = spec.get("peak_flops")
+        if not peak and device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         if peak:
             result["mfu"] = result["train_flops"] / t / peak
     if spec.get("sampling", True):
-        timed(net_eval, spec["warmup"], device)
-        t_eval = statistics.median(timed(net_eval, spec["repeats"], device))
-        t_sample = statistics.median(timed(sample, max(1, spec["repeats"] // 3), device))
+        timed(h["net_eval"], spec["warmup"], device)
+        t_eval = statistics.median(timed(h["net_eval"], spec["repeats"], device))
+        t_sample = statistics.median(timed(h["sample"], max(1, spec["repeats"] // 3), device))
         result.update(sample_step_s=t_eval, sampler_overhead=t_sample / (spec["sample_steps"] * t_eval) - 1)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
@@ -169,13 +206,13 @@ def paired(spec: dict) -> dict:
     device = torch.device(spec["device"])
     runs = {k: harness(spec, k) for k in ("nested", "plain")}
     ratios = {}
-    for what, i in (("train", 1), ("sample", 2)):
+    for what, action in (("train", "train_step"), ("sample", "net_eval")):
         for k in runs:
-            timed(runs[k][i], spec["warmup"], device)
+            timed(runs[k][action], spec["warmup"], device)
         r = []
         for rnd in range(spec["repeats"]):
             order = ("nested", "plain") if rnd % 2 == 0 else ("plain", "nested")
-            t = {k: timed(runs[k][i], 1, device)[0] for k in order}
+            t = {k: timed(runs[k][action], 1, device)[0] for k in order}
             r.append(t["nested"] / t["plain"])
         ratios[what] = statistics.median(r)
     return ratios
@@ -192,7 +229,8 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--knobs", default="base,bf16,channels_last,grad_ckpt,accum2,compile",
                    help="comma-separated: base, bf16, channels_last, grad_ckpt, accum2, compile")
-    p.add_argument("--peak-flops", type=float, default=None)
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="the chip's peak FLOP/s for MFU (known: H100/H200 989e12, A100 312e12 dense bf16)")
     p.add_argument("--json", default="bench.json")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: one measurement
     p.add_argument("--paired", default=None, help=argparse.SUPPRESS)   # internal: the interleaved ratios
@@ -205,7 +243,7 @@ def main(argv=None):
         return
     base = dict(config=a.config, batch=a.batch, device=a.device, text_channels=a.text_channels, warmup=a.warmup,
                 repeats=a.repeats, sample_steps=a.sample_steps, peak_flops=a.peak_flops,
-                bf16=a.device.startswith("cuda"), flops=a.device.startswith("cuda"))
+                bf16=a.device.startswith("cuda"))
     knobs = {"base": {}, "bf16": {"bf16": not base["bf16"]}, "channels_last": {"channels_last": True},
              "grad_ckpt": {"grad_ckpt": True, "sampling": False}, "accum2": {"accum": 2, "sampling": False},
              "compile": {"compile": True}}
@@ -238,6 +276,8 @@ def format_row(r):
     s += f"  peak RSS {r['peak_rss_mb']:7.0f} MB"
     if "cuda_peak_mb" in r:
         s += f"  CUDA peak {r['cuda_peak_mb']:7.0f} MB"
+    if "train_tflop_per_s" in r:
+        s += f"  {r['train_tflop_per_s']:.3g} TFLOP/s"
     if "mfu" in r:
         s += f"  MFU {100 * r['mfu']:.1f}%"
     return s

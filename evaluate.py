@@ -269,28 +269,17 @@ ARMS = {  # name -> (train.py flags, stages); equal network (the same NestedUNet
 }
 
 
-def step_costs(config_name: str, low: int, high: int, batch: int, cond: dict, reps: int = 5):
+def step_costs(config_name: str, low: int, batch: int, cond: dict, reps: int = 5):
     """Seconds per training step of the low-resolution stage and of the full model, measured
-    here: the progressive arm's budget is set so that all arms train for the same time."""
-    from diffusion import MatryoshkaDiffusion
-    from nested_unet import NestedUNet, preset
-    cfg = preset(config_name, **cond)
+    here with bench.py's training step (on the device train.py will use): the progressive
+    arm's budget is set so that all arms train for the same time."""
+    import bench
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     out = []
-    for c in (cfg.truncated(low), cfg):
-        m = NestedUNet(c)
-        d = MatryoshkaDiffusion.for_model(m)
-        opt = torch.optim.Adam(m.parameters())
-        x = torch.rand(batch, 3, c.resolutions[0], c.resolutions[0]) * 2 - 1
-        kw = {"label": torch.zeros(batch, dtype=torch.long)} if cond.get("num_classes") else \
-            {"text": torch.randn(batch, 8, cond["text_channels"])} if cond.get("text_channels") else {}
-        times = []
-        for _ in range(reps + 2):
-            t0 = time.perf_counter()
-            d.loss(m, x, kw)[0].backward()
-            opt.step()
-            opt.zero_grad()
-            times.append(time.perf_counter() - t0)
-        out.append(float(np.median(times[2:])))
+    for truncate in (low, None):                   # the stage-1 model, then the whole NestedUNet
+        spec = dict(config=config_name, batch=batch, device=device, truncate=truncate, **cond)
+        times = bench.timed(bench.harness(spec, "nested")["train_step"], reps + 3, torch.device(device))
+        out.append(float(np.median(times[3:])))    # the first steps warm up
     return out
 
 
@@ -301,7 +290,7 @@ def compare(args):
     out.mkdir(parents=True, exist_ok=True)
     low, high = args.res
     cond = {"num_classes": 10} if args.data == "fashion-mnist" else {"text_channels": 384}
-    c_low, c_high = step_costs(args.config, low, high, args.batch, cond)
+    c_low, c_high = step_costs(args.config, low, args.batch, cond)
     pt_low = args.steps // 2                       # half of the full-model steps' time at low resolution
     pt_high = args.steps - round(pt_low * c_low / c_high)
     plan = {"simple DM": (f"{high}", f"{args.steps}"), "MDM (no PT)": (f"{high}", f"{args.steps}"),

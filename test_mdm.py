@@ -953,12 +953,54 @@ def test_plain_unet_of_the_benchmark_has_the_nested_models_layers(name):
 def test_benchmark_measures_and_pairs_on_a_tiny_model():
     import bench
     spec = dict(config="tiny", batch=2, device="cpu", text_channels=8, warmup=1, repeats=3, sample_steps=2,
-                bf16=False, model="nested", knob="base")
+                bf16=False, model="nested", knob="base", peak_flops=1e12)
     r = bench.measure(spec)
     assert r["train_step_s"] > 0 and r["sample_step_s"] > 0 and r["peak_rss_mb"] > 0
     assert r["images_per_s"] == pytest.approx(2 / r["train_step_s"])
+    assert r["mfu"] == pytest.approx(r["train_flops"] / r["train_step_s"] / 1e12)
     ratios = bench.paired(spec)
     assert set(ratios) == {"train", "sample"} and all(0 < v < 10 for v in ratios.values())
+
+
+def test_benchmark_harness_builds_the_stage_one_model_for_the_comparisons_budget():
+    import bench
+    spec = dict(config="CPU-tiny-S16S32", batch=2, device="cpu", num_classes=10)
+    full, low = bench.harness(spec, "nested"), bench.harness({**spec, "truncate": 16}, "nested")
+    reference = NestedUNet(preset("CPU-tiny-S16S32", num_classes=10).truncated(16))
+    assert low["model"].resolutions == [16] and full["model"].resolutions == [16, 32]
+    assert N.count_params(low["model"]) == N.count_params(reference) < N.count_params(full["model"])
+
+
+@pytest.mark.parametrize("cond", [{"text_channels": 8}, {"num_classes": 10}, {}])
+def test_benchmark_counts_the_flops_of_a_training_step_from_the_layer_shapes(cond, monkeypatch):
+    """The numerator of MFU. Reference: each convolution, linear layer and attention is
+    2 FLOPs per multiply-add in the forward pass, from its shapes; the backward pass costs
+    twice that (gradients of input and weights), or once where the input needs no gradient
+    (the noisy images, the text features, the sinusoidal time features)."""
+    import bench
+    import torch.nn.functional as F
+    h = bench.harness(dict(config="CPU-tiny-S16S32", batch=2, device="cpu", **cond), "nested")
+    ref = []
+
+    def conv(m, inp, out):
+        ref.append((2 * out.numel() * m.in_channels // m.groups * math.prod(m.kernel_size), inp[0].requires_grad))
+
+    def linear(m, inp, out):
+        ref.append((2 * out.numel() * m.in_features, inp[0].requires_grad))
+
+    for m in h["model"].modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.register_forward_hook(conv if isinstance(m, torch.nn.Conv2d) else linear)
+    sdpa = F.scaled_dot_product_attention
+
+    def attention(q, k, v, **kw):                    # q K^T and (softmax) V: (B, heads, Nq, Nk)
+        ref.append((2 * q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1]), True))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", attention)
+    got = h["count_flops"]()
+    assert len(ref) > 20                             # every layer was seen
+    assert got == sum(3 * f if needs_grad else 2 * f for f, needs_grad in ref)
 
 
 def test_comparison_table_reports_mean_and_spread_of_the_final_evaluations(tmp_path):
