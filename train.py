@@ -135,7 +135,8 @@ def parse_args(argv=None):
     g.add_argument("--no-samples", action="store_true", help="no sample grids (tests)")
     g.add_argument("--eval-every", type=int, default=0, help="FD-EffNet (and class accuracy) every N steps, "
                    "at the final resolution (evaluate.py); 0: never")
-    g.add_argument("--eval-samples", type=int, default=256)
+    g.add_argument("--eval-samples", type=int, default=256, help="generated images per evaluation")
+    g.add_argument("--eval-real", type=int, default=1000, help="real images of the FD statistics")
     g.add_argument("--eval-steps", type=int, default=25, help="DDIM steps of the evaluation samples (no guidance)")
     g.add_argument("--stop-after", type=int, default=0, help="stop (with a checkpoint) after this many "
                    "steps of this invocation; --resume goes on (for jobs with a time limit)")
@@ -197,6 +198,9 @@ def check_args(args, world_size: int, cfg: NestedUNetConfig):
         fail(f"--high-res-fraction {args.high_res_fraction}: must be in (0, 1]")
     if args.loss_weights is not None and len(args.loss_weights) != len(levels):
         fail(f"--loss-weights needs one weight per level of the model ({fmt(levels)})")
+    if args.eval_every and (args.streaming or cfg.frames > 1):
+        fail("--eval-every measures images against a local data set's real images; for a streamed "
+             "data set or a video model, evaluate the saved model afterwards (evaluate.py, video.py evaluate)")
 
 
 def fmt(values) -> str:
@@ -472,7 +476,8 @@ def main(argv=None):
     if run_dir is not None:
         ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
         keep = {"resume": args.resume, "device": args.device, "workers": args.workers}
-        args = argparse.Namespace(**{**ckpt["args"], **keep})
+        defaults = vars(parse_args([]))            # for options newer than the checkpoint
+        args = argparse.Namespace(**{**defaults, **ckpt["args"], **keep})
 
     fill_recipe(args)
     cfg_full = load_model_config(args.config)
@@ -627,7 +632,7 @@ def main(argv=None):
     if args.eval_every and is_main:
         import evaluate
         evaluator = {"features": evaluate.EffNetFeatures(device)}
-        evaluator["real"] = evaluate.real_stats(args.data, sizes[-1][1], 1000, evaluator["features"])
+        evaluator["real"] = evaluate.real_stats(args.data, sizes[-1][1], args.eval_real, evaluator["features"])
         if cond_kind == "label":
             evaluator["classifier"] = evaluate.train_classifier(args.data, sizes[-1][1])[0]   # on the CPU, with the images
 
