@@ -479,6 +479,7 @@ def main(argv=None):
         defaults = vars(parse_args([]))            # for options newer than the checkpoint
         args = argparse.Namespace(**{**defaults, **ckpt["args"], **keep})
 
+    # The config of the whole model (every level); each stage trains a truncation of it.
     fill_recipe(args)
     cfg_full = load_model_config(args.config)
     check_args(args, world, cfg_full)
@@ -515,10 +516,14 @@ def main(argv=None):
     cond_kind = args.cond if args.cond != "auto" else ("text" if has_text else "label" if class_names else "none")
     if cond_kind == "label" and not class_names:
         raise SystemExit(f"train.py: --cond label: {args.data} has no class labels")
+    # The text encoder is frozen (FLAN-T5 XL in the paper; MiniLM offline here):
+    # it runs without gradients, and only the model's own projection of its features trains.
     encoder = data.TextEncoder(args.text_encoder, device=device) if cond_kind == "text" else None
     if encoder is not None and not args.streaming:
         if base.captions is not None:
             encoder(list(dict.fromkeys(base.captions)))   # a fixed caption set: encode it once, now
+    # The conditioning inputs are set by the data, not by the preset: the encoder's width, or
+    # the number of classes (0 for what the run does not use).
     cfg_full = NestedUNetConfig(**{**cfg_full.to_dict(),
                                    "text_channels": encoder.dim if encoder else 0,
                                    "num_classes": len(class_names) if cond_kind == "label" else 0})
@@ -565,6 +570,8 @@ def main(argv=None):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return model, ema, opt, sched
 
+    # Steps are counted over the whole run: stage s ends at stage_ends[s] (--steps 300,800
+    # gives [300, 1100]).
     stage_ends = np.cumsum(args.steps).tolist()
     step = ckpt["step"] if ckpt else 0
     stage = ckpt["stage"] if ckpt else 0
@@ -583,12 +590,17 @@ def main(argv=None):
     use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
+    # The model that runs the step: DDP all-reduces the gradients during backward. Compiling
+    # the DDP-wrapped model is the order PyTorch documents (its DDPOptimizer cuts the graph at
+    # the gradient buckets, so communication still overlaps the backward pass). `model` stays
+    # the plain module: its state dict, the EMA and grow() use it.
     def wrap(model):
         m = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
         return torch.compile(m) if args.compile else m
 
     train_model = wrap(model)
     diffusion = make_diffusion(model, dcfg)
+    # --batch is the global batch of a step: world processes x accum micro-batches x micro.
     micro = args.batch[stage] // (world * args.accum)
     batches = Batches(dataset, args, micro, rank, world, **(ckpt["data"] if ckpt else {}))
     meta = {"model_config": cfg_full.to_dict(), "diffusion_config": vars(dcfg), "cond": cond_kind,
@@ -691,24 +703,35 @@ def main(argv=None):
         while step < stage_ends[-1]:
             model.train()
             for micro_step in range(args.accum):
+                # The time spent here is time the model waits for data: logged as data_wait
+                # (workers decode and resize the next batches while the model runs).
                 t0 = time.perf_counter()
                 batch = next(batches)
                 wait += time.perf_counter() - t0
-                x = batch["image"].to(device, non_blocking=True)   # an image stage of a video run
-                                                                   # takes the first frames (video.py's D^r)
+                # x: (B, 3, R, R) in [-1, 1] at this stage's top resolution R; for a video
+                # stage (B, 3, T, R, R). An image stage of a video run takes the clips' first
+                # frames (video.py's temporal D^r). B here is one process's micro-batch.
+                x = batch["image"].to(device, non_blocking=True)
                 if args.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
+                # The condition: text features (B, L, text_channels) of the frozen encoder
+                # (a fixed caption set is encoded once and looked up), or class labels (B,).
                 cond = {}
                 if cond_kind == "text":
                     cond = encoder.condition(batch["caption"], device)
                 elif cond_kind == "label":
                     cond = {"label": batch["label"].to(device)}
+                # A sample's key: its index in the data set (a streamed set has no global
+                # index; its position in this rank's stream, made unique across ranks).
                 keys = batch["index"] * world + rank if args.streaming else batch["index"]
                 shapes = [s[1:] for s in model.input_shapes(1)]
                 t, noises, u_drop, u_high = per_sample_randomness(keys, step, args.seed, shapes, device)
                 # Conditioning dropout: some samples learn the null condition (guidance needs it).
                 cond = model.null_condition(cond, u_drop < args.cond_drop)
-                # Mixed resolution: the samples drawn for the highest level go first.
+                # Mixed-resolution training (appendix B): each sample reaches the highest
+                # level with probability --high-res-fraction; all samples train the lower
+                # levels. The NestedUNet runs its outermost level on the first n_high rows
+                # only, so those samples go first; the rest skip the costliest resolution.
                 high = (u_high < args.high_res_fraction) if len(model.resolutions) > 1 else torch.ones_like(u_high, dtype=torch.bool)
                 order = torch.argsort((~high).int(), stable=True)
                 n_high = int(high.sum())
@@ -717,6 +740,8 @@ def main(argv=None):
                 noises = [n[od] for n in noises]
                 noises[-1] = noises[-1][:n_high]
                 cond = {k: v[od] for k, v in cond.items()}
+                # Gradient accumulation under DDP: only the last micro-batch all-reduces the
+                # gradients; the earlier ones add to .grad locally (no_sync).
                 sync = micro_step == args.accum - 1 or world == 1
                 ctx = train_model.no_sync() if (world > 1 and not sync and not args.compile) else nullcontext()
                 with ctx, autocast:
@@ -725,8 +750,11 @@ def main(argv=None):
                                                      high_res_fraction=args.high_res_fraction
                                                      if len(model.resolutions) > 1 else None)
                     (loss / args.accum).backward()    # the mean over micro-batches, as one big batch
+                # Summed on the device, read once per log interval: reading a loss every step
+                # (.item()) would make the CPU wait for the GPU at every step.
                 loss_sum += torch.stack(per_level).detach() / args.accum
                 nonfinite |= ~torch.isfinite(loss.detach())
+            # Appendix B: gradients clipped at norm 2.0, Adam, linear warm-up, then the EMA.
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
             sched.step()
@@ -756,12 +784,15 @@ def main(argv=None):
                                                  for z, v in zip(model.config.level_sizes(), losses)))
                 loss_sum.zero_()
                 n_logged, t_log, wait = 0, time.perf_counter(), 0.0
+            # Sample grids and evaluations are not training: their time is left out of the
+            # logged training time and speed (t_log moves on by as much).
+            t_aside = time.perf_counter()
             if is_main and not args.no_samples and (step % args.sample_every == 0 or step in stage_ends):
                 save_samples(f"step{step:07d}")
                 plot_losses(log_path, run_dir / "loss.png")
             if evaluator and sizes[stage] == sizes[-1] and (step % args.eval_every == 0 or step == stage_ends[-1]):
                 run_eval()
-                t_log = time.perf_counter()           # evaluation time is not training time
+            t_log += time.perf_counter() - t_aside
             if step == stage_ends[stage] and stage < len(sizes) - 1:
                 # Stage boundary: grow the model and its EMA into the next stage's NestedUNet,
                 # and checkpoint the grown model (a run resumed from here starts the new stage).
