@@ -38,25 +38,40 @@ import torch
 from diffusion import MatryoshkaDiffusion, cat_conditions
 from nested_unet import NestedUNet, NestedUNetConfig, count_params, preset
 
-# Dense bf16 peak of the GPUs we know, for MFU (FLOP/s); others: pass --peak-flops.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 peak of the GPUs we know, for MFU (FLOP/s), without 2:4 sparsity; others: pass
+# --peak-flops. Matched by substring of the device name, first match first (the PCIe H100
+# before the SXM one).
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+# ---------------------------------------------------------------------------------------
+# The two models: the NestedUNet, and the plain UNet with its layers
+# ---------------------------------------------------------------------------------------
 
 
 def flattened(config: NestedUNetConfig) -> NestedUNetConfig:
     """The plain UNet with the NestedUNet's layers: the levels' resolutions joined into one
     list. Where a level hands over to its inner level (both work at that resolution), the
     two stages become one stage with the res blocks of both."""
+    # E.g. CPU-S16S32: the outer level [32, 16] and the inner UNet [16, 8, 4] become one UNet
+    # [32, 16, 8, 4], with the res blocks of both levels at 16. What the plain UNet lacks is
+    # only the nesting's glue: the two adapters, the inner level's input and output layers,
+    # and one up-path res block per hand-over (the NestedUNet has 1% more parameters there).
     levels = config.levels()[::-1]                 # highest first
     res, ch, blocks, attn = [], [], [], []
     for i, c in enumerate(levels):
         r, cc, b, a = (list(v) for v in (c.resolutions, c.resolution_channels, c.num_res_blocks,
                                          c.num_attn_layers_per_block))
         if res:                                    # merge the shared resolution
+            # The inner level's width wins, and the larger attention count; both are exact for
+            # the presets (equal widths, no attention at a hand-over resolution).
             blocks[-1] += b.pop(0)
             attn[-1] = max(attn[-1], a.pop(0))
             ch[-1] = cc.pop(0)
             r.pop(0)
         res, ch, blocks, attn = res + r, ch + cc, blocks + b, attn + a
+    # The whole-model keys (embedding, conditioning) are shared; the one level is a base level
+    # ("cosine"), which changes the diffusion's schedule but not the cost of a step.
     globals_ = {k: getattr(config, k) for k in ("emb_channels", "num_lm_attn_layers", "lm_feature_projected_channels",
                                                  "text_channels", "num_classes", "in_channels", "num_heads")}
     return NestedUNetConfig(resolutions=res, resolution_channels=ch, num_res_blocks=blocks,
@@ -77,7 +92,7 @@ def harness(spec: dict, kind: str) -> dict:
     (the conditioning), truncate (train only the levels up to this resolution), bf16,
     channels_last, compile, grad_ckpt, accum, sample_steps."""
     device = torch.device(spec["device"])
-    torch.manual_seed(0)
+    torch.manual_seed(0)                           # the same weights and batch in every process
     cfg = preset(spec["config"], text_channels=spec.get("text_channels", 0), num_classes=spec.get("num_classes", 0))
     if spec.get("truncate"):
         cfg = cfg.truncated(spec["truncate"])      # the low-resolution stage of progressive training
@@ -85,15 +100,19 @@ def harness(spec: dict, kind: str) -> dict:
         cfg = flattened(cfg)
     model = NestedUNet(cfg).to(device)
     if spec.get("grad_ckpt"):
+        # As train.py --grad-ckpt: every level but the innermost recomputes its activations in
+        # the backward pass; the outer levels' high-resolution activations are the big ones.
         for level in model.levels()[1:]:
             level.gradient_checkpointing = True
     B, accum = spec["batch"], spec.get("accum", 1)
     cl = torch.channels_last if spec.get("channels_last") else torch.contiguous_format
     model = model.to(memory_format=cl)
+    # `run` is what is timed (compiled or not); `model` stays eager, for FLOPs and parameters.
     run = torch.compile(model) if spec.get("compile") else model
     diffusion = MatryoshkaDiffusion.for_model(model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)          # the paper's learning rate; no cost
     R = model.resolutions[-1]
+    # Random pixels: the content of a batch does not change the time of a step.
     x = (torch.rand(B, 3, R, R, device=device) * 2 - 1).contiguous(memory_format=cl)   # (B, 3, R, R)
     if cfg.text_channels:      # 16 text tokens, none of them padding (as data.TextEncoder gives: no mask)
         cond = {"text": torch.randn(B, 16, cfg.text_channels, device=device)}
@@ -101,9 +120,11 @@ def harness(spec: dict, kind: str) -> dict:
         cond = {"label": torch.randint(cfg.num_classes, (B,), device=device)}
     else:
         cond = {}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("bf16", False))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if spec.get("bf16") else nullcontext()
 
     def loss_backward(net):
+        # Gradient accumulation as in train.py: `accum` micro-batches of B / accum, each loss
+        # divided by accum so that the gradients add up to those of the whole batch's mean.
         for i in range(accum):
             mb = slice(i * B // accum, (i + 1) * B // accum)
             with autocast:
@@ -111,6 +132,7 @@ def harness(spec: dict, kind: str) -> dict:
             loss.backward()
 
     def train_step():
+        # train.py's step: gradients clipped at norm 2.0 (appendix B), then Adam.
         model.train()
         loss_backward(run)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
@@ -124,15 +146,25 @@ def harness(spec: dict, kind: str) -> dict:
         # on the eager model: a compiled graph runs fused kernels that the counter cannot see.
         # FlopCounterMode knows the GPU attention kernels (flash, memory-efficient, cuDNN) but
         # not the CPU one; on a CPU the attention runs as plain batched matmuls to be counted.
+        # Gradient checkpointing is switched off for the count: its recomputed forward pass is
+        # work the hardware does, not FLOPs the model needs, and MFU counts the latter.
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
         model.train()
+        ckpt = [level.gradient_checkpointing for level in model.levels()]
+        for level in model.levels():
+            level.gradient_checkpointing = False
         kernels = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
         with FlopCounterMode(display=False) as fc, kernels:
             loss_backward(model)
         opt.zero_grad(set_to_none=True)
+        for level, c in zip(model.levels(), ckpt):
+            level.gradient_checkpointing = c
         return fc.get_total_flops()
 
+    # One guided network evaluation's inputs, as diffusion.predict_v builds them: each level's
+    # z (B, 3, r, r) doubled to 2B rows, the condition in the first half and the null condition
+    # in the second (an unconditional model: B rows, no guidance); t = 0.5 (it costs the same).
     zs = [torch.randn(s, device=device) for s in model.input_shapes(B)]
     both = cat_conditions(cond, model.null_condition(cond, torch.ones(B, dtype=torch.bool, device=device))) if cond else {}
     zz = [torch.cat([z, z]) for z in zs] if cond else zs
@@ -146,6 +178,8 @@ def harness(spec: dict, kind: str) -> dict:
 
     @torch.no_grad()
     def sample():
+        # A whole DDIM run, guided at sample.py's default scale of 3, dynamic thresholding on: its
+        # time over sample_steps network evaluations shows what the sampler itself adds.
         model.eval()
         with autocast:
             diffusion.sample(run, cond, batch_size=B, sampler="ddim", num_inference_steps=spec.get("sample_steps", 20),
@@ -154,7 +188,13 @@ def harness(spec: dict, kind: str) -> dict:
     return dict(model=model, train_step=train_step, net_eval=net_eval, sample=sample, count_flops=count_flops)
 
 
+# ---------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------
+
 def timed(fn, n: int, device: torch.device) -> list[float]:
+    """The seconds of each of n calls of fn. On a GPU the device is synchronised before and
+    after each call: kernels run asynchronously, and without it we would time their launches."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = []
     for _ in range(n):
@@ -173,9 +213,26 @@ def measure(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     h = harness(spec, spec["model"])
     result = {**spec, "params": count_params(h["model"])}
+    # Warm-up steps are thrown away: the first ones pay for memory allocation, kernel
+    # selection and torch.compile's compilation. The median ignores a step slowed by the machine.
     timed(h["train_step"], spec["warmup"], device)
     t = statistics.median(timed(h["train_step"], spec["repeats"], device))
     result.update(train_step_s=t, images_per_s=spec["batch"] / t)
+    if spec.get("sampling", True):
+        # A whole run is sample_steps evaluations, so it is repeated less; the overhead is the
+        # fraction of its time spent beyond them (thresholding, the update, Python).
+        timed(h["net_eval"], spec["warmup"], device)
+        t_eval = statistics.median(timed(h["net_eval"], spec["repeats"], device))
+        t_sample = statistics.median(timed(h["sample"], max(1, spec["repeats"] // 3), device))
+        result.update(sample_step_s=t_eval, sampler_overhead=t_sample / (spec["sample_steps"] * t_eval) - 1)
+    # ru_maxrss is this process's peak resident memory over its whole life (KiB on Linux): the
+    # reason every measurement runs in a process of its own. Both peaks cover the timed steps
+    # above, and are read before the FLOP count below runs an eager step.
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        # The most PyTorch's allocator handed out: tensors only, without its cache or the CUDA
+        # context (less than nvidia-smi shows).
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     if spec.get("flops", True):
         # Model FLOPs utilisation: the FLOPs a step needs over the time it took, as a
         # fraction of what the chip can do (its dense bf16 peak, or --peak-flops).
@@ -187,14 +244,6 @@ def measure(spec: dict) -> dict:
             peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         if peak:
             result["mfu"] = result["train_flops"] / t / peak
-    if spec.get("sampling", True):
-        timed(h["net_eval"], spec["warmup"], device)
-        t_eval = statistics.median(timed(h["net_eval"], spec["repeats"], device))
-        t_sample = statistics.median(timed(h["sample"], max(1, spec["repeats"] // 3), device))
-        result.update(sample_step_s=t_eval, sampler_overhead=t_sample / (spec["sample_steps"] * t_eval) - 1)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device.type == "cuda":
-        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return result
 
 
@@ -204,19 +253,27 @@ def paired(spec: dict) -> dict:
     while (another job, the clock) slows both alike, which separate runs cannot promise.
     Returns the median of the per-round ratios."""
     device = torch.device(spec["device"])
+    # Both models in memory at once: a ratio of times only, no memory figures from here.
     runs = {k: harness(spec, k) for k in ("nested", "plain")}
     ratios = {}
+    # "sample" is one guided network evaluation, the paper's sec/step of inference (Table 2).
     for what, action in (("train", "train_step"), ("sample", "net_eval")):
         for k in runs:
             timed(runs[k][action], spec["warmup"], device)
         r = []
         for rnd in range(spec["repeats"]):
+            # The order alternates, so that whatever favours the first (or second) step of a
+            # round, such as warm caches or a clock that ramps up, favours both models alike.
             order = ("nested", "plain") if rnd % 2 == 0 else ("plain", "nested")
             t = {k: timed(runs[k][action], 1, device)[0] for k in order}
             r.append(t["nested"] / t["plain"])
         ratios[what] = statistics.median(r)
     return ratios
 
+
+# ---------------------------------------------------------------------------------------
+# The script: one fresh process per measurement, then the table and bench.json
+# ---------------------------------------------------------------------------------------
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -227,26 +284,47 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--sample-steps", type=int, default=20)
-    p.add_argument("--knobs", default="base,bf16,channels_last,grad_ckpt,accum2,compile",
-                   help="comma-separated: base, bf16, channels_last, grad_ckpt, accum2, compile")
+    p.add_argument("--knobs", default=None, help="comma-separated: base, bf16, fp32, channels_last, grad_ckpt, "
+                   "accum2, compile (default: all; on a CPU, whose base is float32, bf16; on a GPU, fp32)")
     p.add_argument("--peak-flops", type=float, default=None,
                    help="the chip's peak FLOP/s for MFU (known: H100/H200 989e12, A100 312e12 dense bf16)")
+    p.add_argument("--count-flops", action="store_true", help="only count the FLOPs of a training step, per "
+                   "image, for any preset: on the meta device (shapes only), in seconds, without memory")
     p.add_argument("--json", default="bench.json")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: one measurement
     p.add_argument("--paired", default=None, help=argparse.SUPPRESS)   # internal: the interleaved ratios
     a = p.parse_args(argv)
+    # The child processes: this file run again with a JSON spec; the result is the last line
+    # of their stdout (anything a library prints comes before it).
     if a.one:
         print(json.dumps(measure(json.loads(a.one))))
         return
     if a.paired:
         print(json.dumps(paired(json.loads(a.paired))))
         return
+    # Text-conditional (MiniLM's width by default), bf16 on a GPU as train.py uses it, float32
+    # on a CPU. Each knob changes one thing of the base.
+    on_gpu = a.device.startswith("cuda")
     base = dict(config=a.config, batch=a.batch, device=a.device, text_channels=a.text_channels, warmup=a.warmup,
-                repeats=a.repeats, sample_steps=a.sample_steps, peak_flops=a.peak_flops,
-                bf16=a.device.startswith("cuda"))
-    knobs = {"base": {}, "bf16": {"bf16": not base["bf16"]}, "channels_last": {"channels_last": True},
+                repeats=a.repeats, sample_steps=a.sample_steps, peak_flops=a.peak_flops, bf16=on_gpu)
+    a.knobs = a.knobs or f"base,{'fp32' if on_gpu else 'bf16'},channels_last,grad_ckpt,accum2,compile"
+    if a.count_flops:
+        # FlopCounterMode needs only shapes: on the meta device nothing is computed or stored,
+        # so the paper's 450M-parameter models are counted on a laptop.
+        for model in ("nested", "plain"):
+            h = harness({**base, "device": "meta", "bf16": False}, model)
+            per_image = h["count_flops"]() / a.batch
+            print(f"{a.config} {model:<6}  {count_params(h['model']) / 1e6:7.1f}M params  "
+                  f"{per_image / 1e12:.3f} TFLOP per image per training step (forward + backward); "
+                  f"40% MFU on an H100 (989 TFLOP/s bf16) = {0.4 * 989e12 / per_image:,.0f} images/s")
+        return
+    knobs = {"base": {}, "bf16": {"bf16": True}, "fp32": {"bf16": False}, "channels_last": {"channels_last": True},
              "grad_ckpt": {"grad_ckpt": True, "sampling": False}, "accum2": {"accum": 2, "sampling": False},
-             "compile": {"compile": True}}
+             "compile": {"compile": True}}            # grad_ckpt and accum2 change training only
+    unknown = set(a.knobs.split(",")) - set(knobs)
+    if unknown:
+        raise SystemExit(f"bench.py: --knobs {a.knobs}: unknown {', '.join(sorted(unknown))}; "
+                         f"the knobs are {', '.join(knobs)}")
     rows = []
     for knob in a.knobs.split(","):
         for model in ("nested", "plain"):
@@ -254,12 +332,13 @@ def main(argv=None):
                 continue                           # the plain UNet has no outer levels
             spec = {**base, **knobs[knob], "model": model, "knob": knob}
             out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
-            if out.returncode:
+            if out.returncode:                     # e.g. out of memory, or no compiler: the others go on
                 print(f"{knob}/{model} failed:\n{out.stderr[-1500:]}", file=sys.stderr)
                 continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(format_row(rows[-1]), flush=True)
-    # The headline ratio: both models in one process, their steps interleaved.
+    # The headline ratio: both models in one process, their steps interleaved. More rounds, as
+    # single steps scatter; an odd number, so that the median is one round's ratio.
     out = subprocess.run([sys.executable, __file__, "--paired", json.dumps({**base, "repeats": 2 * a.repeats + 1})],
                          capture_output=True, text=True)
     interleaved = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
@@ -269,6 +348,7 @@ def main(argv=None):
 
 
 def format_row(r):
+    """One measurement as one line, printed as the benchmark goes."""
     s = (f"{r['knob']:<14}{r['model']:<8}{r['params'] / 1e6:>8.2f}M  train {r['train_step_s'] * 1e3:8.1f} ms "
          f"({r['images_per_s']:7.1f} img/s)")
     if "sample_step_s" in r:
@@ -284,11 +364,14 @@ def format_row(r):
 
 
 def report(rows, a, interleaved=None):
+    """NestedUNet / plain UNet ratios for each knob, printed and written to --json with the
+    rows and the machine."""
     by = {(r["knob"], r["model"]): r for r in rows}
     ratios = {}
-    for knob in {r["knob"] for r in rows}:
+    for knob in dict.fromkeys(r["knob"] for r in rows):      # in the order measured
         n, p = by.get((knob, "nested")), by.get((knob, "plain"))
-        if n and p:
+        if n and p:                                # both measured (grad_ckpt has no plain row)
+            # From separate processes: each a median, but the machine may differ between them.
             ratios[knob] = {"train": n["train_step_s"] / p["train_step_s"],
                             "sample": n.get("sample_step_s", float("nan")) / p.get("sample_step_s", float("nan")),
                             "params": n["params"] / p["params"]}

@@ -716,6 +716,11 @@ def test_sample_many_images_into_a_folder(trained_runs, tmp_path):
                    "--batch-size", "2", "--out-dir", str(tmp_path / "gen"), "--num-inference-steps", "2")
     assert p.returncode == 0, p.stderr[-2000:]
     assert sorted(f.name for f in (tmp_path / "gen").glob("*.png")) == [f"{i:06d}.png" for i in range(5)]
+    first = (tmp_path / "gen" / "000004.png").read_bytes()
+    # A second run into the same folder writes the same images and captions (no rows appended).
+    p = run_sample("--ckpt", str(trained_runs / "fashion"), "--prompts-file", str(prompts), "--num-images", "5",
+                   "--batch-size", "2", "--out-dir", str(tmp_path / "gen"), "--num-inference-steps", "2")
+    assert p.returncode == 0 and (tmp_path / "gen" / "000004.png").read_bytes() == first
     rows = [json.loads(r) for r in (tmp_path / "gen" / "captions-0.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["0", "sandal", "bag", "0", "sandal"]
 
@@ -958,6 +963,7 @@ def test_clip_score_with_a_tiny_random_clip(tmp_path):
         out = model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, pixel_values=x)
         cos = out.logits_per_image.diagonal() / model.logit_scale.exp()
     assert got == pytest.approx(float((100 * cos).clamp(min=0).mean()), rel=1e-4, abs=1e-4)
+    assert score(images, prompts, batch=2) == pytest.approx(got, rel=1e-5)   # in batches, padded apart
 
 
 # ---------------------------------------------------------------------------------------
@@ -1006,7 +1012,8 @@ def test_benchmark_counts_the_flops_of_a_training_step_from_the_layer_shapes(con
     (the noisy images, the text features, the sinusoidal time features)."""
     import bench
     import torch.nn.functional as F
-    h = bench.harness(dict(config="CPU-tiny-S16S32", batch=2, device="cpu", **cond), "nested")
+    spec = dict(config="CPU-tiny-S16S32", batch=2, device="cpu", **cond)
+    h = bench.harness(spec, "nested")
     ref = []
 
     def conv(m, inp, out):
@@ -1028,6 +1035,10 @@ def test_benchmark_counts_the_flops_of_a_training_step_from_the_layer_shapes(con
     got = h["count_flops"]()
     assert len(ref) > 20                             # every layer was seen
     assert got == sum(3 * f if needs_grad else 2 * f for f, needs_grad in ref)
+    # Model FLOPs: gradient checkpointing's recomputation is not counted; nor is anything
+    # computed on the meta device (shapes only), where bench.py --count-flops counts.
+    assert bench.harness({**spec, "grad_ckpt": True}, "nested")["count_flops"]() == got
+    assert bench.harness({**spec, "device": "meta"}, "nested")["count_flops"]() == got
 
 
 def test_comparison_table_reports_mean_and_spread_of_the_final_evaluations(tmp_path):
