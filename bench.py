@@ -50,13 +50,18 @@ PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12
 
 
 def flattened(config: NestedUNetConfig) -> NestedUNetConfig:
-    """The plain UNet with the NestedUNet's layers: the levels' resolutions joined into one
-    list. Where a level hands over to its inner level (both work at that resolution), the
-    two stages become one stage with the res blocks of both."""
+    """The plain UNet of the same size: the NestedUNet's levels joined into one UNet over the
+    same resolutions, channels and attention layers, with as many parameters and FLOPs.
+    Where a level hands over to its inner level (both work at that resolution), the two
+    stages become one stage with the res blocks of both, plus one."""
     # E.g. CPU-S16S32: the outer level [32, 16] and the inner UNet [16, 8, 4] become one UNet
-    # [32, 16, 8, 4], with the res blocks of both levels at 16. What the plain UNet lacks is
-    # only the nesting's glue: the two adapters, the inner level's input and output layers,
-    # and one up-path res block per hand-over (the NestedUNet has 1% more parameters there).
+    # [32, 16, 8, 4] with 1 + 1 + 1 res blocks at 16. Why the one more: a level's up path has
+    # one res block more than its down path (as in ADM), so the two levels have
+    # (1 + 1) + (1 + 1) = 4 up blocks at 16, and the plain UNet with 3 has 3 down and 4 up.
+    # Its extra down block stands in for what only the nesting has (the two adapters, the
+    # inner level's input and output convs). For every preset, parameters and training FLOPs
+    # then agree within 0.3% (with b_o + b_i blocks they would differ by 1% and 4-9%: a
+    # baseline that does less work; test_mdm.py checks the agreement).
     levels = config.levels()[::-1]                 # highest first
     res, ch, blocks, attn = [], [], [], []
     for i, c in enumerate(levels):
@@ -65,7 +70,7 @@ def flattened(config: NestedUNetConfig) -> NestedUNetConfig:
         if res:                                    # merge the shared resolution
             # The inner level's width wins, and the larger attention count; both are exact for
             # the presets (equal widths, no attention at a hand-over resolution).
-            blocks[-1] += b.pop(0)
+            blocks[-1] += b.pop(0) + 1
             attn[-1] = max(attn[-1], a.pop(0))
             ch[-1] = cc.pop(0)
             r.pop(0)
