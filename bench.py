@@ -380,7 +380,7 @@ def report(rows, a, interleaved=None):
             ratios[knob] = {"train": n["train_step_s"] / p["train_step_s"],
                             "sample": n.get("sample_step_s", float("nan")) / p.get("sample_step_s", float("nan")),
                             "params": n["params"] / p["params"]}
-    print("\nNestedUNet / plain UNet (same layers; the paper's Table 2 has 1.04 and 1.03):")
+    print("\nNestedUNet / plain UNet of the same size (parameters and FLOPs; the paper's Table 2 has 1.04 and 1.03):")
     for knob, v in ratios.items():
         print(f"  {knob:<14} params {v['params']:.3f}  train step {v['train']:.3f}  sampling step {v['sample']:.3f}")
     if interleaved:
