@@ -330,12 +330,21 @@ class TextEncoder:
         self.cache_size = cache_size
 
     @torch.no_grad()
-    def encode_uncached(self, captions: list[str]) -> list[torch.Tensor]:
+    def encode_batch(self, captions: list[str]):
+        """-> features (B, L, dim) float32 on the encoder's device, zero where padded, and the
+        (B, L) padding mask on the CPU (None when nothing is padded), as pad_tokens gives."""
         tok = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
-        hidden = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
-        lengths = tok["attention_mask"].sum(1).tolist()
-        return [h[:n].float().cpu() for h, n in zip(hidden, lengths)]
+                             return_tensors="pt")
+        mask = tok["attention_mask"].bool()        # on the CPU: nothing below asks the device
+        ids, am = to_device(tok["input_ids"], self.device), to_device(tok["attention_mask"], self.device)
+        hidden = self.model(input_ids=ids, attention_mask=am).last_hidden_state.float()
+        hidden = hidden * am[..., None]            # padded positions hold no feature
+        return hidden, (None if mask.all() else mask)
+
+    def encode_uncached(self, captions: list[str]) -> list[torch.Tensor]:
+        hidden, mask = self.encode_batch(captions)
+        lengths = mask.sum(1).tolist() if mask is not None else [hidden.shape[1]] * len(captions)
+        return [h[:n].cpu() for h, n in zip(hidden, lengths)]
 
     def __call__(self, captions: list[str], batch_size: int = 256):
         """-> features (B, L, dim) float32 and mask (B, L) bool, L the longest caption."""
@@ -348,12 +357,29 @@ class TextEncoder:
         return pad_tokens([fresh[c] if c in fresh else self.cache[c] for c in captions])
 
     def condition(self, captions: list[str], device) -> dict:
-        """The model's text condition for these captions, on `device`."""
-        features, mask = self(captions)
-        cond = {"text": features.to(device)}
+        """The model's text condition for these captions, on `device`. Without a cache
+        (cache_size=0: a streamed data set, whose captions do not come back) the features
+        stay on the device they were computed on, with no round trip through the CPU."""
+        if self.cache_size == 0:
+            features, mask = self.encode_batch(captions)
+        else:
+            features, mask = self(captions)
+        cond = {"text": to_device(features, device)}
         if mask is not None:
-            cond["text_mask"] = mask.to(device)
+            cond["text_mask"] = to_device(mask, device)
         return cond
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A tensor to `device` without making the host wait for the GPU. A plain .to("cuda")
+    waits until the GPU has finished all the work queued before it (PyTorch synchronises
+    the stream after a blocking copy); a copy from pinned ("page-locked") memory with
+    non_blocking=True just joins the queue. PyTorch keeps the pinned block alive until the
+    copy is done, so the temporary pin below is safe."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def pad_tokens(feats: list[torch.Tensor]):

@@ -518,6 +518,46 @@ def test_per_sample_randomness_is_a_function_of_the_sample_and_normal():
     assert abs(float(t.double().mean()) - 0.5) < 0.02 and abs(float(t.double().var()) - 1 / 12) < 0.005
 
 
+@pytest.mark.parametrize("kind", ["label", "text"])
+def test_training_batch_drops_conditions_and_puts_the_high_resolution_samples_first(kind):
+    """train.prepare_batch: the conditioning dropout that guidance needs (the official code
+    never dropped), and the mixed-resolution order, against the per-sample numbers drawn
+    directly: the same samples, reordered alike in images, times, noises and conditions."""
+    import argparse
+    import train
+    B, g = 400, torch.Generator().manual_seed(0)
+    model = NestedUNet(tiny_levels(2, **({"num_classes": 10} if kind == "label" else {"text_channels": 6})))
+    batch = {"image": torch.rand(B, 3, 8, 8, generator=g) * 2 - 1, "index": torch.arange(1000, 1000 + B)}
+    feats, encoder = torch.randn(B, 3, 6, generator=g), None
+    if kind == "label":
+        batch["label"] = torch.randint(10, (B,), generator=g)
+    else:
+        batch["caption"] = [f"c{i}" for i in range(B)]
+
+        class Encoder:                             # a fixed feature per caption, nothing padded
+            def condition(self, captions, device):
+                return {"text": feats[[int(c[1:]) for c in captions]]}
+        encoder = Encoder()
+    args = argparse.Namespace(cond_drop=0.3, high_res_fraction=0.5, seed=7, streaming=False, channels_last=False)
+    x, t, noises, cond, n_high = train.prepare_batch(batch, model, encoder, kind, 5, args, 0, 1, "cpu")
+
+    shapes = [s[1:] for s in model.input_shapes(1)]
+    t_ref, noise_ref, u_drop, u_high = train.per_sample_randomness(batch["index"], 5, 7, shapes, "cpu")
+    high = u_high < 0.5
+    order = torch.cat([torch.nonzero(high).flatten(), torch.nonzero(~high).flatten()])
+    assert n_high == int(high.sum()) and 0.4 < n_high / B < 0.6
+    assert torch.equal(x, batch["image"][order]) and torch.equal(t, t_ref[order])
+    assert torch.equal(noises[0], noise_ref[0][order])
+    assert torch.equal(noises[1], noise_ref[1][order][:n_high])   # only they reach 8x8
+    dropped = (u_drop < 0.3)[order]
+    assert 0.22 < dropped.float().mean() < 0.38
+    if kind == "label":                            # the null class is num_classes
+        assert torch.equal(cond["label"], torch.where(dropped, 10, batch["label"][order]))
+    else:                                          # no text token is visible to a dropped sample
+        assert torch.equal(cond["text"], feats[order])
+        assert torch.equal(cond["text_mask"], ~dropped[:, None].expand(-1, 3))
+
+
 def test_stage_boundary_grows_the_trained_model(tmp_path):
     """Stage 1 alone (run A) and a two-stage run stopped right at its stage boundary (run B)
     train the same 4x4 model. B's checkpoint then holds the grown model: its 4x4 weights are
@@ -575,6 +615,29 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path):
             assert torch.equal(a[part][key], b[part][key]), (part, key)
     steps = [json.loads(r)["step"] for r in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))             # the log has no gap and no repeat
+
+
+def test_streamed_text_data_trains_and_resumes_exactly(tmp_path):
+    """--streaming (the CC12M path) on a local image folder read as a stream: the captions are
+    encoded on the fly without a cache, and a run stopped after 4 steps and resumed ends
+    where an uninterrupted run does, across the stream's epoch boundary (3 batches an epoch)."""
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    rows = []
+    for i in range(24):
+        Image.new("RGB", (20, 12), (10 * i, 100, 200 - 5 * i)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"colour number {i}"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    args = ["--res", "8", "--steps", "7", "--batch", "8", "--data", str(folder), "--streaming",
+            "--image-column", "image", "--caption-column", "text"]
+    run_train(tmp_path, *args, "--name", "straight")
+    run_train(tmp_path, *args, "--name", "stopped", "--stop-after", "4")
+    assert load_ckpt(tmp_path / "stopped")["step"] == 4
+    run_train(tmp_path, "--resume", str(tmp_path / "stopped"))
+    a, b = load_ckpt(tmp_path / "straight"), load_ckpt(tmp_path / "stopped")
+    assert a["step"] == b["step"] == 7 and a["meta"]["cond"] == "text"
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
@@ -939,6 +1002,14 @@ def test_t5_text_encoder_from_a_local_folder_matches_the_model_on_each_caption(t
     assert torch.equal(again[0, : mask[2].sum()], feats[2, : mask[2].sum()])
     cond = enc.condition(["fire", "fire"], "cpu")
     assert "text_mask" not in cond                            # nothing padded: no mask
+    # Without a cache (streamed captions) the features are computed on the device for the
+    # whole batch at once: the same condition as the cached, per-caption path.
+    direct = data.TextEncoder(str(tmp_path), cache_size=0)
+    for caps in (captions, ["fire", "fire"]):
+        a, b = enc.condition(caps, "cpu"), direct.condition(caps, "cpu")
+        assert a.keys() == b.keys() and not direct.cache
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
 
 
 def test_clip_score_with_a_tiny_random_clip(tmp_path):

@@ -305,14 +305,59 @@ def normals(sample_keys: torch.Tensor, stream: int, shape: tuple) -> torch.Tenso
 def per_sample_randomness(keys: torch.Tensor, step: int, seed: int, shapes: list[tuple], device):
     """For each sample (its index in the data set in `keys`): its diffusion time t, the noise
     of every level (shapes without the batch), and two uniforms for the conditioning dropout
-    and the mixed-resolution draw. Those two stay on the CPU, where the batch is reordered,
-    so that nothing here waits for the device."""
+    and the mixed-resolution draw. Those two stay on the CPU, where the batch is reordered;
+    what goes to the device goes without waiting for it (data.to_device)."""
     k = torch.as_tensor(keys, dtype=torch.int64).cpu() & M32
     k = hash32(hash32(hash32(torch.tensor(seed & M32)) ^ (step & M32)) ^ k)
     t, u_drop, u_high = uniforms(k, 0, 3).unbind(1)
-    k = k.to(device)
+    k = data.to_device(k, device)
     noises = [normals(k, 1 + i, shape) for i, shape in enumerate(shapes)]
-    return t.to(device), noises, u_drop, u_high
+    return data.to_device(t, device), noises, u_drop, u_high
+
+
+def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, args, rank: int, world: int, device):
+    """One micro-batch from the loader, made ready for diffusion.loss: images, diffusion
+    times, noises and conditions on the device, with the conditioning dropout and the
+    mixed-resolution draw applied. Returns (x, t, noises, cond, n_high)."""
+    # x: (B, 3, R, R) in [-1, 1] at this stage's top resolution R; for a video stage
+    # (B, 3, T, R, R). An image stage of a video run takes the clips' first frames (video.py's
+    # temporal D^r). B here is one process's micro-batch.
+    x = data.to_device(batch["image"], device)     # pinned by the loader already
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    # The condition: text features (B, L, text_channels) of the frozen encoder (a fixed
+    # caption set is encoded once and looked up), or class labels (B,).
+    cond = {}
+    if cond_kind == "text":
+        cond = encoder.condition(batch["caption"], device)
+    elif cond_kind == "label":
+        cond = {"label": data.to_device(batch["label"], device)}
+    # A sample's key: its index in the data set (a streamed set has no global index; its
+    # position in this rank's stream, made unique across ranks).
+    keys = batch["index"] * world + rank if args.streaming else batch["index"]
+    shapes = [s[1:] for s in model.input_shapes(1)]
+    t, noises, u_drop, u_high = per_sample_randomness(keys, step, args.seed, shapes, device)
+    # Conditioning dropout (--cond-drop, 10% by default): those samples learn the null
+    # condition, which classifier-free guidance contrasts with at sampling time.
+    drop = u_drop < args.cond_drop                 # decided on the CPU
+    if drop.any():
+        cond = model.null_condition(cond, data.to_device(drop, device))
+    # Mixed-resolution training (appendix B): each sample reaches the highest level with
+    # probability --high-res-fraction; all samples train the lower levels. The NestedUNet
+    # runs its outermost level on the first n_high rows only, so those samples go first;
+    # the rest skip the costliest resolution.
+    if len(model.resolutions) > 1:
+        high = u_high < args.high_res_fraction
+    else:
+        high = torch.ones_like(u_high, dtype=torch.bool)
+    order = torch.argsort((~high).int(), stable=True)
+    n_high = int(high.sum())                       # on the CPU: no sync
+    od = data.to_device(order, device)
+    x, t = x[od], t[od]
+    noises = [n[od] for n in noises]
+    noises[-1] = noises[-1][:n_high]
+    cond = {k: v[od] for k, v in cond.items()}
+    return x, t, noises, cond, n_high
 
 
 # ---------------------------------------------------------------------------------------
@@ -518,7 +563,9 @@ def main(argv=None):
         raise SystemExit(f"train.py: --cond label: {args.data} has no class labels")
     # The text encoder is frozen (FLAN-T5 XL in the paper; MiniLM offline here):
     # it runs without gradients, and only the model's own projection of its features trains.
-    encoder = data.TextEncoder(args.text_encoder, device=device) if cond_kind == "text" else None
+    encoder = None
+    if cond_kind == "text":                        # a stream's captions do not come back: no cache
+        encoder = data.TextEncoder(args.text_encoder, device=device, **({"cache_size": 0} if args.streaming else {}))
     if encoder is not None and not args.streaming:
         if base.captions is not None:
             encoder(list(dict.fromkeys(base.captions)))   # a fixed caption set: encode it once, now
@@ -708,38 +755,8 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 batch = next(batches)
                 wait += time.perf_counter() - t0
-                # x: (B, 3, R, R) in [-1, 1] at this stage's top resolution R; for a video
-                # stage (B, 3, T, R, R). An image stage of a video run takes the clips' first
-                # frames (video.py's temporal D^r). B here is one process's micro-batch.
-                x = batch["image"].to(device, non_blocking=True)
-                if args.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                # The condition: text features (B, L, text_channels) of the frozen encoder
-                # (a fixed caption set is encoded once and looked up), or class labels (B,).
-                cond = {}
-                if cond_kind == "text":
-                    cond = encoder.condition(batch["caption"], device)
-                elif cond_kind == "label":
-                    cond = {"label": batch["label"].to(device)}
-                # A sample's key: its index in the data set (a streamed set has no global
-                # index; its position in this rank's stream, made unique across ranks).
-                keys = batch["index"] * world + rank if args.streaming else batch["index"]
-                shapes = [s[1:] for s in model.input_shapes(1)]
-                t, noises, u_drop, u_high = per_sample_randomness(keys, step, args.seed, shapes, device)
-                # Conditioning dropout: some samples learn the null condition (guidance needs it).
-                cond = model.null_condition(cond, u_drop < args.cond_drop)
-                # Mixed-resolution training (appendix B): each sample reaches the highest
-                # level with probability --high-res-fraction; all samples train the lower
-                # levels. The NestedUNet runs its outermost level on the first n_high rows
-                # only, so those samples go first; the rest skip the costliest resolution.
-                high = (u_high < args.high_res_fraction) if len(model.resolutions) > 1 else torch.ones_like(u_high, dtype=torch.bool)
-                order = torch.argsort((~high).int(), stable=True)
-                n_high = int(high.sum())
-                od = order.to(device)
-                x, t = x[od], t[od]
-                noises = [n[od] for n in noises]
-                noises[-1] = noises[-1][:n_high]
-                cond = {k: v[od] for k, v in cond.items()}
+                x, t, noises, cond, n_high = prepare_batch(batch, model, encoder, cond_kind, step, args,
+                                                           rank, world, device)
                 # Gradient accumulation under DDP: only the last micro-batch all-reduces the
                 # gradients; the earlier ones add to .grad locally (no_sync).
                 sync = micro_step == args.accum - 1 or world == 1
