@@ -590,6 +590,8 @@ def main(argv=None):
         log_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= ckpt["step"]))
 
     # -- model, EMA, optimizer of a stage --
+    # A video model's levels are built by video.py (temporal attention, time-axis resampling);
+    # everything else in this script is the same for images and video.
     build = video.build_level if is_video else NestedUNet
     make_diffusion = video.diffusion_for if is_video else MatryoshkaDiffusion.for_model
     def build_stage(stage, model=None, ema=None):
@@ -612,6 +614,8 @@ def main(argv=None):
                 level.gradient_checkpointing = True
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        # A fresh optimizer per stage (the grown model has new parameters), with its own
+        # warm-up: appendix B's 30k steps, or a tenth of a short stage.
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
         warm = args.warmup if args.warmup is not None else min(30_000, max(1, args.steps[stage] // 10))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
@@ -626,6 +630,8 @@ def main(argv=None):
     for s in range(1, stage + 1):                   # a resumed run rebuilds its stage's shape
         model, ema, opt, sched = build_stage(s, model, ema)
     if ckpt:
+        # The whole state (DESIGN point 12): weights, EMA, Adam's moments, the schedule's step,
+        # and each rank's RNG states (a run resumed on fewer ranks reuses the last one's).
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -671,6 +677,8 @@ def main(argv=None):
             grid_cond = {}
 
     def save_samples(tag):
+        # The EMA model (what sample.py will use), guided, with DDIM and a fixed seed: the
+        # grids of successive steps start from the same noise and differ by training alone.
         if grid_cond is None:
             return
         sd = make_diffusion(ema, dcfg)
