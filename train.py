@@ -631,7 +631,7 @@ def main(argv=None):
         model, ema, opt, sched = build_stage(s, model, ema)
     if ckpt:
         # The whole state (DESIGN point 12): weights, EMA, Adam's moments, the schedule's step,
-        # and each rank's RNG states (a run resumed on fewer ranks reuses the last one's).
+        # and each rank's RNG states (ranks beyond those saved take the last rank's).
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
