@@ -3,23 +3,26 @@ Speed and memory of a NestedUNet, against a plain UNet of the same size (appendi
 Table 2: 0.52 vs 0.50 s per training iteration, 0.41 vs 0.40 s per sampling step).
 
 The plain UNet is the NestedUNet flattened: one UNet over the same feature resolutions,
-channels, res blocks and attention layers, without the nesting (no inner input convs, no
-adapters, no lower-resolution outputs), at the highest resolution. Every measurement runs in
-a fresh process (so that peak memory is its own), with warm-up steps and the median of
-several repeats:
+channels and attention layers, without the nesting (no inner input convs, no adapters, no
+lower-resolution outputs), at the highest resolution, with as many parameters and FLOPs
+(`flattened`). Every measurement runs in a fresh process (so that peak memory is its own),
+with warm-up steps and the median of several repeats:
 
     training step   forward + backward + Adam step, in seconds, and images per second
     sampling step   one network evaluation (classifier-free guidance: condition and null
                     condition in one batch), and the sampler's own overhead: N DDIM steps
                     against N bare network evaluations of the same batch
     peak memory     CPU RSS; CUDA peak allocation on a GPU
-    MFU             model FLOPs utilisation on GPUs (FLOPs counted by FlopCounterMode)
+    FLOPs           of a training step, counted by FlopCounterMode (shapes only, on the
+                    meta device): TFLOP/s on every device, and model FLOPs utilisation
+                    (MFU) on a GPU whose peak is known, or with --peak-flops
 
 and the memory/speed knobs of train.py: bf16 autocast, channels_last, torch.compile,
 gradient checkpointing of the outer levels, gradient accumulation.
 
     python bench.py                                   # the CPU demo's model, batch 32
-    python bench.py --config MDM-S64S256 --batch 32 --device cuda --compile
+    python bench.py --config MDM-S64 --batch 64 --text-channels 2048 --knobs base,compile
+    python bench.py --count-flops --config MDM-S64S256 --text-channels 2048   # FLOPs only
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from nested_unet import NestedUNet, NestedUNetConfig, count_params, preset
 # Dense bf16 peak of the GPUs we know, for MFU (FLOP/s), without 2:4 sparsity; others: pass
 # --peak-flops. Matched by substring of the device name, first match first (the PCIe H100
 # before the SXM one).
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 # ---------------------------------------------------------------------------------------
@@ -59,9 +62,9 @@ def flattened(config: NestedUNetConfig) -> NestedUNetConfig:
     # one res block more than its down path (as in ADM), so the two levels have
     # (1 + 1) + (1 + 1) = 4 up blocks at 16, and the plain UNet with 3 has 3 down and 4 up.
     # Its extra down block stands in for what only the nesting has (the two adapters, the
-    # inner level's input and output convs). For every preset, parameters and training FLOPs
-    # then agree within 0.3% (with b_o + b_i blocks they would differ by 1% and 4-9%: a
-    # baseline that does less work; test_mdm.py checks the agreement).
+    # inner level's input and output convs). For every image preset, parameters and training
+    # FLOPs then agree within 0.4% (with b_o + b_i blocks the NestedUNet would have 1% more
+    # parameters and 5-9% more FLOPs than its baseline; test_mdm.py checks the agreement).
     levels = config.levels()[::-1]                 # highest first
     res, ch, blocks, attn = [], [], [], []
     for i, c in enumerate(levels):
@@ -240,11 +243,14 @@ def measure(spec: dict) -> dict:
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     if spec.get("flops", True):
         # Model FLOPs utilisation: the FLOPs a step needs over the time it took, as a
-        # fraction of what the chip can do (its dense bf16 peak, or --peak-flops).
-        result["train_flops"] = h["count_flops"]()
+        # fraction of what the chip can do (its dense bf16 peak, or --peak-flops). Counted on
+        # a copy of the model on the meta device: one more full step on the GPU could run out
+        # of the memory that the gradient-checkpointing row was there to save.
+        shapes_only = {**spec, "device": "meta", "bf16": False, "compile": False, "channels_last": False}
+        result["train_flops"] = harness(shapes_only, spec["model"])["count_flops"]()
         result["train_tflop_per_s"] = result["train_flops"] / t / 1e12
         peak = spec.get("peak_flops")
-        if not peak and device.type == "cuda":
+        if not peak and device.type == "cuda" and spec.get("bf16"):   # the table holds bf16 peaks
             name = torch.cuda.get_device_name(device)
             peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         if peak:
@@ -292,7 +298,8 @@ def main(argv=None):
     p.add_argument("--knobs", default=None, help="comma-separated: base, bf16, fp32, channels_last, grad_ckpt, "
                    "accum2, compile (default: all; on a CPU, whose base is float32, bf16; on a GPU, fp32)")
     p.add_argument("--peak-flops", type=float, default=None,
-                   help="the chip's peak FLOP/s for MFU (known: H100/H200 989e12, A100 312e12 dense bf16)")
+                   help="the chip's peak FLOP/s for MFU (known, dense bf16: H100 SXM and H200 989e12, "
+                   "H100 NVL 835e12, H100 PCIe 756e12, A100 312e12)")
     p.add_argument("--count-flops", action="store_true", help="only count the FLOPs of a training step, per "
                    "image, for any preset: on the meta device (shapes only), in seconds, without memory")
     p.add_argument("--json", default="bench.json")

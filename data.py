@@ -337,7 +337,10 @@ class TextEncoder:
                              return_tensors="pt")
         mask = tok["attention_mask"].bool()        # on the CPU: nothing below asks the device
         ids, am = to_device(tok["input_ids"], self.device), to_device(tok["attention_mask"], self.device)
-        hidden = self.model(input_ids=ids, attention_mask=am).last_hidden_state.float()
+        # In the encoder's own precision even inside a caller's bf16 autocast: the features
+        # must be those the model was trained with.
+        with torch.autocast(torch.device(self.device).type, enabled=False):
+            hidden = self.model(input_ids=ids, attention_mask=am).last_hidden_state.float()
         hidden = hidden * am[..., None]            # padded positions hold no feature
         return hidden, (None if mask.all() else mask)
 
@@ -375,10 +378,11 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     waits until the GPU has finished all the work queued before it (PyTorch synchronises
     the stream after a blocking copy); a copy from pinned ("page-locked") memory with
     non_blocking=True just joins the queue. PyTorch keeps the pinned block alive until the
-    copy is done, so the temporary pin below is safe."""
+    copy is done, so the temporary pin below is safe. (Contiguous first: a strided source
+    would be made contiguous by the copy itself, in ordinary memory again.)"""
     device = torch.device(device)
     if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
+        return t.contiguous().pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
 

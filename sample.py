@@ -214,6 +214,11 @@ def main(argv=None):
         device = torch.device(args.device)
     else:
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if world > 1 and not args.prompts_file:
+        # A few prompts are one process's work: under torchrun, the others stop here.
+        if rank != 0:
+            return
+        world = 1
     if world > 1:
         # The processes share nothing while sampling; the group is only for the barrier at the end.
         dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -237,24 +242,24 @@ def main(argv=None):
                 fail("--negative-prompt needs a text-conditional model")
             neg = pipe.condition(prompts=[args.negative_prompt])
         # One captions file per process (no two write to one file), begun afresh by each run.
-        captions = open(out / f"captions-{rank}.jsonl", "w")
-        for b in tqdm(mine, disable=rank != 0, desc="batches"):
-            texts = batches[b]
-            # A line is a label (index or name) or a prompt; an unconditional model ignores it
-            # but still draws an image for it.
-            cond = pipe.condition(**({"labels": texts} if pipe.kind == "label" else
-                                     {"prompts": texts} if pipe.kind == "text" else {}))
-            with autocast:
-                # Batch b's seed comes from --seed and b alone (1_000_003 exceeds any batch count, so
-                # no two (seed, b) collide): an image never depends on the number of processes.
-                imgs = generate(pipe.model, pipe.diffusion, cond, len(texts), seed=args.seed * 1_000_003 + b,
-                                negative_cond=expand(neg, len(texts)) if neg else None,
-                                progress=False, device=device, **kw)[-1]     # the highest resolution only
-            for j, (img, text) in enumerate(zip(data.to_uint8(imgs), texts)):   # uint8 (H, W, 3) each
-                i = b * args.batch_size + j        # the image's index in `items`: file names never collide
-                Image.fromarray(img).save(out / f"{i:06d}.png")
-                captions.write(json.dumps({"file": f"{i:06d}.png", "prompt": text}) + "\n")
-        captions.close()
+        with open(out / f"captions-{rank}.jsonl", "w") as captions:
+            for b in tqdm(mine, disable=rank != 0, desc="batches"):
+                texts = batches[b]
+                # A line is a label (index or name) or a prompt; an unconditional model ignores
+                # it but still draws an image for it.
+                cond = pipe.condition(**({"labels": texts} if pipe.kind == "label" else
+                                         {"prompts": texts} if pipe.kind == "text" else {}))
+                with autocast:
+                    # Batch b's seed comes from --seed and b alone (1_000_003 exceeds any batch
+                    # count, so no two (seed, b) collide): an image never depends on the number
+                    # of processes.
+                    imgs = generate(pipe.model, pipe.diffusion, cond, len(texts), seed=args.seed * 1_000_003 + b,
+                                    negative_cond=expand(neg, len(texts)) if neg else None,
+                                    progress=False, device=device, **kw)[-1]     # the highest resolution only
+                for j, (img, text) in enumerate(zip(data.to_uint8(imgs), texts)):   # uint8 (H, W, 3) each
+                    i = b * args.batch_size + j    # the image's index in `items`: file names never collide
+                    Image.fromarray(img).save(out / f"{i:06d}.png")
+                    captions.write(json.dumps({"file": f"{i:06d}.png", "prompt": text}) + "\n")
         if world > 1:
             dist.barrier()
             dist.destroy_process_group()
@@ -263,10 +268,6 @@ def main(argv=None):
         return
 
     # -- a few prompts (or one label): a grid, the matryoshka figure, and the steps --
-    if world > 1:                                  # one process's work: the others stop here
-        dist.destroy_process_group()
-        if rank != 0:
-            return
     prompts = args.prompt or None
     cond = pipe.condition(prompts=prompts, labels=[args.label] if args.label is not None else None)
     k = len(prompts) if prompts else 1             # conditions: one per prompt, or the one label

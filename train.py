@@ -198,6 +198,8 @@ def check_args(args, world_size: int, cfg: NestedUNetConfig):
         fail(f"--high-res-fraction {args.high_res_fraction}: must be in (0, 1]")
     if args.loss_weights is not None and len(args.loss_weights) != len(levels):
         fail(f"--loss-weights needs one weight per level of the model ({fmt(levels)})")
+    if args.channels_last and cfg.frames > 1:
+        fail("--channels-last is for images (4-D tensors); a video model's inputs are 5-D")
     if args.eval_every and (args.streaming or cfg.frames > 1):
         fail("--eval-every measures images against a local data set's real images; for a streamed "
              "data set or a video model, evaluate the saved model afterwards (evaluate.py, video.py evaluate)")
@@ -322,7 +324,7 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, args, 
     # x: (B, 3, R, R) in [-1, 1] at this stage's top resolution R; for a video stage
     # (B, 3, T, R, R). An image stage of a video run takes the clips' first frames (video.py's
     # temporal D^r). B here is one process's micro-batch.
-    x = data.to_device(batch["image"], device)     # pinned by the loader already
+    x = data.to_device(batch["image"], device)     # (the loader pins it on a GPU machine)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     # The condition: text features (B, L, text_channels) of the frozen encoder (a fixed
@@ -703,7 +705,7 @@ def main(argv=None):
         if cond_kind == "label":
             evaluator["classifier"] = evaluate.train_classifier(args.data, sizes[-1][1])[0]   # on the CPU, with the images
 
-    def run_eval():
+    def run_eval(train_seconds):
         import evaluate
         t0 = time.perf_counter()
         with autocast:
@@ -711,7 +713,7 @@ def main(argv=None):
                                                    class_names, eval_captions, encoder, guidance=1.0,
                                                    steps=args.eval_steps, seed=1234)
         row = {"step": step, "eval_fd_effnet": evaluate.fd_effnet(images, evaluator["real"], evaluator["features"]),
-               "time": train_time["s"]}
+               "time": train_seconds}
         if cond_kind == "label":
             row["eval_class_acc"] = evaluate.accuracy(evaluator["classifier"], images, labels)
         row["eval_seconds"] = time.perf_counter() - t0
@@ -766,7 +768,9 @@ def main(argv=None):
                 x, t, noises, cond, n_high = prepare_batch(batch, model, encoder, cond_kind, step, args,
                                                            rank, world, device)
                 # Gradient accumulation under DDP: only the last micro-batch all-reduces the
-                # gradients; the earlier ones add to .grad locally (no_sync).
+                # gradients; the earlier ones add to .grad locally (no_sync). Not under
+                # --compile, where no_sync is avoided: there every micro-batch all-reduces
+                # (the same result, more communication).
                 sync = micro_step == args.accum - 1 or world == 1
                 ctx = train_model.no_sync() if (world > 1 and not sync and not args.compile) else nullcontext()
                 with ctx, autocast:
@@ -810,14 +814,20 @@ def main(argv=None):
                 loss_sum.zero_()
                 n_logged, t_log, wait = 0, time.perf_counter(), 0.0
             # Sample grids and evaluations are not training: their time is left out of the
-            # logged training time and speed (t_log moves on by as much).
-            t_aside = time.perf_counter()
-            if is_main and not args.no_samples and (step % args.sample_every == 0 or step in stage_ends):
-                save_samples(f"step{step:07d}")
-                plot_losses(log_path, run_dir / "loss.png")
-            if evaluator and sizes[stage] == sizes[-1] and (step % args.eval_every == 0 or step == stage_ends[-1]):
-                run_eval()
-            t_log += time.perf_counter() - t_aside
+            # logged training time and speed (t_log moves on by as much). On a GPU the step's
+            # queued work is waited for first, so that it counts as training.
+            grids = is_main and not args.no_samples and (step % args.sample_every == 0 or step in stage_ends)
+            evals = evaluator and sizes[stage] == sizes[-1] and (step % args.eval_every == 0 or step == stage_ends[-1])
+            if grids or evals:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t_aside = time.perf_counter()
+                if grids:
+                    save_samples(f"step{step:07d}")
+                    plot_losses(log_path, run_dir / "loss.png")
+                if evals:
+                    run_eval(train_time["s"] + t_aside - t_log)   # training seconds up to now
+                t_log += time.perf_counter() - t_aside
             if step == stage_ends[stage] and stage < len(sizes) - 1:
                 # Stage boundary: grow the model and its EMA into the next stage's NestedUNet,
                 # and checkpoint the grown model (a run resumed from here starts the new stage).
