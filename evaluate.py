@@ -166,7 +166,6 @@ class SmallCNN(nn.Module):
 def train_classifier(dataset_name: str, res: int, epochs: int = 2, seed: int = 0, log=print):
     """A classifier of the real training set at res x res, cached: (model, test accuracy)."""
     path = data.CACHE / f"classifier-{dataset_name}-{res}.pt"
-    test = data.load_fashion_mnist(res, "test") if dataset_name == "fashion-mnist" else None
     if path.exists():
         ck = torch.load(path, weights_only=False)
         model = SmallCNN(ck["num_classes"])
@@ -174,22 +173,23 @@ def train_classifier(dataset_name: str, res: int, epochs: int = 2, seed: int = 0
         return model.eval(), ck["test_accuracy"]
     if dataset_name != "fashion-mnist":
         raise ValueError("class accuracy needs a labelled data set with a test split (fashion-mnist)")
-    train = data.load_fashion_mnist(res, "train")
-    # The same classifier on every machine. (This reseeds torch's global generator, which the
-    # caller may be drawing from too.)
-    torch.manual_seed(seed)
-    model = SmallCNN(len(train.class_names))
-    opt = torch.optim.Adam(model.parameters(), 2e-3)
-    # The whole training set as one tensor (60000, 3, res, res) (0.7 GB at 32x32); minibatches of 128.
-    x_all, y_all = data.to_tensor(train.images), torch.from_numpy(train.labels)
-    for epoch in range(epochs):
-        perm = torch.randperm(len(x_all))
-        for i in range(0, len(perm), 128):
-            j = perm[i:i + 128]
-            loss = F.cross_entropy(model(x_all[j]), y_all[j])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    train, test = data.load_fashion_mnist(res, "train"), data.load_fashion_mnist(res, "test")
+    # The same classifier on every machine: its own seed, in a fork of torch's generator, so
+    # that a caller drawing from the global generator (train.py) draws the same numbers after.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SmallCNN(len(train.class_names))
+        opt = torch.optim.Adam(model.parameters(), 2e-3)
+        # The whole training set as one tensor (60000, 3, res, res) (0.7 GB at 32x32); minibatches of 128.
+        x_all, y_all = data.to_tensor(train.images), torch.from_numpy(train.labels)
+        for epoch in range(epochs):
+            perm = torch.randperm(len(x_all))
+            for i in range(0, len(perm), 128):
+                j = perm[i:i + 128]
+                loss = F.cross_entropy(model(x_all[j]), y_all[j])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
     model.eval()
     acc = accuracy(model, data.to_tensor(test.images), torch.from_numpy(test.labels))
     log(f"classifier for {dataset_name} at {res}x{res}: {acc:.1%} on the real test set")
@@ -303,9 +303,12 @@ def load_run(ckpt: str, device="cpu"):
     """A trained run (a folder or an ema.safetensors file; None: the newest run in runs/) ->
     (model in eval mode, its metadata, its diffusion process, its text encoder or None)."""
     from diffusion import DiffusionConfig, MatryoshkaDiffusion
-    from nested_unet import load_weights
-    from sample import find_weights            # the same rules for --ckpt as sample.py's
-    model, meta = load_weights(find_weights(ckpt), device=device)
+    from nested_unet import find_weights, load_weights
+    try:                                       # the same rules for --ckpt as sample.py's
+        path = find_weights(ckpt)
+    except FileNotFoundError as err:
+        raise SystemExit(f"evaluate.py: {err}")
+    model, meta = load_weights(path, device=device)
     diffusion = MatryoshkaDiffusion.for_model(model, DiffusionConfig(**meta["diffusion_config"]))
     encoder = data.TextEncoder(meta["text_encoder"], device=device) if meta["cond"] == "text" else None
     return model, meta, diffusion, encoder

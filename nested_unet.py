@@ -654,6 +654,26 @@ def grow(model: NestedUNet, config: NestedUNetConfig, build=None) -> NestedUNet:
 # Loading trained weights (written by train.py: EMA weights, config in the metadata)
 # ---------------------------------------------------------------------------------------
 
+def find_weights(ckpt=None, runs="runs"):
+    """The EMA weights of a run: `ckpt` is a run folder or an ema.safetensors file; None
+    means the newest run in `runs/`. Raises FileNotFoundError with what to do instead."""
+    from pathlib import Path
+    if ckpt is not None:
+        path = Path(ckpt)
+        path = path / "ema.safetensors" if path.is_dir() else path
+        if not path.exists():
+            raise FileNotFoundError(f"--ckpt {ckpt}: no such file (expected a run folder with "
+                                    f"ema.safetensors, or the file)")
+        return path
+    # "Newest" is the run whose EMA weights were written last: train.py rewrites them at every
+    # checkpoint, so a run still training (or just resumed) counts as the newest.
+    found = sorted(Path(runs).glob("*/ema.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no trained weights found in {runs}/. Train a model first: `python train.py` "
+                                f"(about 15 minutes on a laptop CPU), or point --ckpt at an ema.safetensors file")
+    return found[-1]
+
+
 def load_weights(path, model_class=None, device="cpu"):
     """Rebuild the model stored in an ema.safetensors file from the config in its metadata, and
     load its weights. Returns (model in eval mode, metadata dict)."""

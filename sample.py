@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import data
 from diffusion import DiffusionConfig, MatryoshkaDiffusion
+import nested_unet
 from nested_unet import load_weights
 
 
@@ -71,20 +72,11 @@ def fail(msg):
 # ---------------------------------------------------------------------------------------
 
 def find_weights(ckpt: str | None, runs="runs") -> Path:
-    """The EMA weights of --ckpt (a run folder or a file), or of the newest run."""
-    if ckpt is not None:
-        path = Path(ckpt)
-        path = path / "ema.safetensors" if path.is_dir() else path
-        if not path.exists():
-            fail(f"--ckpt {ckpt}: no such file (expected a run folder with ema.safetensors, or the file)")
-        return path
-    # "Newest" is the run whose EMA weights were written last: train.py rewrites them at every
-    # checkpoint, so a run still training (or just resumed) counts as the newest.
-    found = sorted(Path(runs).glob("*/ema.safetensors"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        fail(f"no trained weights found in {runs}/. Train a model first: `python train.py` "
-             f"(about 15 minutes on a laptop CPU), or point --ckpt at an ema.safetensors file")
-    return found[-1]
+    """nested_unet.find_weights, its errors said as sample.py's."""
+    try:
+        return nested_unet.find_weights(ckpt, runs)
+    except FileNotFoundError as e:
+        fail(str(e))
 
 
 class Pipeline:

@@ -45,8 +45,8 @@ from torch.utils.data import Dataset
 
 import data
 from diffusion import DiffusionConfig, MatryoshkaDiffusion
-from nested_unet import (PAPER, NestedUNet, NestedUNetConfig, _CPU, _S64, _TINY_INNER, load_weights, summary,
-                         zero_init)
+from nested_unet import (PAPER, NestedUNet, NestedUNetConfig, _CPU, _S64, _TINY_INNER, find_weights, load_weights,
+                         summary, zero_init)
 
 # ---------------------------------------------------------------------------------------
 # Layers with a time axis. Inside a video level a tensor is (B * T, C, H, W): the frames of
@@ -400,8 +400,10 @@ DEMO = ["--config", "CPU-S16T8", "--data", "emoji-motion", "--res", "16,8x16", "
 
 
 def load_video(ckpt, device):
-    from sample import find_weights
-    path = find_weights(ckpt) if ckpt else newest_video_run()
+    try:
+        path = find_weights(ckpt) if ckpt else newest_video_run()
+    except FileNotFoundError as err:
+        raise SystemExit(f"video.py: {err}")
     model, meta = load_weights(path, model_class=build_level, device=device)
     encoder = data.TextEncoder(meta["text_encoder"], device=device)
     return model, meta, encoder, diffusion_for(model, DiffusionConfig(**meta["diffusion_config"]))
