@@ -174,7 +174,7 @@ def harness(spec: dict, kind: str) -> dict:
     # z (B, 3, r, r) doubled to 2B rows, the condition in the first half and the null condition
     # in the second (an unconditional model: B rows, no guidance); t = 0.5 (it costs the same).
     zs = [torch.randn(s, device=device) for s in model.input_shapes(B)]
-    both = cat_conditions(cond, model.null_condition(cond, torch.ones(B, dtype=torch.bool, device=device))) if cond else {}
+    both = cat_conditions(cond, model.null_condition(cond, torch.ones(B, dtype=torch.bool))) if cond else {}
     zz = [torch.cat([z, z]) for z in zs] if cond else zs
     tt = torch.full((zz[0].shape[0],), 0.5, device=device)
 

@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset, DistributedSampler
 
+from nested_unet import to_device
+
 CACHE = Path(os.environ.get("MATRYOSHKA_CACHE", Path.home() / ".cache" / "matryoshka"))
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -371,19 +373,6 @@ class TextEncoder:
         if mask is not None:
             cond["text_mask"] = to_device(mask, device)
         return cond
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A tensor to `device` without making the host wait for the GPU. A plain .to("cuda")
-    waits until the GPU has finished all the work queued before it (PyTorch synchronises
-    the stream after a blocking copy); a copy from pinned ("page-locked") memory with
-    non_blocking=True just joins the queue. PyTorch keeps the pinned block alive until the
-    copy is done, so the temporary pin below is safe. (Contiguous first: a strided source
-    would be made contiguous by the copy itself, in ordinary memory again.)"""
-    device = torch.device(device)
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.contiguous().pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def pad_tokens(feats: list[torch.Tensor]):

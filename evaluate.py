@@ -339,7 +339,7 @@ def step_costs(config_name: str, low: int, batch: int, cond: dict, reps: int = 5
     here with bench.py's training step (on the device train.py will use): the progressive
     arm's budget is set so that all arms train for the same time."""
     import bench
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = DEVICE
     out = []
     for truncate in (low, None):                   # the stage-1 model, then the whole NestedUNet
         # In the precision train.py trains in: bf16 autocast on a GPU, float32 on a CPU.

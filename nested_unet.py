@@ -448,14 +448,15 @@ class NestedUNet(nn.Module):
     def null_condition(self, cond: dict, drop: torch.Tensor) -> dict:
         """Replace the condition of the samples where `drop` (B,) is True by the null
         condition: no text tokens at all, or the null class. (A `drop` on the CPU that drops
-        nothing leaves the condition as it is, without asking the GPU anything.)"""
+        nothing leaves the condition as it is; one that drops goes to the GPU without
+        waiting for it: neither asks the GPU anything.)"""
         cond = dict(cond)
         if drop.device.type == "cpu" and not drop.any():
             return cond
         ref = next(iter(cond.values()), None)
         if ref is None:                            # an unconditional model
             return cond
-        drop = drop.to(ref.device)
+        drop = to_device(drop, ref.device)
         if cond.get("text") is not None:
             mask = cond.get("text_mask")
             if mask is None:
@@ -648,6 +649,23 @@ def grow(model: NestedUNet, config: NestedUNetConfig, build=None) -> NestedUNet:
     # empty (the official code's progressive loading silently loaded nothing).
     target.load_state_dict(model.state_dict(), strict=True)
     return new
+
+
+# ---------------------------------------------------------------------------------------
+# Moving small tensors to the GPU (training and sampling do it at every step)
+# ---------------------------------------------------------------------------------------
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A tensor to `device` without making the host wait for the GPU. A plain .to("cuda")
+    waits until the GPU has finished all the work queued before it (PyTorch synchronises
+    the stream after a blocking copy); a copy from pinned ("page-locked") memory with
+    non_blocking=True just joins the queue. PyTorch keeps the pinned block alive until the
+    copy is done, so the temporary pin below is safe. (Contiguous first: a strided source
+    would be made contiguous by the copy itself, in ordinary memory again.)"""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.contiguous().pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 # ---------------------------------------------------------------------------------------

@@ -219,6 +219,13 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     kw = dict(sampler=args.sampler, num_inference_steps=args.num_inference_steps,
               guidance_scale=args.guidance_scale, dynamic_thresholding=not args.no_dynamic_thresholding)
+    # The negative prompt takes the place of the null condition in the guided batch:
+    # v = v_neg + w (v_cond - v_neg), one copy per image (`expand` below).
+    neg = None
+    if args.negative_prompt is not None:
+        if pipe.kind != "text":
+            fail("--negative-prompt needs a text-conditional model")
+        neg = pipe.condition(prompts=[args.negative_prompt])
 
     if args.prompts_file:                          # many images into a folder
         lines = [l.strip() for l in Path(args.prompts_file).read_text().splitlines() if l.strip()]
@@ -228,11 +235,6 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         batches = [items[i:i + args.batch_size] for i in range(0, len(items), args.batch_size)]
         mine = list(range(rank, len(batches), world))   # whole batches per process: same images for any world size
-        neg = None
-        if args.negative_prompt is not None:
-            if pipe.kind != "text":
-                fail("--negative-prompt needs a text-conditional model")
-            neg = pipe.condition(prompts=[args.negative_prompt])
         # One captions file per process (no two write to one file), begun afresh by each run.
         with open(out / f"captions-{rank}.jsonl", "w") as captions:
             for b in tqdm(mine, disable=rank != 0, desc="batches"):
@@ -246,7 +248,7 @@ def main(argv=None):
                     # count, so no two (seed, b) collide): an image never depends on the number
                     # of processes.
                     imgs = generate(pipe.model, pipe.diffusion, cond, len(texts), seed=args.seed * 1_000_003 + b,
-                                    negative_cond=expand(neg, len(texts)) if neg else None,
+                                    negative_cond=expand(neg, len(texts)) if neg is not None else None,
                                     progress=False, device=device, **kw)[-1]     # the highest resolution only
                 for j, (img, text) in enumerate(zip(data.to_uint8(imgs), texts)):   # uint8 (H, W, 3) each
                     i = b * args.batch_size + j    # the image's index in `items`: file names never collide
@@ -264,17 +266,10 @@ def main(argv=None):
     cond = pipe.condition(prompts=prompts, labels=[args.label] if args.label is not None else None)
     k = len(prompts) if prompts else 1             # conditions: one per prompt, or the one label
     n = k * args.num_images                        # images in all
-    neg = None
-    if args.negative_prompt is not None:
-        if pipe.kind != "text":
-            fail("--negative-prompt needs a text-conditional model")
-        # The negative prompt takes the place of the null condition in the guided batch:
-        # v = v_neg + w (v_cond - v_neg), one copy per image.
-        neg = expand(pipe.condition(prompts=[args.negative_prompt]), n)
     with autocast:
         res = generate(pipe.model, pipe.diffusion, expand(cond, args.num_images), n,
-                       negative_cond=neg, seed=args.seed, snapshots=8 if args.show_steps else 0,
-                       device=device, **kw)
+                       negative_cond=expand(neg, n) if neg is not None else None, seed=args.seed,
+                       snapshots=8 if args.show_steps else 0, device=device, **kw)
     levels, frames = res if args.show_steps else (res, None)
     # One name per condition (the label was checked by pipe.condition: no class list needed here).
     names = prompts or [pipe.class_names[pipe.label_index(args.label, "")] if args.label is not None

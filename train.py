@@ -52,7 +52,7 @@ from tqdm import tqdm
 import data
 import video
 from diffusion import DiffusionConfig, MatryoshkaDiffusion
-from nested_unet import PRESETS, NestedUNet, NestedUNetConfig, grow, preset, summary
+from nested_unet import PRESETS, NestedUNet, NestedUNetConfig, grow, preset, summary, to_device
 
 
 # ---------------------------------------------------------------------------------------
@@ -308,13 +308,13 @@ def per_sample_randomness(keys: torch.Tensor, step: int, seed: int, shapes: list
     """For each sample (its index in the data set in `keys`): its diffusion time t, the noise
     of every level (shapes without the batch), and two uniforms for the conditioning dropout
     and the mixed-resolution draw. Those two stay on the CPU, where the batch is reordered;
-    what goes to the device goes without waiting for it (data.to_device)."""
+    what goes to the device goes without waiting for it (to_device)."""
     k = torch.as_tensor(keys, dtype=torch.int64).cpu() & M32
     k = hash32(hash32(hash32(torch.tensor(seed & M32)) ^ (step & M32)) ^ k)
     t, u_drop, u_high = uniforms(k, 0, 3).unbind(1)
-    k = data.to_device(k, device)
+    k = to_device(k, device)
     noises = [normals(k, 1 + i, shape) for i, shape in enumerate(shapes)]
-    return data.to_device(t, device), noises, u_drop, u_high
+    return to_device(t, device), noises, u_drop, u_high
 
 
 def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, args, rank: int, world: int, device):
@@ -324,7 +324,7 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, args, 
     # x: (B, 3, R, R) in [-1, 1] at this stage's top resolution R; for a video stage
     # (B, 3, T, R, R). An image stage of a video run takes the clips' first frames (video.py's
     # temporal D^r). B here is one process's micro-batch.
-    x = data.to_device(batch["image"], device)     # (the loader pins it on a GPU machine)
+    x = to_device(batch["image"], device)          # (the loader pins it on a GPU machine)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     # The condition: text features (B, L, text_channels) of the frozen encoder (a fixed
@@ -333,7 +333,7 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, args, 
     if cond_kind == "text":
         cond = encoder.condition(batch["caption"], device)
     elif cond_kind == "label":
-        cond = {"label": data.to_device(batch["label"], device)}
+        cond = {"label": to_device(batch["label"], device)}
     # A sample's key: its index in the data set (a streamed set has no global index; its
     # position in this rank's stream, made unique across ranks).
     keys = batch["index"] * world + rank if args.streaming else batch["index"]
@@ -341,9 +341,7 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, args, 
     t, noises, u_drop, u_high = per_sample_randomness(keys, step, args.seed, shapes, device)
     # Conditioning dropout (--cond-drop, 10% by default): those samples learn the null
     # condition, which classifier-free guidance contrasts with at sampling time.
-    drop = u_drop < args.cond_drop                 # decided on the CPU
-    if drop.any():
-        cond = model.null_condition(cond, data.to_device(drop, device))
+    cond = model.null_condition(cond, u_drop < args.cond_drop)   # decided on the CPU
     # Mixed-resolution training (appendix B): each sample reaches the highest level with
     # probability --high-res-fraction; all samples train the lower levels. The NestedUNet
     # runs its outermost level on the first n_high rows only, so those samples go first;
@@ -354,7 +352,7 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, args, 
         high = torch.ones_like(u_high, dtype=torch.bool)
     order = torch.argsort((~high).int(), stable=True)
     n_high = int(high.sum())                       # on the CPU: no sync
-    od = data.to_device(order, device)
+    od = to_device(order, device)
     x, t = x[od], t[od]
     noises = [n[od] for n in noises]
     noises[-1] = noises[-1][:n_high]

@@ -424,8 +424,9 @@ def _metadata(path) -> str:
 
 
 def sample_clips(model, diffusion, encoder, captions, steps=50, sampler="ddim", guidance=4.0, seed=0, device="cpu"):
-    return diffusion.sample(model, encoder.condition(captions, device), batch_size=len(captions), sampler=sampler, num_inference_steps=steps,
-                            guidance_scale=guidance, generator=torch.Generator(device).manual_seed(seed))
+    return diffusion.sample(model, encoder.condition(captions, device), batch_size=len(captions), sampler=sampler,
+                            num_inference_steps=steps, guidance_scale=guidance,
+                            generator=torch.Generator(device).manual_seed(seed))
 
 
 def evaluate(model, diffusion, encoder, names, n_clips=48, **kw):
