@@ -39,7 +39,8 @@ from contextlib import nullcontext
 import torch
 
 from diffusion import MatryoshkaDiffusion, cat_conditions
-from nested_unet import NestedUNet, NestedUNetConfig, count_params, preset
+import utils
+from nested_unet import PRESETS, NestedUNet, NestedUNetConfig, count_params, preset
 
 # Dense bf16 peak of the GPUs we know, for MFU (FLOP/s), without 2:4 sparsity; others: pass
 # --peak-flops. Matched by substring of the device name, first match first (the PCIe H100
@@ -286,8 +287,32 @@ def paired(spec: dict) -> dict:
 # The script: one fresh process per measurement, then the table and bench.json
 # ---------------------------------------------------------------------------------------
 
+KNOBS = {"base": {}, "bf16": {"bf16": True}, "fp32": {"bf16": False}, "channels_last": {"channels_last": True},
+         "grad_ckpt": {"grad_ckpt": True, "sampling": False}, "accum2": {"accum": 2, "sampling": False},
+         "compile": {"compile": True}}            # grad_ckpt and accum2 change training only
+
+
+def check_args(a):
+    """Every flag, checked before the first measurement: one line each."""
+    utils.check_flags("bench.py", a, [
+        ("--batch", utils.at_least(1), "a batch of at least 1"),
+        ("--text-channels", utils.at_least(0), "a width >= 0 (0: no text)"),
+        ("--warmup", utils.at_least(0), "a number of warm-up steps >= 0"),
+        ("--repeats", utils.at_least(1), "at least 1 repeat"),
+        ("--sample-steps", utils.at_least(1), "at least 1 sampling step"),
+        ("--peak-flops", utils.positive, "the chip's peak in FLOP/s, e.g. 989e12"),
+    ])
+    utils.check_device("bench.py", a.device if a.device != "meta" else None)
+    if a.config not in PRESETS:
+        raise SystemExit(f"bench.py: --config {a.config}: not a preset; the presets are {', '.join(PRESETS)}")
+    unknown = set((a.knobs or "base").split(",")) - set(KNOBS)
+    if unknown:
+        raise SystemExit(f"bench.py: --knobs {a.knobs}: unknown {', '.join(sorted(unknown))}; "
+                         f"the knobs are {', '.join(KNOBS)}")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = utils.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="CPU-S16S32")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -306,6 +331,7 @@ def main(argv=None):
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: one measurement
     p.add_argument("--paired", default=None, help=argparse.SUPPRESS)   # internal: the interleaved ratios
     a = p.parse_args(argv)
+    check_args(a)
     # The child processes: this file run again with a JSON spec; the result is the last line
     # of their stdout (anything a library prints comes before it).
     if a.one:
@@ -320,6 +346,8 @@ def main(argv=None):
     base = dict(config=a.config, batch=a.batch, device=a.device, text_channels=a.text_channels, warmup=a.warmup,
                 repeats=a.repeats, sample_steps=a.sample_steps, peak_flops=a.peak_flops, bf16=on_gpu)
     a.knobs = a.knobs or f"base,{'fp32' if on_gpu else 'bf16'},channels_last,grad_ckpt,accum2,compile"
+    if "accum2" in a.knobs.split(",") and a.batch % 2:
+        raise SystemExit(f"bench.py: --batch {a.batch}: the accum2 knob splits the batch in two: expected an even batch")
     if a.count_flops:
         # FlopCounterMode needs only shapes: on the meta device nothing is computed or stored,
         # so the paper's 450M-parameter models are counted on a laptop.
@@ -330,19 +358,12 @@ def main(argv=None):
                   f"{per_image / 1e12:.3f} TFLOP per image per training step (forward + backward); "
                   f"40% MFU on an H100 (989 TFLOP/s bf16) = {0.4 * 989e12 / per_image:,.0f} images/s")
         return
-    knobs = {"base": {}, "bf16": {"bf16": True}, "fp32": {"bf16": False}, "channels_last": {"channels_last": True},
-             "grad_ckpt": {"grad_ckpt": True, "sampling": False}, "accum2": {"accum": 2, "sampling": False},
-             "compile": {"compile": True}}            # grad_ckpt and accum2 change training only
-    unknown = set(a.knobs.split(",")) - set(knobs)
-    if unknown:
-        raise SystemExit(f"bench.py: --knobs {a.knobs}: unknown {', '.join(sorted(unknown))}; "
-                         f"the knobs are {', '.join(knobs)}")
     rows = []
     for knob in a.knobs.split(","):
         for model in ("nested", "plain"):
             if model == "plain" and knob in ("grad_ckpt",):
                 continue                           # the plain UNet has no outer levels
-            spec = {**base, **knobs[knob], "model": model, "knob": knob}
+            spec = {**base, **KNOBS[knob], "model": model, "knob": knob}
             out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
             if out.returncode:                     # e.g. out of memory, or no compiler: the others go on
                 print(f"{knob}/{model} failed:\n{out.stderr[-1500:]}", file=sys.stderr)

@@ -196,7 +196,12 @@ class HFImageDataset(Dataset):
         elif os.path.exists(source) or source.startswith((".", "/")):
             raise FileNotFoundError(f"--data {source}: no such folder")
         else:
-            ds = datasets.load_dataset(source, split=split)
+            try:
+                ds = datasets.load_dataset(source, split=split)
+            except Exception as e:                 # not on the hub, no network, no such split...
+                raise ValueError(f"--data {source}: not a built-in data set (emoji, fashion-mnist), not a "
+                                 f"local folder, and Hugging Face datasets could not load it "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
         if image_column not in ds.column_names:
             raise ValueError(f"the data set has no column {image_column!r} (its columns: "
                              f"{ds.column_names}); pass --image-column")
@@ -321,10 +326,17 @@ class TextEncoder:
 
         path = minilm_path() if name == "minilm" else name
         local = os.path.isdir(path)
-        config = AutoConfig.from_pretrained(path, local_files_only=local)
-        model_cls = T5EncoderModel if config.model_type in ("t5", "mt5", "umt5") else AutoModel
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-        self.model = model_cls.from_pretrained(path, local_files_only=local).to(device).eval()
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=local)
+            model_cls = T5EncoderModel if config.model_type in ("t5", "mt5", "umt5") else AutoModel
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+            self.model = model_cls.from_pretrained(path, local_files_only=local).to(device).eval()
+        except (OSError, ValueError) as e:         # not a model folder, not on the hub, no network
+            where = "the folder does not hold a transformers model" if local else \
+                "it is not a local folder, and the Hugging Face hub could not give it"
+            raise ValueError(f"--text-encoder {name}: {where} ({str(e).splitlines()[0][:160]}); "
+                             f"pass a local folder of a transformers model (e.g. a downloaded "
+                             f"google/flan-t5-xl), or minilm (offline, the default)") from None
         self.model.requires_grad_(False)
         self.name, self.device, self.max_length = name, device, max_length
         self.dim = config.d_model if hasattr(config, "d_model") else config.hidden_size

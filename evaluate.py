@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import utils
 
 # ---------------------------------------------------------------------------------------
 # The Frechet distance, in float64
@@ -167,7 +168,7 @@ def train_classifier(dataset_name: str, res: int, epochs: int = 2, seed: int = 0
     """A classifier of the real training set at res x res, cached: (model, test accuracy)."""
     path = data.CACHE / f"classifier-{dataset_name}-{res}.pt"
     if path.exists():
-        ck = torch.load(path, weights_only=False)
+        ck = utils.load_torch_file(path, "classifier cache")    # tensors and numbers only
         model = SmallCNN(ck["num_classes"])
         model.load_state_dict(ck["model"])
         return model.eval(), ck["test_accuracy"]
@@ -308,9 +309,12 @@ def load_run(ckpt: str, device="cpu"):
         path = find_weights(ckpt)
     except FileNotFoundError as err:
         raise SystemExit(f"evaluate.py: {err}")
-    model, meta = load_weights(path, device=device)
+    try:
+        model, meta = load_weights(path, device=device)
+        encoder = data.TextEncoder(meta["text_encoder"], device=device) if meta["cond"] == "text" else None
+    except ValueError as err:
+        raise SystemExit(f"evaluate.py: {err}")
     diffusion = MatryoshkaDiffusion.for_model(model, DiffusionConfig(**meta["diffusion_config"]))
-    encoder = data.TextEncoder(meta["text_encoder"], device=device) if meta["cond"] == "text" else None
     return model, meta, diffusion, encoder
 
 
@@ -483,24 +487,55 @@ def sweep(args):
     fig.savefig(out / "guidance_sweep.png", dpi=110)
 
 
+def check_args(a):
+    """Every flag of the subcommand, checked before any work: one line each."""
+    utils.check_flags("evaluate.py", a, [
+        ("--steps", utils.at_least(1), "at least 1 step"),
+        ("--batch", utils.at_least(1), "a batch of at least 1"),
+        ("--lr", utils.positive, "a positive learning rate, e.g. 6e-4"),
+        ("--seeds", utils.at_least(0), "seeds >= 0, e.g. 0,1"),
+        ("--eval-every", utils.at_least(1), "a number of steps >= 1"),
+        ("--eval-samples", utils.at_least(2), "at least 2 images (a covariance needs 2)"),
+        ("--num", utils.at_least(2), "at least 2 images (a covariance needs 2)"),
+        ("--scales", utils.finite, "finite guidance scales, e.g. 1,3,5"),
+        ("--guidance-scale", utils.finite, "a finite guidance scale (1: no guidance)"),
+    ])
+    utils.check_device("evaluate.py", getattr(a, "device", None))
+    if a.cmd == "compare":
+        from nested_unet import PRESETS
+        unknown = [d for d in a.data.split(",") if d not in ("fashion-mnist", "emoji")]
+        if unknown:
+            raise SystemExit(f"evaluate.py: --data {a.data}: the comparison runs on the built-in sets "
+                             f"fashion-mnist and emoji (comma-separated), not {', '.join(unknown)}")
+        if a.config not in PRESETS:
+            raise SystemExit(f"evaluate.py: --config {a.config}: not a preset; the presets are {', '.join(PRESETS)}")
+        lo_hi = a.res
+        if len(lo_hi) != 2 or lo_hi[0] < 1 or lo_hi[1] <= lo_hi[0] or lo_hi[1] % lo_hi[0]:
+            raise SystemExit(f"evaluate.py: --res {','.join(map(str, lo_hi))}: expected two resolutions, the low "
+                             f"one dividing the high one, e.g. 16,32")
+        if a.steps < 2:
+            raise SystemExit(f"evaluate.py: --steps {a.steps}: expected at least 2 (progressive training "
+                             f"splits them over two stages)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = utils.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=utils.ArgumentParser)
     c = sub.add_parser("compare", help="simple DM vs MDM vs MDM with progressive training")
     c.add_argument("--data", default="fashion-mnist,emoji", help="one data set or several, comma-separated")
     c.add_argument("--config", default="CPU-tiny-S16S32")
-    c.add_argument("--res", type=lambda s: [int(v) for v in s.split(",")], default=[16, 32])
+    c.add_argument("--res", type=utils.comma_list(int, "16,32"), default=[16, 32])
     c.add_argument("--steps", type=int, default=800, help="steps of the full model; PT gets the same time")
     c.add_argument("--batch", type=int, default=32)
     c.add_argument("--lr", type=float, default=6e-4)
-    c.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1])
+    c.add_argument("--seeds", type=utils.comma_list(int, "0,1"), default=[0, 1])
     c.add_argument("--eval-every", type=int, default=200)
     c.add_argument("--eval-samples", type=int, default=200)
     c.add_argument("--out", default="runs/compare")
     c.add_argument("--redo", action="store_true", help="train again the runs that exist")
     s = sub.add_parser("sweep", help="guidance scale: FD-EffNet vs class accuracy")
     s.add_argument("--ckpt", required=True)
-    s.add_argument("--scales", type=lambda v: [float(u) for u in v.split(",")], default=[1, 1.5, 2, 3, 5, 8])
+    s.add_argument("--scales", type=utils.comma_list(float, "1,3,5"), default=[1, 1.5, 2, 3, 5, 8])
     s.add_argument("--num", type=int, default=500)
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--out", default="runs/compare")
@@ -513,6 +548,7 @@ def main(argv=None):
     f.add_argument("--clip", default=None, help="a CLIP model (local folder or cache) for the CLIP score")
     f.add_argument("--device", default=DEVICE)
     a = p.parse_args(argv)
+    check_args(a)
     if a.cmd == "compare":
         for name in a.data.split(","):             # one comparison per data set, in its own folder
             compare(argparse.Namespace(**{**vars(a), "data": name}))

@@ -699,13 +699,23 @@ def load_weights(path, model_class=None, device="cpu"):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), "pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    # safetensors holds tensors and a JSON header, nothing that runs: a file someone handed
+    # over is safe to open. A damaged one is said in one line.
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        state = load_file(str(path))
+    except Exception as e:                         # SafetensorError, JSONDecodeError, OSError
+        raise ValueError(f"{path}: not a readable safetensors file of weights (truncated or damaged? "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
     if "model_config" not in meta:
         raise ValueError(f"{path} has no model config in its metadata: it was not written by train.py")
-    config = NestedUNetConfig(**meta["model_config"])
+    try:
+        config = NestedUNetConfig(**meta["model_config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its model config does not fit this version of the code: {e}") from None
     model = (model_class or NestedUNet)(config)
-    state, own = load_file(str(path)), model.state_dict()
+    own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in state if k in own and state[k].shape != own[k].shape]

@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import utils
 from diffusion import DiffusionConfig, MatryoshkaDiffusion
 import nested_unet
 from nested_unet import load_weights
@@ -38,8 +39,8 @@ from nested_unet import load_weights
 # No flags describe the model: its config, diffusion config and text encoder come from the
 # checkpoint's metadata (STYLE point 6). The flags only say what to draw and how.
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="*", default=None, help="what to draw (text-conditional models); "
                    "several prompts: --num-images of each")
     p.add_argument("--label", default=None, help="class index or name (class-conditional models)")
@@ -60,6 +61,29 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
+
+
+def check_args(args):
+    """Every flag's value, checked before the model is loaded: one line each."""
+    utils.check_flags("sample.py", args, [
+        ("--num-images", utils.at_least(1), "at least 1 image"),
+        ("--guidance-scale", utils.finite, "a finite guidance scale (1: no guidance), e.g. 3"),
+        ("--num-inference-steps", utils.at_least(1), "at least 1 step"),
+        ("--seed", utils.at_least(0), "an integer >= 0"),
+        ("--batch-size", utils.at_least(1), "at least 1 image per batch"),
+    ])
+    utils.check_device("sample.py", args.device)
+    if args.prompts_file:
+        try:
+            lines = [l.strip() for l in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()]
+        except OSError as e:
+            fail(f"--prompts-file {args.prompts_file}: cannot read it ({e.strerror})")
+        except UnicodeDecodeError:
+            fail(f"--prompts-file {args.prompts_file}: not a text file (expected one prompt or label per line, UTF-8)")
+        if not any(lines):
+            fail(f"--prompts-file {args.prompts_file}: holds no prompt (expected one prompt or label per line)")
+        return [l for l in lines if l]
+    return None
 
 
 def fail(msg):
@@ -93,7 +117,10 @@ class Pipeline:
         self.diffusion = MatryoshkaDiffusion.for_model(self.model, DiffusionConfig(**self.meta["diffusion_config"]))
         self.kind, self.device = self.meta["cond"], device          # kind: "text", "label" or "none"
         # The frozen encoder of training, by name: the network knows its features and no other's.
-        self.encoder = data.TextEncoder(self.meta["text_encoder"], device=device) if self.kind == "text" else None
+        try:
+            self.encoder = data.TextEncoder(self.meta["text_encoder"], device=device) if self.kind == "text" else None
+        except ValueError as e:
+            fail(f"{path} was trained with a text encoder that cannot be loaded here: {e}")
         self.class_names = self.meta.get("class_names")
 
     def condition(self, prompts: list[str] | None = None, labels: list | None = None) -> dict:
@@ -137,8 +164,6 @@ def generate(model, diffusion, cond, num_images, sampler="ddpm", num_inference_s
     image (num_images rows; see `expand`). The same seed gives the same images. With
     snapshots=k, also returns the predicted x of every resolution at k moments of the
     denoising (the paper's Fig. 11)."""
-    if num_inference_steps < 1:
-        fail(f"--num-inference-steps {num_inference_steps}: need at least 1 step")
     device = device or next(model.parameters()).device
     bar = tqdm(total=num_inference_steps, desc=f"{sampler} x{num_images}", disable=not progress, leave=False)
     # k steps spread evenly from the first (t = 1) to the last; a set: with few steps some coincide.
@@ -193,10 +218,7 @@ def slug(text: str) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.num_inference_steps < 1:
-        fail(f"--num-inference-steps {args.num_inference_steps}: need at least 1 step")
-    if args.num_images < 1:
-        fail(f"--num-images {args.num_images}: need at least 1")
+    lines = check_args(args)
     # One process, or one per GPU under torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     # Under torchrun each process takes the GPU of its LOCAL_RANK; one process takes --device
@@ -228,7 +250,6 @@ def main(argv=None):
         neg = pipe.condition(prompts=[args.negative_prompt])
 
     if args.prompts_file:                          # many images into a folder
-        lines = [l.strip() for l in Path(args.prompts_file).read_text().splitlines() if l.strip()]
         # Here --num-images counts all images: lines are cycled to that many, each used at least once.
         items = [lines[i % len(lines)] for i in range(max(args.num_images, len(lines)))]
         out = Path(args.out_dir or "generated")

@@ -29,6 +29,7 @@ state, written atomically) and ema.safetensors (EMA weights with their config, f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import json
@@ -50,6 +51,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
+import utils
 import video
 from diffusion import DiffusionConfig, MatryoshkaDiffusion
 from nested_unet import PRESETS, NestedUNet, NestedUNetConfig, grow, preset, summary, to_device
@@ -67,20 +69,12 @@ def parse_sizes(s: str) -> list[tuple[int, int]]:
         raise SystemExit(f"train.py: --res {s}: expected sizes like 64,256 (or 64,16x64 for video: frames x size)")
 
 
-def int_list(s: str) -> list[int]:
-    try:
-        return [int(v) for v in s.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated integers, e.g. 64,256")
-
-
-def float_list(s: str) -> list[float]:
-    return [float(v) for v in s.split(",")]
+int_list, float_list = utils.comma_list(int, "300,800"), utils.comma_list(float, "1,4")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and stages")
     g.add_argument("--config", default="CPU-S16S32", help="a preset of nested_unet.py, or a JSON config file")
     g.add_argument("--res", default="16,32", help="top resolution of each stage, e.g. 64,256 (video: 64,16x64)")
@@ -159,7 +153,15 @@ def fill_recipe(args):
 
 def load_model_config(name: str) -> NestedUNetConfig:
     if name.endswith(".json"):
-        return NestedUNetConfig(**json.loads(Path(name).read_text()))
+        # A config file as `NestedUNetConfig.to_dict()` writes it (inner levels nested).
+        try:
+            return NestedUNetConfig(**json.loads(Path(name).read_text()))
+        except OSError as e:
+            raise SystemExit(f"train.py: --config {name}: cannot read it ({e.strerror})")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SystemExit(f"train.py: --config {name}: not valid JSON ({e})")
+        except (TypeError, ValueError) as e:           # unknown keys, or values the config refuses
+            raise SystemExit(f"train.py: --config {name}: not a NestedUNet config: {e}")
     if name in video.VIDEO_PRESETS:
         return video.preset(name)
     if name not in PRESETS:
@@ -169,10 +171,44 @@ def load_model_config(name: str) -> NestedUNetConfig:
 
 
 def check_args(args, world_size: int, cfg: NestedUNetConfig):
-    """Every mistake we can see before training starts, said in words (STYLE point 9)."""
+    """Every mistake we can see before training starts, each said in one line that names the
+    flag, its value and what is expected."""
     def fail(msg):
         raise SystemExit(f"train.py: {msg}")
 
+    pos_int, nonneg_int = utils.at_least(1), utils.at_least(0)
+    utils.check_flags("train.py", args, [
+        ("--steps", pos_int, "at least 1 step per stage, e.g. 300,800"),
+        ("--batch", pos_int, "a batch of at least 1 per stage, e.g. 64,32"),
+        ("--accum", pos_int, "at least 1 micro-batch per step"),
+        ("--data-limit", nonneg_int, "a number of images >= 0 (0: all)"),
+        ("--workers", nonneg_int, "a number of loader processes >= 0"),
+        ("--lr", utils.positive, "a positive learning rate, e.g. 1e-4"),
+        ("--warmup", nonneg_int, "a number of warm-up steps >= 0"),
+        ("--clip", lambda v: v > 0, "a positive gradient norm (inf: no clipping)"),
+        ("--ema", lambda v: utils.finite(v) and 0 <= v < 1, "an EMA decay in [0, 1), e.g. 0.9999"),
+        ("--ema-power", utils.positive, "a positive EMA warm-up power, e.g. 0.667"),
+        ("--high-res-fraction", lambda v: utils.finite(v) and 0 < v <= 1, "a fraction in (0, 1]"),
+        ("--cond-drop", lambda v: utils.finite(v) and 0 <= v < 1, "a dropout probability in [0, 1), e.g. 0.1"),
+        ("--loss-weights", utils.at_least(0), "weights >= 0, one per level, e.g. 1,4"),
+        ("--shift-power", utils.at_least(0), "an exponent >= 0 (2: SNR / s^2; 1: the official 256 px model)"),
+        ("--seed", nonneg_int, "an integer >= 0"),
+        ("--log-every", pos_int, "a number of steps >= 1"),
+        ("--ckpt-every", pos_int, "a number of steps >= 1"),
+        ("--sample-every", pos_int, "a number of steps >= 1"),
+        ("--sample-steps", pos_int, "at least 1 sampling step"),
+        ("--sample-guidance", utils.finite, "a finite guidance scale, e.g. 3"),
+        ("--eval-every", nonneg_int, "a number of steps >= 0 (0: never)"),
+        ("--eval-samples", utils.at_least(2), "at least 2 images (a covariance needs 2)"),
+        ("--eval-real", utils.at_least(2), "at least 2 images (a covariance needs 2)"),
+        ("--eval-steps", pos_int, "at least 1 sampling step"),
+        ("--stop-after", nonneg_int, "a number of steps >= 0 (0: run to the end)"),
+    ])
+    utils.check_device("train.py", args.device)
+    if args.name is not None and (not args.name.strip() or "/" in args.name or args.name in (".", "..")):
+        fail(f"--name {args.name!r}: expected a folder name (no '/'), e.g. --name my-run")
+    if args.loss_weights is not None and not any(args.loss_weights):
+        fail(f"--loss-weights {fmt(args.loss_weights)}: at least one weight must be > 0")
     sizes = parse_sizes(args.res)
     if not (len(sizes) == len(args.steps) == len(args.batch)):
         fail(f"--res {args.res}, --steps {fmt(args.steps)} and --batch {fmt(args.batch)} must have "
@@ -197,7 +233,8 @@ def check_args(args, world_size: int, cfg: NestedUNetConfig):
     if not 0 < args.high_res_fraction <= 1:
         fail(f"--high-res-fraction {args.high_res_fraction}: must be in (0, 1]")
     if args.loss_weights is not None and len(args.loss_weights) != len(levels):
-        fail(f"--loss-weights needs one weight per level of the model ({fmt(levels)})")
+        fail(f"--loss-weights {fmt(args.loss_weights)}: expected one weight per level of the model, "
+             f"lowest first ({len(levels)}: {names})")
     if args.channels_last and cfg.frames > 1:
         fail("--channels-last is for images (4-D tensors); a video model's inputs are 5-D")
     if args.eval_every and (args.streaming or cfg.frames > 1):
@@ -375,13 +412,19 @@ def atomic_save(obj, path: Path, save_fn=torch.save):
 
 
 def rng_states() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every generator's state as tensors, numbers and tuples only, so that checkpoint.pt
+    loads with torch.load(weights_only=True): numpy's state is (name, 624 uint32 keys, pos,
+    has_gauss, cached_gaussian), its key array is stored as an int64 tensor."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_states(s: dict):
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(s["python"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -512,14 +555,16 @@ def find_run(args) -> Path | None:
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
-    is_main = rank == 0
+    world = int(os.environ.get("WORLD_SIZE", 1))   # torchrun's; the processes start below, after the checks
 
     # -- resume: the run's own arguments win, the command line only says where it is --
     run_dir = find_run(args)
     ckpt = None
     if run_dir is not None:
-        ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+        try:
+            ckpt = utils.load_torch_file(run_dir / "checkpoint.pt")
+        except ValueError as e:
+            raise SystemExit(f"train.py: --resume: {e}")
         keep = {"resume": args.resume, "device": args.device, "workers": args.workers}
         defaults = vars(parse_args([]))            # for options newer than the checkpoint
         args = argparse.Namespace(**{**defaults, **ckpt["args"], **keep})
@@ -528,6 +573,8 @@ def main(argv=None):
     fill_recipe(args)
     cfg_full = load_model_config(args.config)
     check_args(args, world, cfg_full)
+    rank, world, device = setup_distributed(args.device)
+    is_main = rank == 0
 
     # -- data (its checks run before any model is built). Each stage reads its images at its
     # own top resolution, as the paper's stages do (its 64x64 stage is a 64x64 training run).
@@ -561,11 +608,17 @@ def main(argv=None):
     cond_kind = args.cond if args.cond != "auto" else ("text" if has_text else "label" if class_names else "none")
     if cond_kind == "label" and not class_names:
         raise SystemExit(f"train.py: --cond label: {args.data} has no class labels")
+    if cond_kind == "text" and not has_text:
+        raise SystemExit(f"train.py: --cond text: {args.data} has no captions (--caption-column "
+                         f"{args.caption_column})")
     # The text encoder is frozen (FLAN-T5 XL in the paper; MiniLM offline here):
     # it runs without gradients, and only the model's own projection of its features trains.
     encoder = None
     if cond_kind == "text":                        # a stream's captions do not come back: no cache
-        encoder = data.TextEncoder(args.text_encoder, device=device, **({"cache_size": 0} if args.streaming else {}))
+        try:
+            encoder = data.TextEncoder(args.text_encoder, device=device, **({"cache_size": 0} if args.streaming else {}))
+        except ValueError as e:
+            raise SystemExit(f"train.py: {e}")
     if encoder is not None and not args.streaming:
         if base.captions is not None:
             encoder(list(dict.fromkeys(base.captions)))   # a fixed caption set: encode it once, now
@@ -593,7 +646,13 @@ def main(argv=None):
     # A video model's levels are built by video.py (temporal attention, time-axis resampling);
     # everything else in this script is the same for images and video.
     build = video.build_level if is_video else NestedUNet
-    make_diffusion = video.diffusion_for if is_video else MatryoshkaDiffusion.for_model
+
+    def make_diffusion(model):
+        """The diffusion process of a stage's model. --loss-weights gives one weight per level
+        of the whole model, lowest first; a stage takes those of its own levels."""
+        n = len(model.levels())
+        stage_cfg = dataclasses.replace(dcfg, loss_weights=dcfg.loss_weights[:n] if dcfg.loss_weights else None)
+        return (video.diffusion_for if is_video else MatryoshkaDiffusion.for_model)(model, stage_cfg)
     def build_stage(stage, model=None, ema=None):
         """Stage 0 builds the innermost model; a later stage grows the previous one."""
         cfg = cfg_full.truncated(sizes[stage][1], sizes[stage][0])
@@ -617,7 +676,7 @@ def main(argv=None):
         # A fresh optimizer per stage (the grown model has new parameters), with its own
         # warm-up: appendix B's 30k steps, or a tenth of a short stage.
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
-        warm = args.warmup if args.warmup is not None else min(30_000, max(1, args.steps[stage] // 10))
+        warm = max(1, args.warmup if args.warmup is not None else min(30_000, args.steps[stage] // 10))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return model, ema, opt, sched
 
@@ -652,11 +711,14 @@ def main(argv=None):
         return torch.compile(m) if args.compile else m
 
     train_model = wrap(model)
-    diffusion = make_diffusion(model, dcfg)
+    diffusion = make_diffusion(model)
     # --batch is the global batch of a step: world processes x accum micro-batches x micro.
     micro = args.batch[stage] // (world * args.accum)
     batches = Batches(dataset, args, micro, rank, world, **(ckpt["data"] if ckpt else {}))
-    meta = {"model_config": cfg_full.to_dict(), "diffusion_config": vars(dcfg), "cond": cond_kind,
+    # What sample.py needs besides the weights. The model and diffusion configs are those of
+    # the current stage (written at save time): a file saved before the last stage holds the
+    # weights of a smaller model, and its metadata must say so.
+    meta = {"cond": cond_kind,
             "text_encoder": args.text_encoder if encoder else None, "class_names": class_names,
             "data": args.data, "res": args.res, "video": is_video, "data_limit": args.data_limit}
 
@@ -681,7 +743,7 @@ def main(argv=None):
         # grids of successive steps start from the same noise and differ by training alone.
         if grid_cond is None:
             return
-        sd = make_diffusion(ema, dcfg)
+        sd = make_diffusion(ema)
         with autocast:
             levels = sd.sample(ema, grid_cond, batch_size=len(grid_captions or [0] * 8), sampler="ddim",
                                num_inference_steps=args.sample_steps, guidance_scale=args.sample_guidance,
@@ -707,7 +769,7 @@ def main(argv=None):
         import evaluate
         t0 = time.perf_counter()
         with autocast:
-            images, labels = evaluate.generate_set(ema, make_diffusion(ema, dcfg), cond_kind, args.eval_samples,
+            images, labels = evaluate.generate_set(ema, make_diffusion(ema), cond_kind, args.eval_samples,
                                                    class_names, eval_captions, encoder, guidance=1.0,
                                                    steps=args.eval_steps, seed=1234)
         row = {"step": step, "eval_fd_effnet": evaluate.fd_effnet(images, evaluator["real"], evaluator["features"]),
@@ -728,12 +790,13 @@ def main(argv=None):
         if dist.is_initialized():
             states = [None] * world
             dist.all_gather_object(states, rng_states())
+        stage_meta = {**meta, "model_config": ema.config.to_dict(), "diffusion_config": vars(diffusion.config)}
         if is_main:
             atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "step": step, "stage": stage, "rng": states,
-                         "data": batches.state(), "args": vars(args), "meta": meta,
+                         "data": batches.state(), "args": vars(args), "meta": stage_meta,
                          "train_time": train_time["s"]}, run_dir / "checkpoint.pt")
-            export_ema(run_dir / "ema.safetensors", ema, {**meta, "step": step})
+            export_ema(run_dir / "ema.safetensors", ema, {**stage_meta, "step": step})
 
     # A polite stop (Ctrl-C, SIGTERM from a cluster) saves before exiting; SIGKILL cannot be
     # caught, and then the last checkpoint (at most --ckpt-every steps old) is what remains.
@@ -750,7 +813,7 @@ def main(argv=None):
     eval_captions = None
     if cond_kind == "text" and not args.streaming:
         eval_captions = [base.captions[i] for i in np.random.default_rng(1).permutation(len(base))]
-    loss_sum = torch.zeros(len(model.resolutions), device=device)
+    loss_sum = torch.zeros(len(model.resolutions) + 1, device=device)   # per level, then the total
     n_logged, t_log, wait = 0, time.perf_counter(), 0.0
     stage_start = ckpt is None
     try:
@@ -779,7 +842,7 @@ def main(argv=None):
                     (loss / args.accum).backward()    # the mean over micro-batches, as one big batch
                 # Summed on the device, read once per log interval: reading a loss every step
                 # (.item()) would make the CPU wait for the GPU at every step.
-                loss_sum += torch.stack(per_level).detach() / args.accum
+                loss_sum += torch.stack([*per_level, loss]).detach() / args.accum
                 nonfinite |= ~torch.isfinite(loss.detach())
             # Appendix B: gradients clipped at norm 2.0, Adam, linear warm-up, then the EMA.
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -792,12 +855,12 @@ def main(argv=None):
             bar.update(1)
 
             if step % args.log_every == 0 or step == stage_ends[stage]:
-                losses = (mean_over_ranks(loss_sum) / n_logged).tolist()   # the one sync of a log interval
+                *losses, total = (mean_over_ranks(loss_sum) / n_logged).tolist()   # the one sync of a log interval
                 if not all(math.isfinite(v) for v in losses) or nonfinite.item():
                     raise FloatingPointError
                 dt = time.perf_counter() - t_log
                 train_time["s"] += dt
-                row = {"step": step, "stage": stage + 1, "time": train_time["s"], "mse_sum": sum(losses),
+                row = {"step": step, "stage": stage + 1, "time": train_time["s"], "mse_sum": sum(losses), "loss": total,
                        "lr": sched.get_last_lr()[0],
                        "steps_per_s": n_logged / dt, "images_per_s": n_logged * args.batch[stage] / dt,
                        "data_wait": wait / dt, "skipped": batches.skipped,
@@ -832,11 +895,11 @@ def main(argv=None):
                 stage += 1
                 model, ema, opt, sched = build_stage(stage, model, ema)
                 train_model = wrap(model)
-                diffusion = make_diffusion(model, dcfg)
+                diffusion = make_diffusion(model)
                 dataset = make_dataset(sizes[stage])
                 batches = Batches(dataset, args, args.batch[stage] // (world * args.accum), rank, world,
                                   **batches.state())
-                loss_sum = torch.zeros(len(model.resolutions), device=device)
+                loss_sum = torch.zeros(len(model.resolutions) + 1, device=device)
                 stage_start = True
                 if is_main:
                     bar.write(f"stage {stage + 1}: grown to {fmt(fmt_size(s) for s in model.config.level_sizes())}\n"

@@ -44,19 +44,17 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import data
+import utils
 from diffusion import DiffusionConfig, MatryoshkaDiffusion
 from nested_unet import (PAPER, NestedUNet, NestedUNetConfig, _CPU, _S64, _TINY_INNER, find_weights, load_weights,
                          summary, zero_init)
 
 # ---------------------------------------------------------------------------------------
 # Layers with a time axis. Inside a video level a tensor is (B * T, C, H, W): the frames of
-# each sample side by side in the batch. T is read off as rows / samples, the number of
-# rows of the per-sample embedding.
+# each sample side by side in the batch. Each layer knows its T from the config (the
+# temporal resolution it works at), not from the batch: under mixed-resolution training a
+# level may receive no sample at all (B = 0), and 0 rows say nothing about T.
 # ---------------------------------------------------------------------------------------
-
-
-def frames_of(x: torch.Tensor, emb: torch.Tensor) -> int:
-    return x.shape[0] // emb.shape[0]
 
 
 def frame_position_embedding(n: int, stride: int, dim: int, device) -> torch.Tensor:
@@ -74,16 +72,16 @@ class TemporalAttention(nn.Module):
     new temporal layer starts as the identity, so an image model grown into a video model
     first denoises every frame as it would denoise an image."""
 
-    def __init__(self, channels: int, num_heads: int, stride: int):
+    def __init__(self, channels: int, num_heads: int, frames: int, stride: int):
         super().__init__()
-        self.num_heads, self.stride = num_heads, stride
+        self.num_heads, self.frames, self.stride = num_heads, frames, stride
         self.norm, self.qkv = nn.LayerNorm(channels), nn.Linear(channels, 3 * channels)
         self.proj_out = zero_init(nn.Linear(channels, channels))
         self.ffn = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, 4 * channels), nn.GELU(),
                                  zero_init(nn.Linear(4 * channels, channels)))
 
     def forward(self, x, emb, tokens=None, mask=None):
-        T = frames_of(x, emb)
+        T = self.frames
         BT, C, H, W = x.shape
         seq = x.reshape(BT // T, T, C, H * W).permute(0, 3, 1, 2).reshape(-1, T, C)   # (B*H*W, T, C)
         h = self.norm(seq) + frame_position_embedding(T, self.stride, C, x.device).to(seq.dtype)
@@ -95,31 +93,32 @@ class TemporalAttention(nn.Module):
 
 class FrameDownsample(nn.Module):
     """Halve the frames by first-frame indexing (keep frames 0, 2, 4, ...), then a per-frame
-    3x3 conv. No frame is mixed with another."""
+    3x3 conv. No frame is mixed with another. `frames`: the frames it receives."""
 
-    def __init__(self, channels: int, factor: int):
+    def __init__(self, channels: int, factor: int, frames: int):
         super().__init__()
-        self.factor, self.conv = factor, nn.Conv2d(channels, channels, 3, padding=1)
+        self.factor, self.frames = factor, frames
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, emb, *args):
-        T = frames_of(x, emb)
-        x = x.unflatten(0, (-1, T))[:, :: self.factor].flatten(0, 1)
+        x = x.unflatten(0, (-1, self.frames))[:, :: self.factor].flatten(0, 1)
         return self.conv(x)
 
 
 class FrameUpsample(nn.Module):
     """The way back: each feature returns to the frame it came from; the frames in between
     get zeros (their information arrives through the skip connections and, from the other
-    frames, through temporal attention). Then a per-frame 3x3 conv."""
+    frames, through temporal attention). Then a per-frame 3x3 conv. `frames`: the frames it
+    receives."""
 
-    def __init__(self, channels: int, factor: int):
+    def __init__(self, channels: int, factor: int, frames: int):
         super().__init__()
-        self.factor, self.conv = factor, nn.Conv2d(channels, channels, 3, padding=1)
+        self.factor, self.frames = factor, frames
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, emb, *args):
-        T = frames_of(x, emb)
-        y = x.unflatten(0, (-1, T))
-        out = y.new_zeros(y.shape[0], T * self.factor, *y.shape[2:])
+        y = x.unflatten(0, (-1, self.frames))
+        out = y.new_zeros(y.shape[0], self.frames * self.factor, *y.shape[2:])
         out[:, :: self.factor] = y
         return self.conv(out.flatten(0, 1))
 
@@ -139,8 +138,7 @@ class VideoNestedUNet(NestedUNet):
         return z.flatten(0, 1) if z.dim() == 5 else z          # (B, T, C, H, W) -> (B * T, C, H, W)
 
     def unfold_output(self, x, batch):
-        T = x.shape[0] // batch
-        return x.unflatten(0, (batch, T)) if self.config.frames > 1 else x
+        return x.unflatten(0, (batch, self.config.frames)) if self.config.frames > 1 else x
 
 
 class TemporalUNet(VideoNestedUNet):
@@ -155,16 +153,16 @@ class TemporalUNet(VideoNestedUNet):
         c = self.config
         stride = c.temporal_resolutions[0] // c.temporal_resolutions[i]
         for _ in range((c.num_temporal_attn_layers_per_block or [0] * len(c.resolution_channels))[i]):
-            stage.append(TemporalAttention(out_ch, c.num_heads, stride))
+            stage.append(TemporalAttention(out_ch, c.num_heads, c.temporal_resolutions[i], stride))
         return stage
 
     def make_downsample(self, ch, i):
         t = self.config.temporal_resolutions
-        return FrameDownsample(ch, t[i] // t[i + 1])
+        return FrameDownsample(ch, t[i] // t[i + 1], t[i])
 
     def make_upsample(self, ch, i):
         t = self.config.temporal_resolutions
-        return FrameUpsample(ch, t[i - 1] // t[i])
+        return FrameUpsample(ch, t[i - 1] // t[i], t[i])
 
 
 def build_level(config: NestedUNetConfig) -> NestedUNet:
@@ -404,8 +402,11 @@ def load_video(ckpt, device):
         path = find_weights(ckpt) if ckpt else newest_video_run()
     except FileNotFoundError as err:
         raise SystemExit(f"video.py: {err}")
-    model, meta = load_weights(path, model_class=build_level, device=device)
-    encoder = data.TextEncoder(meta["text_encoder"], device=device)
+    try:
+        model, meta = load_weights(path, model_class=build_level, device=device)
+        encoder = data.TextEncoder(meta["text_encoder"], device=device)
+    except ValueError as err:
+        raise SystemExit(f"video.py: {err}")
     return model, meta, encoder, diffusion_for(model, DiffusionConfig(**meta["diffusion_config"]))
 
 
@@ -446,6 +447,37 @@ def evaluate(model, diffusion, encoder, names, n_clips=48, **kw):
     return float(np.mean([p == t for p, t in zip(pred, truth)])), per_motion, clips, captions
 
 
+def parse_args(argv):
+    p = utils.ArgumentParser(prog="video.py", description=__doc__.strip().split("\n\n")[0],
+                             epilog="python video.py MDM-S64T16S256 (or any video preset) prints its summary; "
+                                    "`python video.py train` takes train.py's flags (python train.py --help)")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=utils.ArgumentParser)
+    sub.add_parser("train", help="the CPU demo, through train.py (its flags are train.py's)", add_help=False)
+    for cmd, what in (("sample", "a GIF and the frames of every level"),
+                      ("evaluate", "does the motion follow the caption?")):
+        c = sub.add_parser(cmd, help=what)
+        c.add_argument("prompt", nargs="?", default="grinning face moving to the right")
+        c.add_argument("--ckpt", default=None, help="a run folder or ema.safetensors (default: the newest video run)")
+        c.add_argument("--num-clips", type=int, default=4)
+        c.add_argument("--num-inference-steps", type=int, default=50)
+        c.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
+        c.add_argument("--guidance-scale", type=float, default=4.0)
+        c.add_argument("--seed", type=int, default=0)
+        c.add_argument("--out", default=None)
+    a, rest = p.parse_known_args(argv)
+    if a.cmd != "train" and rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    a.rest = rest
+    if a.cmd != "train":
+        utils.check_flags("video.py", a, [
+            ("--num-clips", utils.at_least(1), "at least 1 clip"),
+            ("--num-inference-steps", utils.at_least(1), "at least 1 step"),
+            ("--guidance-scale", utils.finite, "a finite guidance scale (1: no guidance), e.g. 4"),
+            ("--seed", utils.at_least(0), "an integer >= 0"),
+        ])
+    return a
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in VIDEO_PRESETS:
@@ -453,30 +485,21 @@ def main(argv=None):
         with torch.device("meta"):
             print(summary(build_level(preset(name)), name))
         return
-    if argv[0] == "train":       # train.py does the training; these are the demo's defaults
-        cmd = [sys.executable, str(Path(__file__).with_name("train.py"))] + DEMO + argv[1:]
+    a = parse_args(argv)
+    if a.cmd == "train":         # train.py does the training; these are the demo's defaults
+        cmd = [sys.executable, str(Path(__file__).with_name("train.py"))] + DEMO + a.rest
         raise SystemExit(subprocess.call(cmd))
-    p = argparse.ArgumentParser(prog=f"video.py {argv[0]}")
-    p.add_argument("prompt", nargs="?", default="grinning face moving to the right")
-    p.add_argument("--ckpt", default=None)
-    p.add_argument("--num-clips", type=int, default=4)
-    p.add_argument("--num-inference-steps", type=int, default=50)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    p.add_argument("--guidance-scale", type=float, default=4.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv[1:])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, meta, encoder, diffusion = load_video(a.ckpt, device)
     kw = dict(steps=a.num_inference_steps, sampler=a.sampler, guidance=a.guidance_scale, device=device)
-    if argv[0] == "sample":
+    if a.cmd == "sample":
         levels = sample_clips(model, diffusion, encoder, [a.prompt] * a.num_clips, seed=a.seed, **kw)
         prefix = Path(a.out or Path("samples") / ("video-" + "-".join(a.prompt.split())[:50]))
         prefix.parent.mkdir(parents=True, exist_ok=True)
         save_gif(levels[-1], f"{prefix}.gif")
         save_levels_figure(levels, f"{prefix}-levels.png")
         print(f"wrote {prefix}.gif, {prefix}-levels.png")
-    elif argv[0] == "evaluate":
+    else:                        # evaluate
         ds = EmojiMotion(size=model.resolutions[-1], frames=model.config.frames)
         names = ds.names                             # the emoji the model was trained on
         acc, per_motion, clips, captions = evaluate(model, diffusion, encoder, names, n_clips=max(a.num_clips, 32), **kw)
@@ -489,8 +512,6 @@ def main(argv=None):
                   "steps": a.num_inference_steps, "guidance_scale": a.guidance_scale}
         Path(f"{out}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
-    else:
-        raise SystemExit(f"video.py: unknown command {argv[0]!r}: train, sample, evaluate, or a preset name")
 
 
 if __name__ == "__main__":
