@@ -319,9 +319,14 @@ class TextEncoder:
     padding mask (B, L). "minilm" is the offline default; any name or path that
     `transformers` can load works, T5 models through their encoder alone (the paper's
     "google/flan-t5-xl"). Each caption's features are cached on the CPU after their first
-    computation, so a fixed caption set (emoji, class names) is encoded once."""
+    computation, so a fixed caption set (emoji, class names) is encoded once.
 
-    def __init__(self, name: str = "minilm", device="cpu", max_length: int = 128, cache_size: int = 200_000):
+    tokenization="ml-mdm": split captions into T5 pieces as the released models' code did
+    (mdm_token_ids below), not as the Hugging Face tokenizer does, so that they see the
+    token ids they were trained on."""
+
+    def __init__(self, name: str = "minilm", device="cpu", max_length: int = 128, cache_size: int = 200_000,
+                 tokenization: str = "hf"):
         from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
 
         path = minilm_path() if name == "minilm" else name
@@ -342,15 +347,28 @@ class TextEncoder:
         self.dim = config.d_model if hasattr(config, "d_model") else config.hidden_size
         self.cache: dict[str, torch.Tensor] = {}
         self.cache_size = cache_size
+        if tokenization not in ("hf", "ml-mdm"):
+            raise ValueError(f"tokenization={tokenization!r}: expected 'hf' or 'ml-mdm'")
+        self.tokenization = tokenization
+        self.pieces = unigram_pieces(self.tokenizer) if tokenization == "ml-mdm" else None
+
+    def tokenize(self, captions: list[str]):
+        """-> token ids (B, L) and their mask (B, L) bool, padded to the longest caption."""
+        if self.pieces is None:
+            tok = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt")
+            return tok["input_ids"], tok["attention_mask"].bool()
+        rows = [mdm_token_ids(c, self.pieces, self.max_length) for c in captions]
+        L = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (L - len(r)) for r in rows])   # T5's pad id is 0
+        return ids, ids != 0
 
     @torch.no_grad()
     def encode_batch(self, captions: list[str]):
         """-> features (B, L, dim) float32 on the encoder's device, zero where padded, and the
         (B, L) padding mask on the CPU (None when nothing is padded), as pad_tokens gives."""
-        tok = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        mask = tok["attention_mask"].bool()        # on the CPU: nothing below asks the device
-        ids, am = to_device(tok["input_ids"], self.device), to_device(tok["attention_mask"], self.device)
+        ids, mask = self.tokenize(captions)        # on the CPU: nothing below asks the device
+        ids, am = to_device(ids, self.device), to_device(mask.long(), self.device)
         # In the encoder's own precision even inside a caller's bf16 autocast: the features
         # must be those the model was trained with.
         with torch.autocast(torch.device(self.device).type, enabled=False):
@@ -385,6 +403,60 @@ class TextEncoder:
         if mask is not None:
             cond["text_mask"] = to_device(mask, device)
         return cond
+
+
+def unigram_pieces(tokenizer) -> dict[str, tuple[int, float]]:
+    """A T5 tokenizer's SentencePiece vocabulary: piece (its "\u2581" written as a space, as
+    the released code keys it) -> (id, cost = -log probability)."""
+    import json
+    if hasattr(tokenizer, "sp_model"):             # the slow tokenizer: the sentencepiece model itself
+        sp = tokenizer.sp_model
+        vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    else:                                           # the fast one: its Unigram model, as JSON
+        model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+        if model.get("type") != "Unigram":
+            raise ValueError(f"tokenization 'ml-mdm' needs a T5 (SentencePiece unigram) tokenizer, not {model.get('type')}")
+        vocab = [tuple(v) for v in model["vocab"]]
+    pieces = {p.replace("\u2581", " "): (i, -score) for i, (p, score) in enumerate(vocab)}
+    for token, i in tokenizer.get_added_vocab().items():   # <extra_id_N>: in their vocabulary file too
+        pieces.setdefault(token.replace("\u2581", " "), (i, 0.0))
+    return pieces
+
+
+def mdm_token_ids(text: str, pieces: dict, max_length: int = 128, max_chars: int = 512) -> list[int]:
+    """Token ids of a caption as the released models' code computed them (its reader and
+    tokenizer): the caption, cut to 512 characters, gets one leading space; it is split into
+    the pieces of least total cost (-log probability: the unigram model's most likely split,
+    found by dynamic programming); characters no piece covers are dropped; the end-of-text id
+    1 follows, and the whole is cut to `max_length` (a long caption loses its end id).
+
+    For ordinary single-spaced prompts this is what the Hugging Face T5 tokenizer gives; it
+    differs for the empty prompt (the unconditional input of guidance: [3, 1], the piece of a
+    lone space and the end, where Hugging Face gives [1]), repeated or trailing spaces,
+    characters outside the vocabulary, and text that NFKC would normalise."""
+    s = " " + text[:max_chars]
+    longest = max(len(p) for p in pieces)
+    INF = float("inf")
+    best, back = [0.0] + [INF] * len(s), [None] * (len(s) + 1)     # best[j]: cost of s[:j]
+    for i in range(len(s)):
+        if best[i] == INF:
+            continue
+        matched = False
+        for j in range(i + 1, min(len(s), i + longest) + 1):
+            hit = pieces.get(s[i:j])
+            if hit is not None:
+                matched = True
+                if best[i] + hit[1] < best[j]:
+                    best[j], back[j] = best[i] + hit[1], (i, hit[0])
+        if not matched and best[i] < best[i + 1]:  # a character no piece starts with: dropped
+            best[i + 1], back[i + 1] = best[i], (i, None)
+    ids, j = [], len(s)
+    while j > 0:
+        i, token = back[j]
+        if token is not None:
+            ids.append(token)
+        j = i
+    return (ids[::-1] + [1])[:max_length]
 
 
 def pad_tokens(feats: list[torch.Tensor]):

@@ -33,7 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nested_unet import parse_schedule, preset
+import numpy as np
+
+from nested_unet import parse_schedule, preset, split_schedule
 
 # ---------------------------------------------------------------------------------------
 # 1. Schedules
@@ -66,6 +68,36 @@ def cosine_logsnr(t: torch.Tensor, logsnr_min: float = -15.0, logsnr_max: float 
 
 def shifted_logsnr(t, shift: float, power: float = 2.0, logsnr_min=-15.0, logsnr_max=15.0):
     return cosine_logsnr(t, logsnr_min, logsnr_max) - power * math.log(shift)
+
+
+# The released models were trained with a discrete schedule instead: diffusers'
+# "squaredcos_cap_v2" (Nichol & Dhariwal 2021's cosine, offset 0.008, each beta capped at
+# 0.999) over steps k = 1..1000, whose alpha^2 is alpha_bar_k = prod_{j <= k} (1 - beta_j).
+# Here step k is the time t = k / 1000, and its log-SNR log(alpha_bar / (1 - alpha_bar)) is
+# shifted per level as above (their 256 px model divides the SNR by 4, their 1024 px model
+# by 16 and 256: in our names "shift2", "shift4", "shift16" with power 2).
+
+def squaredcos_cap_v2(num_steps: int = 1000) -> torch.Tensor:
+    """alpha_bar_k for k = 0..num_steps (alpha_bar_0 = 1), computed in float64 and stored in
+    float32, as the released models' schedule was."""
+    f = [math.cos((k / num_steps + 0.008) / 1.008 * math.pi / 2) ** 2 for k in range(num_steps + 1)]
+    betas = torch.tensor([0.0] + [min(1 - f[k + 1] / f[k], 0.999) for k in range(num_steps)], dtype=torch.float64)
+    return torch.exp(torch.cumsum(torch.log1p(-betas), 0)).float()
+
+
+_ALPHA_BAR = squaredcos_cap_v2()
+
+
+def discrete_logsnr(t: torch.Tensor, shift: float, power: float = 2.0) -> torch.Tensor:
+    """The log-SNR of step k = round(1000 t) of squaredcos_cap_v2, shifted: +inf at t = 0.
+    The shift divides the SNR in float32, as the released models' tables were computed: the
+    noise levels they were trained at, to the last bit (1 - alpha_bar of a step near k = 0
+    differs by up to 1e-4 relative from the float64 shift)."""
+    abar = _ALPHA_BAR.to(t.device)[(1000 * t.double()).round().long().clamp(0, 1000)]
+    if shift != 1:
+        abar = 1 / (1 + 1 / (abar / (1 - abar) / shift ** power))
+    abar = abar.double()
+    return torch.log(abar) - torch.log1p(-abar)
 
 
 def alpha_sigma(logsnr: torch.Tensor):
@@ -101,13 +133,27 @@ def bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # 5a. Guidance and thresholding (appendix C)
 # ---------------------------------------------------------------------------------------
 
-def dynamic_threshold(x: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
+def dynamic_threshold(x: torch.Tensor, percentile: float = 0.995, max_scale: float = math.inf) -> torch.Tensor:
     """Imagen's dynamic thresholding (Saharia et al., 2022): s is the `percentile` of |x| per
     sample, never below 1; x is clipped to [-s, s] and divided by s. It keeps a strongly
     guided prediction inside the image range without flattening it to +-1."""
-    s = torch.quantile(x.flatten(1).abs().float(), percentile, dim=1).clamp(min=1.0)
+    s = torch.quantile(x.flatten(1).abs().float(), percentile, dim=1).clamp(min=1.0, max=max_scale)
     s = bcast(s, x)
     return x.clamp(-s, s) / s
+
+
+# The thresholding modes of the predicted x, applied at every step: Imagen's (above); the
+# "dynamic" one of the released models' demo (DeepFloyd IF's: the 95th percentile, s kept in
+# [1, 1.5]); plain clipping to [-1, 1]; none.
+THRESHOLDING = {"imagen": (0.995, math.inf), "deepfloyd": (0.95, 1.5), "clip": None, "none": None}
+
+
+def threshold(x: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "clip":
+        return x.clamp(-1, 1)
+    if mode == "none":
+        return x
+    return dynamic_threshold(x, *THRESHOLDING[mode])
 
 
 def guided_v(v_cond, v_null, guidance_scale: float):
@@ -145,12 +191,15 @@ class DiffusionConfig:
     downsample: str = "avg"           # D^r: "avg" pooling (exact for integer ratios) or "bilinear"
     loss_weights: list | None = None  # extra weight per resolution, lowest first (official 1024: 1, 4, 16)
     loss_levels: str = "all"          # "all": Eq. 3; "top": only the highest resolution (simple DM)
+    thresholding: str = "imagen"      # of the predicted x while sampling: "imagen", "deepfloyd", "clip", "none"
 
     def __post_init__(self):
         if self.downsample not in ("avg", "bilinear"):
             raise ValueError(f"downsample={self.downsample!r}: expected 'avg' or 'bilinear'")
         if self.loss_levels not in ("all", "top"):
             raise ValueError(f"loss_levels={self.loss_levels!r}: expected 'all' or 'top'")
+        if self.thresholding not in THRESHOLDING:
+            raise ValueError(f"thresholding={self.thresholding!r}: expected one of {', '.join(THRESHOLDING)}")
 
 
 class MatryoshkaDiffusion:
@@ -168,6 +217,8 @@ class MatryoshkaDiffusion:
     def __init__(self, resolutions, schedules, config: DiffusionConfig | None = None, downsample_fn=None):
         self.resolutions = list(resolutions)
         self.shifts = [parse_schedule(s) for s in schedules]
+        # "cosine" (continuous time) or "squaredcos_cap_v2" (the released models' 1000 steps)
+        self.base = split_schedule(schedules[0])[0]
         self.config = config or DiffusionConfig()
         if self.config.loss_weights is not None and len(self.config.loss_weights) != len(self.resolutions):
             raise ValueError(f"loss_weights={self.config.loss_weights} needs one weight per resolution "
@@ -183,7 +234,24 @@ class MatryoshkaDiffusion:
     # -- 1. schedules, per level --
     def logsnr(self, t: torch.Tensor, level: int) -> torch.Tensor:
         c = self.config
+        if self.base == "squaredcos_cap_v2":
+            return discrete_logsnr(t, self.shifts[level], c.shift_power)
         return shifted_logsnr(t, self.shifts[level], c.shift_power, c.logsnr_min, c.logsnr_max)
+
+    def training_times(self, u: torch.Tensor) -> torch.Tensor:
+        """Uniform u in (0, 1) -> the training times: u itself in continuous time; for the
+        discrete schedule a step k uniform in 1..1000, as t = k / 1000."""
+        return (u * 1000).ceil().clamp(1, 1000) / 1000 if self.base == "squaredcos_cap_v2" else u
+
+    def time_grid(self, num_inference_steps: int) -> torch.Tensor:
+        """The times of the sampler, from 1 (noise) to 0 (data): evenly spaced in t; for the
+        discrete schedule the released models' grid, steps round(i * 1001 / (N + 1)), i = N..0
+        (50 steps: 981, 962, ..., 20, 0), as t = k / 1000."""
+        N = num_inference_steps
+        if self.base == "squaredcos_cap_v2":
+            steps = np.round(np.arange(N + 1) * (1001 / (N + 1)))[::-1].copy()     # numpy's round: half to even
+            return torch.from_numpy(steps) / 1000
+        return torch.linspace(1.0, 0.0, N + 1, dtype=torch.float64)
 
     def alpha_sigma(self, t: torch.Tensor, level: int):
         return alpha_sigma(self.logsnr(t, level))
@@ -237,7 +305,7 @@ class MatryoshkaDiffusion:
         xs = self.downsample(x)
         if high_res_batch is not None and len(xs) > 1:
             xs[-1] = xs[-1][:high_res_batch]
-        t = torch.rand(B, device=x.device) if t is None else t
+        t = self.training_times(torch.rand(B, device=x.device) if t is None else t)
         noises = [torch.randn_like(a) for a in xs] if noises is None else noises
         zs = self.add_noise(xs, t, noises)
         v_pred = model(zs, t, **cond)
@@ -272,58 +340,66 @@ class MatryoshkaDiffusion:
     @torch.no_grad()
     def sample(self, model, cond: dict | None = None, batch_size: int = 1, sampler: str = "ddpm",
                num_inference_steps: int = 250, guidance_scale: float = 1.0, negative_cond=None,
-               dynamic_thresholding: bool = True, generator: torch.Generator | None = None,
+               thresholding: str | None = None, eta: float = 0.0, generator: torch.Generator | None = None,
                device=None, dtype=torch.float32, callback=None) -> list:
         """Appendix C: start every resolution from its own independent Gaussian noise, run the
         NestedUNet on all of them in parallel, take one denoising step per resolution with its
         own schedule, repeat. Returns the final images, one tensor per resolution, lowest
         first, in [-1, 1] when thresholded.
 
-        sampler="ddpm": ancestral sampling (Ho et al., 2020) on the continuous-time grid
-        t_i = 1 - i / N; "ddim": the deterministic DDIM update (Song et al., 2021).
-        callback(i, t, zs, x_preds) is called after every step (sample.py --show-steps)."""
+        sampler="ddpm": ancestral sampling (Ho et al., 2020); "ddim": the DDIM update (Song et
+        al., 2021), deterministic with eta = 0, as noisy as DDPM with eta = 1. The time grid is
+        `time_grid`. thresholding: of the predicted x at every step (THRESHOLDING; None: the
+        config's). callback(i, t, zs, x_preds) is called after every step (sample.py --show-steps)."""
         cond = cond or {}
+        thresholding = thresholding or self.config.thresholding
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps}: need at least 1 step")
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler={sampler!r}: expected 'ddpm' or 'ddim'")
+        if thresholding not in THRESHOLDING:
+            raise ValueError(f"thresholding={thresholding!r}: expected one of {', '.join(THRESHOLDING)}")
         device = device or next(model.parameters()).device
         shapes = model.input_shapes(batch_size)
         # The sampler's state stays in float32 (dtype) even when the network runs in bf16.
         zs = [torch.randn(s, generator=generator, device=device, dtype=dtype) for s in shapes]
-        ts = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)
+        ts = self.time_grid(num_inference_steps)
         for i in range(num_inference_steps):
             t, s = ts[i], ts[i + 1]
             vs = self.predict_v(model, zs, t, cond, guidance_scale, negative_cond)
             x_preds = []
             for r, (z, v) in enumerate(zip(zs, vs)):
-                x_pred, z_next = self.step(z, v, t, s, r, sampler, dynamic_thresholding, generator,
-                                           last=(i == num_inference_steps - 1))
+                x_pred, z_next = self.step(z, v, t, s, r, sampler, thresholding, generator,
+                                           last=(i == num_inference_steps - 1), eta=eta)
                 x_preds.append(x_pred)
                 zs[r] = z_next
             if callback is not None:
                 callback(i, float(t), zs, x_preds)
         return zs
 
-    def step(self, z, v, t, s, level, sampler, dynamic_thresholding, generator=None, last=False):
+    def step(self, z, v, t, s, level, sampler, thresholding="imagen", generator=None, last=False, eta=0.0):
         """One update of one resolution from time t to time s < t, with that resolution's own
         schedule. Returns (predicted x, z_s); the last step returns the predicted x itself."""
         lt, ls = (self.logsnr(u.reshape(1), level) for u in (t, s))
         (a_t, s_t), (a_s, s_s) = alpha_sigma(lt), alpha_sigma(ls)
         a_t, s_t, a_s, s_s = (u.to(z.dtype) for u in (a_t, s_t, a_s, s_s))
-        x_pred = x_from_v(z, v.to(z.dtype), a_t, s_t)
-        if dynamic_thresholding:
-            x_pred = dynamic_threshold(x_pred)
+        x_pred = threshold(x_from_v(z, v.to(z.dtype), a_t, s_t), thresholding)
         if last:
             return x_pred, x_pred
-        if sampler == "ddim":
-            # DDIM (eta = 0): keep the predicted noise, move the signal to the level of s.
-            eps = (z - a_t * x_pred) / s_t
-            return x_pred, a_s * x_pred + s_s * eps
-        # DDPM: sample the posterior q(z_s | z_t, x = x_pred) of Eq. 1. With
-        # c = 1 - SNR_t / SNR_s = -expm1(logsnr_t - logsnr_s) (stable for close t and s):
-        #     mean = alpha_s ((1 - c) z_t / alpha_t + c x_pred),   variance = c sigma_s^2
+        # With c = 1 - SNR_t / SNR_s = -expm1(logsnr_t - logsnr_s) (stable for close t and s),
+        # the posterior q(z_s | z_t, x) of Eq. 1 has variance c sigma_s^2.
         c = (-torch.expm1(lt - ls)).to(z.dtype)
+        if sampler == "ddim":
+            # DDIM: keep the predicted noise (from the thresholded x), move the signal to the
+            # level of s; eta > 0 gives back eta^2 of the posterior's variance as fresh noise.
+            eps = (z - a_t * x_pred) / s_t
+            if eta == 0:
+                return x_pred, a_s * x_pred + s_s * eps
+            var = eta ** 2 * c * s_s ** 2
+            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            return x_pred, a_s * x_pred + (s_s ** 2 - var).clamp(min=0).sqrt() * eps + var.sqrt() * noise
+        # DDPM: sample the posterior q(z_s | z_t, x = x_pred):
+        #     mean = alpha_s ((1 - c) z_t / alpha_t + c x_pred),   variance = c sigma_s^2
         mean = a_s * ((1 - c) * z / a_t + c * x_pred)
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         return x_pred, mean + (c * s_s ** 2).sqrt() * noise

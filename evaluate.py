@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import pipeline
 import utils
 
 # ---------------------------------------------------------------------------------------
@@ -286,8 +287,8 @@ def generate_set(model, diffusion, kind, n, class_names=None, captions=None, enc
         else:
             cond = {}
         # [-1]: the highest resolution only, (b, 3, R, R), in [-1, 1] (dynamic thresholding).
-        images.append(diffusion.sample(model, cond, batch_size=b, sampler=sampler, num_inference_steps=steps,
-                                       guidance_scale=guidance, generator=g)[-1].float().cpu())
+        images.append(pipeline.generate(model, diffusion, cond, b, sampler=sampler, num_inference_steps=steps,
+                                        guidance_scale=guidance, generator=g)[-1].float().cpu())
     # (n, 3, R, R) on the CPU, and labels (n,), or n captions, or [] for an unconditional model
     return torch.cat(images), (torch.cat(conds) if kind == "label" else conds)
 
@@ -303,19 +304,11 @@ def autocast(device: str):
 def load_run(ckpt: str, device="cpu"):
     """A trained run (a folder or an ema.safetensors file; None: the newest run in runs/) ->
     (model in eval mode, its metadata, its diffusion process, its text encoder or None)."""
-    from diffusion import DiffusionConfig, MatryoshkaDiffusion
-    from nested_unet import find_weights, load_weights
-    try:                                       # the same rules for --ckpt as sample.py's
-        path = find_weights(ckpt)
-    except FileNotFoundError as err:
-        raise SystemExit(f"evaluate.py: {err}")
     try:
-        model, meta = load_weights(path, device=device)
-        encoder = data.TextEncoder(meta["text_encoder"], device=device) if meta["cond"] == "text" else None
-    except ValueError as err:
+        pipe = pipeline.Pipeline(ckpt, device)
+    except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"evaluate.py: {err}")
-    diffusion = MatryoshkaDiffusion.for_model(model, DiffusionConfig(**meta["diffusion_config"]))
-    return model, meta, diffusion, encoder
+    return pipe.model, pipe.meta, pipe.diffusion, pipe.encoder
 
 
 def dataset_captions(name, res, n, seed=1):

@@ -44,7 +44,9 @@ from torch.utils.checkpoint import checkpoint
 # model. They are copied into every inner config, so each level can be built (and grown)
 # on its own and all levels agree.
 GLOBAL_KEYS = ("emb_channels", "num_lm_attn_layers", "lm_feature_projected_channels",
-               "text_channels", "num_classes", "in_channels", "dropout")
+               "text_channels", "num_classes", "in_channels", "dropout",
+               "strided_downsample", "separate_cross_attention", "mask_cross_attention", "attention_ffn",
+               "level_time_embedding", "text_pool_bias", "timestep_features", "timestep_offset", "null_text")
 
 
 @dataclass
@@ -57,7 +59,8 @@ class NestedUNetConfig:
     num_res_blocks: list = field(default_factory=lambda: [2, 2, 2])
     num_attn_layers_per_block: list = field(default_factory=lambda: [0, 1, 5])
     num_heads: int = 8
-    schedule: str = "cosine"              # "cosine-shift4" = cosine with SNR / 4^2 (diffusion.py)
+    schedule: str = "cosine"              # "cosine-shift4" = cosine with SNR / 4^2 (diffusion.py);
+                                          # "squaredcos_cap_v2-shift4": the released models' discrete schedule
     inner_config: NestedUNetConfig | None = None
     # Whole-model keys of appendix A (GLOBAL_KEYS), set at the outermost level.
     emb_channels: int = 1024              # width of the time (+ condition) embedding
@@ -68,6 +71,21 @@ class NestedUNetConfig:
     num_classes: int = 0                  # class-conditional (ImageNet); 0: no labels
     in_channels: int = 3
     dropout: float = 0.0
+    # How the released models (the paper's authors' code) compute, where it differs from this
+    # project's own architecture. The MDM-flickr presets set them; every default is ours, so
+    # that the paper's presets and the models train.py trained stay what they were. Each is
+    # explained where it is used.
+    strided_downsample: bool = False      # down-sampling: a stride-2 3x3 conv, not avg pooling + 3x3 conv
+    separate_cross_attention: bool = False  # text: its own softmax, added to the pixels' (not one joint softmax)
+    mask_cross_attention: bool = True     # padding tokens are hidden from the cross-attention
+    attention_ffn: str = "layernorm"      # feed-forward after attention: "layernorm", "groupnorm" or "none"
+    level_time_embedding: bool = False    # every level has its own time MLP (not one, in the innermost)
+    text_pool_bias: bool = True           # the pooled text's projection into the embedding has a bias
+    timestep_features: str = "cos,sin"    # the order of the sinusoidal time features
+    timestep_offset: int = 0              # the network sees 1000 t - offset (the releases: step k - 1)
+    normalize_input: bool = False         # this level divides its input by its per-sample std (per level)
+    null_text: str = "mask"               # guidance's null text: no visible token ("mask"), or the encoded
+                                          # empty prompt ("empty_prompt": the releases never saw a null mask)
     # Appendix A's video keys; levels with temporal_axis=True are built by video.py.
     temporal_axis: bool = False
     temporal_resolutions: list | None = None
@@ -100,8 +118,19 @@ class NestedUNetConfig:
                 f"resolutions[-1]")
         if self.text_channels and self.num_classes:
             raise ValueError("a model is conditioned on text or on class labels, not both")
-        shift = parse_schedule(self.schedule)          # raises on an unknown name
-        del shift
+        if self.attention_ffn not in ("layernorm", "groupnorm", "none"):
+            raise ValueError(f"attention_ffn={self.attention_ffn!r}: expected 'layernorm', 'groupnorm' or 'none'")
+        if self.null_text not in ("mask", "empty_prompt"):
+            raise ValueError(f"null_text={self.null_text!r}: expected 'mask' or 'empty_prompt'")
+        if self.text_channels and not self.mask_cross_attention and self.null_text == "mask":
+            raise ValueError("a model that attends to padding tokens (mask_cross_attention=False) cannot be "
+                             "given a null text by a mask: set null_text='empty_prompt'")
+        if self.timestep_features not in ("cos,sin", "sin,cos"):
+            raise ValueError(f"timestep_features={self.timestep_features!r}: expected 'cos,sin' or 'sin,cos'")
+        bases = {split_schedule(c.schedule)[0] for c in self.levels()}   # raises on an unknown name
+        if len(bases) > 1:
+            raise ValueError(f"the levels' schedules {[c.schedule for c in self.levels()]} mix base schedules "
+                             f"{sorted(bases)}: every level shifts the same one")
 
     # -- the list view of the nesting, lowest resolution first (the pseudocode's order) --
     def levels(self) -> list[NestedUNetConfig]:
@@ -138,17 +167,25 @@ class NestedUNetConfig:
         return dataclasses.asdict(self)
 
 
+SCHEDULES = ("cosine", "squaredcos_cap_v2")      # diffusion.py: the continuous cosine; the releases' discrete one
+
+
 def parse_schedule(name: str) -> float:
-    """'cosine' -> shift 1, 'cosine-shift4' -> shift 4 (the paper's schedule names)."""
-    if name == "cosine":
-        return 1.0
-    if name.startswith("cosine-shift"):
+    """The shift of a level's schedule: 'cosine' -> 1, 'cosine-shift4' -> 4 (the paper's names;
+    'squaredcos_cap_v2-shift4' is the released models' discrete schedule, shifted by 4)."""
+    return split_schedule(name)[1]
+
+
+def split_schedule(name: str) -> tuple[str, float]:
+    """'cosine-shift4' -> ('cosine', 4.0): the base schedule and the shift."""
+    base, _, shift = name.partition("-shift")
+    if base in SCHEDULES:
         try:
-            return float(name[len("cosine-shift"):])
+            return base, float(shift) if shift else 1.0
         except ValueError:
             pass
-    raise ValueError(f"unknown schedule {name!r}: expected 'cosine' or 'cosine-shiftS' "
-                     f"with a number S, e.g. 'cosine-shift4'")
+    raise ValueError(f"unknown schedule {name!r}: expected 'cosine' or 'cosine-shiftS' with a number S, "
+                     f"e.g. 'cosine-shift4' (or 'squaredcos_cap_v2', the released models')")
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,40 +233,76 @@ class ResBlock(nn.Module):
 
 class AttentionBlock(nn.Module):
     """Self-attention over the H*W positions, plus cross-attention to the text tokens when the
-    model has text. Like Imagen, the text tokens are appended to the keys and values of the
-    same attention, so one softmax weighs pixels and words together; a masked (padding or
-    dropped) token gets no weight. A feed-forward layer follows, as in a transformer block."""
+    model has text, then a feed-forward layer, as in a transformer block.
 
-    def __init__(self, channels: int, num_heads: int, cond_ch: int = 0):
+    Two ways to attend to the text (`separate_cross_attention`). Ours, like Imagen: the text
+    tokens are appended to the keys and values of the same attention, so one softmax weighs
+    pixels and words together. The released models': the queries attend to the pixels and,
+    with a second softmax, to the tokens, and the two results are added. A masked (padding or
+    dropped) token gets no weight, unless `mask_cross_attention` is off (the releases attend
+    to their padding too: the sampler pads prompts as they did).
+
+    The feed-forward layer (`attention_ffn`): ours normalises each position with a LayerNorm;
+    the releases' with a GroupNorm(32) over the feature map; "none": no feed-forward layer.
+    The 1x1 convolutions of the releases are the Linear layers here (the same weights)."""
+
+    def __init__(self, channels: int, num_heads: int, cond_ch: int = 0, separate_cross: bool = False,
+                 mask_cross: bool = True, ffn: str = "layernorm"):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"{channels} channels cannot be split into num_heads={num_heads} heads")
-        self.num_heads = num_heads
+        self.num_heads, self.separate_cross, self.mask_cross = num_heads, separate_cross, mask_cross
         self.norm = group_norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         if cond_ch:
             self.norm_cond, self.kv_cond = nn.LayerNorm(cond_ch), nn.Linear(cond_ch, 2 * channels)
         self.proj_out = zero_init(nn.Linear(channels, channels))
-        self.ffn = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, 4 * channels),
-                                 nn.GELU(), zero_init(nn.Linear(4 * channels, channels)))
+        self.ffn_norm = ffn
+        if ffn != "none":
+            norm = nn.LayerNorm(channels) if ffn == "layernorm" else group_norm(channels)
+            self.ffn = nn.Sequential(norm, nn.Linear(channels, 4 * channels), nn.GELU(),
+                                     zero_init(nn.Linear(4 * channels, channels)))
+
+    def heads(self, a):
+        # (B, N, C) -> (B, heads, N, C / heads) for F.scaled_dot_product_attention
+        return a.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def forward(self, x, emb=None, tokens=None, mask=None):
         B, C, H, W = x.shape
         # (B, C, H, W) -> (B, HW, C): one token per position.
         seq = x.flatten(2).transpose(1, 2)
         q, k, v = self.qkv(self.norm(x).flatten(2).transpose(1, 2)).chunk(3, dim=-1)
-        attn_mask = None
+        q, k, v = self.heads(q), self.heads(k), self.heads(v)
+        k_txt = v_txt = key_mask = None
         if tokens is not None:                  # tokens: (B, L, D), mask: (B, L) bool or None
-            k_txt, v_txt = per_frame(self.kv_cond(self.norm_cond(tokens)), x).chunk(2, dim=-1)
-            mask = per_frame(mask, x) if mask is not None else None
-            k, v = torch.cat([k, k_txt], 1), torch.cat([v, v_txt], 1)
-            if mask is not None:                # pixels are always visible; padding never is
-                attn_mask = torch.cat([mask.new_ones(B, H * W), mask], 1)[:, None, None, :]
-        # (B, N, C) -> (B, heads, N, C / heads) for F.scaled_dot_product_attention.
-        q, k, v = (a.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for a in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            k_txt, v_txt = (self.heads(a) for a in
+                            per_frame(self.kv_cond(self.norm_cond(tokens)), x).chunk(2, dim=-1))
+            if mask is not None and self.mask_cross:
+                key_mask = per_frame(mask, x)[:, None, None, :]      # (B, 1, 1, L)
+        if tokens is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        elif self.separate_cross:
+            # softmax(q k^T) v + softmax(q k_txt^T) v_txt. A sample without any visible token
+            # (the null condition) gets nothing from the text, not the NaN of an empty softmax.
+            out = F.scaled_dot_product_attention(q, k, v)
+            if key_mask is None:
+                out = out + F.scaled_dot_product_attention(q, k_txt, v_txt)
+            else:
+                seen = key_mask.any(-1, keepdim=True)                 # (B, 1, 1, 1)
+                cross = F.scaled_dot_product_attention(q, k_txt, v_txt, attn_mask=key_mask | ~seen)
+                out = out + cross * seen
+        else:
+            # One softmax over pixels and tokens: pixels are always visible, padding never is.
+            attn_mask = None if key_mask is None else torch.cat(
+                [key_mask.new_ones(B, 1, 1, H * W), key_mask], -1)
+            out = F.scaled_dot_product_attention(q, torch.cat([k, k_txt], 2), torch.cat([v, v_txt], 2),
+                                                 attn_mask=attn_mask)
         seq = seq + self.proj_out(out.transpose(1, 2).flatten(2))
-        seq = seq + self.ffn(seq)
+        if self.ffn_norm == "groupnorm":        # GroupNorm over the feature map (B, C, H, W)
+            h = self.ffn[0](seq.transpose(1, 2).reshape(B, C, H, W)).flatten(2).transpose(1, 2)
+            seq = seq + self.ffn[1:](h)
+        elif self.ffn_norm == "layernorm":
+            seq = seq + self.ffn(seq)
         return seq.transpose(1, 2).reshape(B, C, H, W)
 
 
@@ -261,14 +334,16 @@ class TokenAttention(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Average-pool by an integer factor (2 everywhere in appendix A), then a 3x3 conv."""
+    """Average-pool by an integer factor (2 everywhere in appendix A), then a 3x3 conv; or, as
+    the released models do (`strided_downsample`), a 3x3 conv with that stride."""
 
-    def __init__(self, channels: int, factor: int):
+    def __init__(self, channels: int, factor: int, strided: bool = False):
         super().__init__()
-        self.factor, self.conv = factor, nn.Conv2d(channels, channels, 3, padding=1)
+        self.factor, self.strided = factor, strided
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, stride=factor if strided else 1)
 
     def forward(self, x, *args):
-        return self.conv(F.avg_pool2d(x, self.factor))
+        return self.conv(x if self.strided else F.avg_pool2d(x, self.factor))
 
 
 class Upsample(nn.Module):
@@ -282,42 +357,70 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=self.factor, mode="nearest"))
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of the continuous time t in [0, 1] (scaled by 1000 so that the
-    frequencies match the usual 1000-step models): (B,) -> (B, dim)."""
+def timestep_embedding(t: torch.Tensor, dim: int, order: str = "cos,sin", offset: int = 0,
+                       dtype=torch.float32) -> torch.Tensor:
+    """Sinusoidal features of the continuous time t in [0, 1], scaled by 1000 so that the
+    frequencies match the usual 1000-step models: (B,) -> (B, dim), cos then sin (ADM's
+    order). The released models were trained on integer steps k = 1000 t of a 1000-step
+    schedule and see k - 1 (offset=1), with sin first (order="sin,cos")."""
+    if offset:
+        steps = (1000 * t.double()).round() - offset          # the integer k - 1, exact
+    else:
+        steps = 1000 * t.to(dtype)
+    return sinusoid(steps, dim, order, dtype)
+
+
+def sinusoid(x: torch.Tensor, dim: int, order: str = "cos,sin", dtype=torch.float32) -> torch.Tensor:
+    """(B,) values -> (B, dim) features cos(x f_i), sin(x f_i) (or sin first), with the
+    frequencies f_i = 10000^(-i / half), in float32 as the released models computed them."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
-    args = 1000 * t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=x.device) * -(math.log(10000) / half))
+    args = x.to(dtype)[:, None] * freqs.to(dtype)[None]
+    cos_sin = [torch.cos(args), torch.sin(args)]
+    return torch.cat(cos_sin if order == "cos,sin" else cos_sin[::-1], dim=-1)
+
+
+def time_mlp(E: int) -> nn.Sequential:
+    """The time embedding: sinusoidal features (E / 4 of them) -> Linear -> SiLU -> Linear -> (B, E)."""
+    return nn.Sequential(nn.Linear(E // 4, E), nn.SiLU(), nn.Linear(E, E))
+
+
+def embed_time(mlp: nn.Sequential, t: torch.Tensor, cfg: NestedUNetConfig) -> torch.Tensor:
+    return mlp(timestep_embedding(t, mlp[0].in_features, cfg.timestep_features, cfg.timestep_offset,
+                                  dtype=mlp[0].weight.dtype))
 
 
 class ConditionEmbedding(nn.Module):
-    """Everything the innermost UNet owns besides its layers: the time embedding, and the
-    condition, which is text, a class label, or nothing.
+    """Everything the innermost UNet owns besides its layers: the condition, which is text, a
+    class label, or nothing, and the time embedding that every level shares (unless each
+    level has its own, `level_time_embedding`, as in the released models).
 
     Text (section 4.1): features of a frozen encoder (B, L, text_channels) are projected to
     `lm_feature_projected_channels`, run through `num_lm_attn_layers` learned self-attention
     layers, and (a) cross-attended by the UNet's attention blocks, (b) masked-mean pooled
     into the time embedding. Labels (appendix F): an embedding added to the time embedding,
     no cross-attention. The null condition of classifier-free guidance is an all-False text
-    mask (no tokens at all) or the extra label `num_classes`."""
+    mask (no tokens at all) or the extra label `num_classes`. (The released models had no
+    null mask: their unconditional input is the encoded empty prompt.)"""
 
     def __init__(self, cfg: NestedUNetConfig):
         super().__init__()
         E = cfg.emb_channels
-        self.time_mlp = nn.Sequential(nn.Linear(E // 4, E), nn.SiLU(), nn.Linear(E, E))
+        if not cfg.level_time_embedding:
+            self.time_mlp = time_mlp(E)
         if cfg.text_channels:
             D = cfg.lm_feature_projected_channels
             self.text_proj = nn.Linear(cfg.text_channels, D)
             self.text_layers = nn.ModuleList(TokenAttention(D, cfg.num_heads)
                                              for _ in range(cfg.num_lm_attn_layers))
-            self.text_pool = nn.Linear(D, E)
+            self.text_pool = nn.Linear(D, E, bias=cfg.text_pool_bias)
         if cfg.num_classes:
             self.label_emb = nn.Embedding(cfg.num_classes + 1, E)   # + 1: the null class
 
-    def forward(self, t, text=None, text_mask=None, label=None):
-        emb = self.time_mlp(timestep_embedding(t, self.time_mlp[0].in_features))
-        tokens = None
+    def forward(self, text=None, text_mask=None, label=None):
+        """-> (the condition's embedding (B, E), added to every level's time embedding, or
+        None; the projected text tokens (B, L, D) that the attention blocks attend to, or None)."""
+        cond, tokens = None, None
         if text is not None:
             tokens = self.text_proj(text)
             for layer in self.text_layers:
@@ -326,10 +429,10 @@ class ConditionEmbedding(nn.Module):
             w = (torch.ones(text.shape[:2], device=text.device) if text_mask is None
                  else text_mask.to(tokens.dtype))
             pooled = (tokens * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
-            emb = emb + self.text_pool(pooled)
+            cond = self.text_pool(pooled)
         if label is not None:
-            emb = emb + self.label_emb(label)
-        return emb, tokens
+            cond = self.label_emb(label)
+        return cond, tokens
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,6 +458,8 @@ class NestedUNet(nn.Module):
         # The width of the text tokens that the attention blocks cross-attend to (0: no text).
         self.cond_ch = cfg.lm_feature_projected_channels if cfg.text_channels else 0
         self.gradient_checkpointing = False       # recompute this level's activations in backward
+        if cfg.level_time_embedding:               # the released models: a time MLP per level
+            self.time_mlp = time_mlp(E)
 
         # f_merge: the input conv; an outer level's features h are added to it (section 3.2).
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
@@ -373,8 +478,7 @@ class NestedUNet(nn.Module):
         if cfg.inner_config is None:
             # The innermost UNet: f_mid, and the conditioning that every level shares.
             self.inner = None
-            self.mid = nn.ModuleList([nn.ModuleList([ResBlock(ch, ch, E, cfg.dropout),
-                                                     AttentionBlock(ch, cfg.num_heads, self.cond_ch),
+            self.mid = nn.ModuleList([nn.ModuleList([ResBlock(ch, ch, E, cfg.dropout), self.make_attention(ch),
                                                      ResBlock(ch, ch, E, cfg.dropout)])])
             self.cond_embed = ConditionEmbedding(cfg)
         else:
@@ -404,10 +508,16 @@ class NestedUNet(nn.Module):
         """A res block followed by the attention layers of resolution i."""
         cfg = self.config
         return nn.ModuleList([ResBlock(in_ch, out_ch, cfg.emb_channels, cfg.dropout)] + [
-            AttentionBlock(out_ch, cfg.num_heads, self.cond_ch) for _ in range(cfg.num_attn_layers_per_block[i])])
+            self.make_attention(out_ch) for _ in range(cfg.num_attn_layers_per_block[i])])
+
+    def make_attention(self, ch: int) -> AttentionBlock:
+        cfg = self.config
+        return AttentionBlock(ch, cfg.num_heads, self.cond_ch, separate_cross=cfg.separate_cross_attention,
+                              mask_cross=cfg.mask_cross_attention, ffn=cfg.attention_ffn)
 
     def make_downsample(self, ch: int, i: int) -> nn.Module:
-        return Downsample(ch, self.config.resolutions[i] // self.config.resolutions[i + 1])
+        return Downsample(ch, self.config.resolutions[i] // self.config.resolutions[i + 1],
+                          self.config.strided_downsample)
 
     def make_upsample(self, ch: int, i: int) -> nn.Module:
         return Upsample(ch, self.config.resolutions[i - 1] // self.config.resolutions[i])
@@ -458,6 +568,9 @@ class NestedUNet(nn.Module):
             return cond
         drop = to_device(drop, ref.device)
         if cond.get("text") is not None:
+            if self.config.null_text == "empty_prompt":
+                raise ValueError("this model's null text is the encoded empty prompt (null_text='empty_prompt', "
+                                 "as the released models were trained): encode \"\" instead of masking")
             mask = cond.get("text_mask")
             if mask is None:
                 mask = torch.ones(cond["text"].shape[:2], dtype=torch.bool, device=drop.device)
@@ -501,19 +614,39 @@ class NestedUNet(nn.Module):
         padded: attention is faster without a mask); label: (B,) long.
         Returns one prediction (v) per resolution, lowest first."""
         self.check_inputs(z, t, text, text_mask, label)
-        emb, tokens = self.innermost.cond_embed(t, text, text_mask, label)
+        cond, tokens = self.innermost.cond_embed(text, text_mask, label)
+        emb = None                                 # level_time_embedding: each level makes its own
+        if not self.config.level_time_embedding:
+            # The time embedding plus the condition's, shared by every level. Every res block
+            # applies SiLU to it first: done once here.
+            emb = embed_time(self.innermost.cond_embed.time_mlp, t, self.config)
+            emb = F.silu(emb if cond is None else emb + cond)
         outputs = []
-        self._forward(list(z), F.silu(emb), tokens, text_mask, None, outputs)
+        self._forward(list(z), (t, cond, emb), tokens, text_mask, None, outputs)
         return outputs
 
-    def _forward(self, z, emb, tokens, mask, h, o):
+    def _forward(self, z, embedding, tokens, mask, h, o):
         """The pseudocode of section 3.2. `h` comes from the outer level, `o` collects the
-        outputs. emb, tokens and mask hold every sample; under mixed-resolution training this
-        level uses the first B of them and hands all of them on to its inner model."""
+        outputs. `embedding` is (t, the condition's embedding, the shared embedding or None);
+        it, tokens and mask hold every sample; under mixed-resolution training this level uses
+        the first B of them and hands all of them on to its inner model."""
         B = z[-1].shape[0]
-        cond = (emb[:B], None if tokens is None else tokens[:B], None if mask is None else mask[:B])
+        t, cond_emb, emb = embedding
+        if emb is None:
+            # The released models: this level's own time MLP, plus the condition's embedding
+            # (their pooled text), which every level adds.
+            e = embed_time(self.time_mlp, t[:B], self.config)
+            emb_b = F.silu(e if cond_emb is None else e + cond_emb[:B])
+        else:
+            emb_b = emb[:B]
+        cond = (emb_b, None if tokens is None else tokens[:B], None if mask is None else mask[:B])
         # x = z[-1] if h is None else f_merge(z[-1], h)
-        x = self.conv_in(self.fold_input(z[-1]))
+        x_in = self.fold_input(z[-1])
+        if self.config.normalize_input:
+            # The 256 px level of the 1024 px release divides its noisy input by its standard
+            # deviation per sample (over C, H, W, unbiased, as the release computes it).
+            x_in = x_in / x_in.std(dim=(1, 2, 3), keepdim=True)
+        x = self.conv_in(x_in)
         if h is not None:
             x = x + h
         skips = [x]
@@ -524,7 +657,7 @@ class NestedUNet(nn.Module):
             rows = z[-2].shape[1] if z[-2].dim() == 5 else 1   # the inner level's frames (B may be 0)
             if z[-2].shape[0] > B:                # samples that skip this level get h = 0
                 h_inner = torch.cat([h_inner, h_inner.new_zeros((z[-2].shape[0] - B) * rows, *h_inner.shape[1:])])
-            x = x + self.out_adapter(self.inner._forward(z[:-1], emb, tokens, mask, h_inner, o)[:B * rows])
+            x = x + self.out_adapter(self.inner._forward(z[:-1], embedding, tokens, mask, h_inner, o)[:B * rows])
         else:
             # x = f_skip(x, f_up(f_mid(f_down(x))))
             x = self.run(self.mid, x, cond)
@@ -559,12 +692,12 @@ def run_stage(stage, x, emb, tokens, mask):
 # Presets: the paper's named models (appendix A), and small ones a CPU can train
 # ---------------------------------------------------------------------------------------
 
-def _S64(**kw):
+def _S64(schedule="cosine", **kw):
     """The innermost 64x64 UNet of every paper model (MDM-S64, appendix A): most attention
     layers sit at 16x16, following SDXL (Podell et al., 2023)."""
     return NestedUNetConfig(resolutions=[64, 32, 16], resolution_channels=[256, 512, 768],
                             num_res_blocks=[2, 2, 2], num_attn_layers_per_block=[0, 1, 5],
-                            num_heads=8, schedule="cosine", **kw)
+                            num_heads=8, schedule=schedule, **kw)
 
 
 def _level(inner, resolutions, channels, blocks, schedule, **kw):
@@ -593,6 +726,19 @@ PRESETS = {
         [256, 128], [64, 128], [2, 1], "cosine-shift4"),
         [512, 256], [32, 64], [2, 1], "cosine-shift8"),
         [1024, 512], [32, 32], [2, 1], "cosine-shift16", **{**PAPER, **kw}),
+    # The paper's authors' released text-to-image models (about 50M Flickr pairs, FLAN-T5 XL;
+    # release.py converts their weights): the architecture of MDM-S64, MDM-S64S256 and
+    # MDM-S64S256S1024 computed their way (the keys of _RELEASE), on their discrete schedule.
+    # Their 256 px model divides the SNR of its 256 px level by 4 (their "shift power" 1, in
+    # our power-2 names "shift2"), their 1024 px model by 16 and 256 (power 2: "shift4",
+    # "shift16"); the 256 px level inside the 1024 px model normalises its input.
+    "MDM-flickr64": lambda **kw: _release64(**{**_RELEASE, **kw}),
+    "MDM-flickr256": lambda **kw: _level(_release64(), [256, 128, 64], [64, 128, 256], [2, 2, 1],
+                                         "squaredcos_cap_v2-shift2", **{**_RELEASE, **kw}),
+    "MDM-flickr1024": lambda **kw: _level(
+        _level(_release64(), [256, 128, 64], [64, 128, 256], [2, 2, 1], "squaredcos_cap_v2-shift4",
+               normalize_input=True),
+        [1024, 512, 256], [32, 32, 64], [2, 2, 1], "squaredcos_cap_v2-shift16", **{**_RELEASE, **kw}),
     # Small models for a 2-core CPU: the same shape at a sixteenth of the width and a quarter
     # of the resolution. The shift of the outer level is its resolution over the base's.
     "CPU-S16": lambda **kw: NestedUNetConfig(**{**_CPU_INNER, **_CPU, **kw}),
@@ -609,6 +755,16 @@ PRESETS = {
                                           num_res_blocks=[1, 1], num_attn_layers_per_block=[0, 1],
                                           num_heads=2, **{**_TINY, **kw}),
 }
+_RELEASE = dict(emb_channels=1024, num_lm_attn_layers=0, lm_feature_projected_channels=2048, text_channels=2048,
+                strided_downsample=True, separate_cross_attention=True, mask_cross_attention=False,
+                attention_ffn="groupnorm", level_time_embedding=True, text_pool_bias=False,
+                timestep_features="sin,cos", timestep_offset=1, null_text="empty_prompt")
+
+
+def _release64(**kw):
+    return _S64(schedule="squaredcos_cap_v2", **kw)
+
+
 _CPU_INNER = dict(resolutions=[16, 8, 4], resolution_channels=[48, 96, 192], num_res_blocks=[1, 1, 2],
                   num_attn_layers_per_block=[0, 1, 2], num_heads=4, schedule="cosine")
 _TINY_INNER = dict(resolutions=[16, 8, 4], resolution_channels=[32, 64, 128], num_res_blocks=[1, 1, 1],
@@ -666,65 +822,6 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     if device.type == "cuda" and t.device.type == "cpu":
         return t.contiguous().pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
-
-# ---------------------------------------------------------------------------------------
-# Loading trained weights (written by train.py: EMA weights, config in the metadata)
-# ---------------------------------------------------------------------------------------
-
-def find_weights(ckpt=None, runs="runs"):
-    """The EMA weights of a run: `ckpt` is a run folder or an ema.safetensors file; None
-    means the newest run in `runs/`. Raises FileNotFoundError with what to do instead."""
-    from pathlib import Path
-    if ckpt is not None:
-        path = Path(ckpt)
-        path = path / "ema.safetensors" if path.is_dir() else path
-        if not path.exists():
-            raise FileNotFoundError(f"--ckpt {ckpt}: no such file (expected a run folder with "
-                                    f"ema.safetensors, or the file)")
-        return path
-    # "Newest" is the run whose EMA weights were written last: train.py rewrites them at every
-    # checkpoint, so a run still training (or just resumed) counts as the newest.
-    found = sorted(Path(runs).glob("*/ema.safetensors"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(f"no trained weights found in {runs}/. Train a model first: `python train.py` "
-                                f"(about 15 minutes on a laptop CPU), or point --ckpt at an ema.safetensors file")
-    return found[-1]
-
-
-def load_weights(path, model_class=None, device="cpu"):
-    """Rebuild the model stored in an ema.safetensors file from the config in its metadata, and
-    load its weights. Returns (model in eval mode, metadata dict)."""
-    import json
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    # safetensors holds tensors and a JSON header, nothing that runs: a file someone handed
-    # over is safe to open. A damaged one is said in one line.
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        state = load_file(str(path))
-    except Exception as e:                         # SafetensorError, JSONDecodeError, OSError
-        raise ValueError(f"{path}: not a readable safetensors file of weights (truncated or damaged? "
-                         f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
-    if "model_config" not in meta:
-        raise ValueError(f"{path} has no model config in its metadata: it was not written by train.py")
-    try:
-        config = NestedUNetConfig(**meta["model_config"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: its model config does not fit this version of the code: {e}") from None
-    model = (model_class or NestedUNet)(config)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"the weights in {path} do not match this version of the model code: "
-                         f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                         f"(e.g. {unexpected[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]})")
-    model.load_state_dict(state)
-    return model.to(device).eval(), meta
 
 
 # ---------------------------------------------------------------------------------------

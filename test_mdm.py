@@ -22,6 +22,7 @@ import data
 import diffusion as D
 import evaluate as E
 import nested_unet as N
+import pipeline as P
 import sample as S
 import video as V
 from diffusion import DiffusionConfig, MatryoshkaDiffusion
@@ -485,7 +486,7 @@ def test_samplers_reproduce_the_exact_gaussian_chain_at_every_level(sampler, ste
         d = diffusion_class(resolutions, schedules)
         # 128 samples of 768 values at every level: each level's std is known to 0.23% (1% = 4 SE)
         return d.sample(oracle, batch_size=128, sampler=sampler, num_inference_steps=steps,
-                        generator=torch.Generator().manual_seed(0), dynamic_thresholding=False,
+                        generator=torch.Generator().manual_seed(0), thresholding="none",
                         dtype=torch.float64)
 
     out = run(MatryoshkaDiffusion)
@@ -532,8 +533,8 @@ def test_dynamic_thresholding_acts_inside_the_sampling_loop():
     assert out[1].abs().max() <= 1 and np.abs(zs[1]).max() <= 1
 
     class ThresholdOnlyTheResult(MatryoshkaDiffusion):
-        def step(self, z, v, t, s, level, sampler, dynamic_thresholding, *args, **kw):
-            x_pred, z_next = super().step(z, v, t, s, level, sampler, False, *args, **kw)
+        def step(self, z, v, t, s, level, sampler, thresholding, *args, **kw):
+            x_pred, z_next = super().step(z, v, t, s, level, sampler, "none", *args, **kw)
             return x_pred, D.dynamic_threshold(z_next) if kw.get("last") else z_next
     bad = sample(ThresholdOnlyTheResult(resolutions, ["cosine", "cosine-shift2"]))
     assert max(np.abs(o.numpy() - ref).max() for o, ref in zip(bad, zs)) > 1e-3
@@ -871,7 +872,7 @@ def test_a_checkpoint_saved_before_the_last_stage_samples(tmp_path):
     run_train(tmp_path, "--res", "4,8", "--steps", "3,3", "--batch", "8,8", "--stop-after", "2", "--name", "mid")
     run_train(tmp_path, "--res", "4", "--steps", "2", "--batch", "8", "--name", "low")
     for name in ("mid", "low"):
-        model, meta = N.load_weights(tmp_path / name / "ema.safetensors")
+        model, meta = P.load_weights(tmp_path / name / "ema.safetensors")
         assert model.resolutions == [4] and meta["model_config"]["resolutions"] == [4, 2]
         p = run_sample("--ckpt", str(tmp_path / name), "--label", "bag", "--num-images", "2",
                        "--num-inference-steps", "2", "--out", str(tmp_path / f"{name}-img"))
@@ -879,7 +880,7 @@ def test_a_checkpoint_saved_before_the_last_stage_samples(tmp_path):
         assert Image.open(tmp_path / f"{name}-img-matryoshka.png").size[0] > 0
     # The run goes on from its stage-1 checkpoint and grows as planned.
     run_train(tmp_path, "--resume", str(tmp_path / "mid"))
-    assert N.load_weights(tmp_path / "mid" / "ema.safetensors")[0].resolutions == [4, 8]
+    assert P.load_weights(tmp_path / "mid" / "ema.safetensors")[0].resolutions == [4, 8]
 
 
 def test_checkpoints_load_without_running_code_and_a_pickle_that_would_is_refused(tmp_path):
@@ -970,7 +971,8 @@ def test_every_script_refuses_bad_flags_in_one_line(script, argv, expected, tmp_
 
 
 @pytest.mark.parametrize("argv", [["train.py"], ["sample.py"], ["video.py"], ["video.py", "sample"],
-                                  ["video.py", "train"], ["evaluate.py"], ["evaluate.py", "fd"], ["bench.py"]])
+                                  ["video.py", "train"], ["evaluate.py"], ["evaluate.py", "fd"], ["bench.py"],
+                                  ["release.py"]])
 def test_every_scripts_help_works_with_nothing_trained(argv, tmp_path):
     p = subprocess.run([sys.executable, str(HERE / argv[0]), *argv[1:], "--help"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
@@ -1105,8 +1107,8 @@ def test_generate_reproduces_the_exact_gaussian_chain(sampler, steps):
     shifts = [1, 2, 4]
     oracle = GaussianOracle(0.2, 0.5, [4, 8, 16], shifts)
     d = MatryoshkaDiffusion([4, 8, 16], ["cosine", "cosine-shift2", "cosine-shift4"])
-    out = S.generate(oracle, d, {}, 128, sampler=sampler, num_inference_steps=steps, progress=False,
-                     dynamic_thresholding=False)
+    out = P.generate(oracle, d, {}, 128, sampler=sampler, num_inference_steps=steps, progress=False,
+                     thresholding="none")
     assert oracle.calls == steps
     assert gaussian_levels_off([o.double() for o in out], sampler, steps, oracle, shifts) == []
 
@@ -1117,10 +1119,10 @@ def test_guidance_is_one_network_evaluation_per_step():
     model.register_forward_hook(lambda m, inp, out: calls.append(inp[0][0].shape[0]))
     d = MatryoshkaDiffusion.for_model(model)
     cond = dict(text=torch.randn(3, 4, 6), text_mask=torch.ones(3, 4, dtype=torch.bool))
-    S.generate(model, d, cond, 3, num_inference_steps=5, guidance_scale=4.0, progress=False)
+    P.generate(model, d, cond, 3, num_inference_steps=5, guidance_scale=4.0, progress=False)
     assert calls == [6] * 5                       # condition and null condition in one batch of 2 x 3
     calls.clear()
-    S.generate(model, d, cond, 3, num_inference_steps=5, guidance_scale=1.0, progress=False)
+    P.generate(model, d, cond, 3, num_inference_steps=5, guidance_scale=1.0, progress=False)
     assert calls == [3] * 5                       # no guidance: no null half
 
 
@@ -1236,7 +1238,7 @@ def test_video_training_runs_through_train_py(tmp_path):
                        cwd=HERE, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "vid" / "samples" / "step0000004.gif").exists()
-    model, meta = N.load_weights(tmp_path / "vid" / "ema.safetensors", model_class=V.build_level)
+    model, meta = P.load_weights(tmp_path / "vid" / "ema.safetensors", model_class=V.build_level)
     assert meta["video"] and model.config.level_sizes() == [(1, 4), (4, 4)]
 
 
@@ -1444,3 +1446,430 @@ def test_comparison_table_reports_mean_and_spread_of_the_final_evaluations(tmp_p
         assert line.startswith(f"| {arm} |")
         assert f"{np.mean(fd):.3g} ({min(fd):.3g} to {max(fd):.3g})" in line
         assert f"{np.mean(acc):.3g} ({min(acc):.3g} to {max(acc):.3g})" in line
+
+
+# ---------------------------------------------------------------------------------------
+# The released models (release.py): their architecture, diffusion, text, and converting
+# checkpoints of the authors' code (synthetic ones in their format: the real files are not here)
+# ---------------------------------------------------------------------------------------
+
+import release as R
+
+RELEASE_KEYS = dict(N._RELEASE, emb_channels=32, lm_feature_projected_channels=32, text_channels=32)
+
+
+def release_tiny(levels):
+    """A tiny model of the released models' kind: 8x8 innermost UNet (attention at 4x4 and 2x2),
+    then 16x16 (its SNR / 4, as the 256 px release) and 64x64 (SNR / 16 and / 256 as the
+    1024 px release, which normalises the middle level's input)."""
+    inner = NestedUNetConfig(resolutions=[8, 4, 2], resolution_channels=[32, 32, 64], num_res_blocks=[1, 1, 1],
+                             num_attn_layers_per_block=[0, 1, 2], num_heads=4, schedule="squaredcos_cap_v2", **RELEASE_KEYS)
+    if levels == 1:
+        return inner
+    mid = NestedUNetConfig(resolutions=[32, 16, 8], resolution_channels=[32, 32, 32], num_res_blocks=[1, 1, 1],
+                           num_attn_layers_per_block=[0, 0, 0], schedule=f"squaredcos_cap_v2-shift{2 if levels == 2 else 4}",
+                           inner_config=inner, normalize_input=levels == 3, **RELEASE_KEYS)
+    if levels == 2:
+        return mid
+    return NestedUNetConfig(resolutions=[128, 64, 32], resolution_channels=[32, 32, 32], num_res_blocks=[1, 1, 1],
+                            num_attn_layers_per_block=[0, 0, 0], schedule="squaredcos_cap_v2-shift16",
+                            inner_config=mid, **RELEASE_KEYS)
+
+
+CONV_1X1 = (".qkv.weight", ".proj_out.weight", ".ffn.1.weight", ".ffn.3.weight")   # theirs: (out, in, 1, 1)
+
+
+def official_state(config, seed=0):
+    """A state dict in the released models' format for `config`: their key names and shapes
+    (1x1 convs where we have Linear layers, a micro-conditioning MLP per level), random values."""
+    g = torch.Generator().manual_seed(seed)
+    model = NestedUNet(config)
+    state = {}
+    for ours, theirs in R.official_names(model).items():
+        shape = tuple(model.state_dict()[ours].shape) + ((1, 1) if theirs.endswith(CONV_1X1) else ())
+        state[theirs] = torch.randn(shape, generator=g) * 0.1
+    E = config.emb_channels
+    for i in range(len(config.levels())):
+        p = "inner_unet." * i
+        for name, shape in (("0.weight", (E, E // 4)), ("0.bias", (E,)), ("1.weight", (E, E)), ("1.bias", (E,))):
+            state[f"{p}cond_layers.scale.{name}"] = torch.randn(shape, generator=g) * 0.1
+    return state
+
+
+def save_official_checkpoint(path, state, config, channels=None, extra=None):
+    """torch.save it as their trainer does: {"state_dict", "batch_num", "loss", numpy loss
+    statistics, "args": an argparse.Namespace holding objects of their config classes}. The
+    classes are stand-ins with their module names, gone from sys.modules once saved."""
+    import argparse
+    import dataclasses
+    import enum
+    import types
+    from collections import OrderedDict
+    names = ["ml_mdm", "ml_mdm.models", "ml_mdm.models.unet", "ml_mdm.samplers", "ml_mdm.diffusion"]
+    mods = {n: types.ModuleType(n) for n in names}
+
+    def stand_in(cls, module):
+        cls.__module__, cls.__qualname__ = module, cls.__name__
+        setattr(mods[module], cls.__name__, cls)
+        return cls
+
+    @dataclasses.dataclass
+    class UNetConfig:
+        resolution_channels: list
+        micro_conditioning: str
+        inner_config: object = None
+
+    @dataclasses.dataclass
+    class SamplerConfig:
+        schedule_type: object
+        prediction_type: object
+        schedule_shifted_power: int
+
+    @dataclasses.dataclass
+    class DiffusionConfig:
+        sampler_config: object
+
+    ScheduleType = enum.Enum("ScheduleType", {"COSINE": 0, "DEEPFLOYD": 3})
+    PredictionType = enum.Enum("PredictionType", {"DDPM": 3, "V_PREDICTION": 5})
+    stand_in(UNetConfig, "ml_mdm.models.unet"), stand_in(DiffusionConfig, "ml_mdm.diffusion")
+    for cls in (SamplerConfig, ScheduleType, PredictionType):
+        stand_in(cls, "ml_mdm.samplers")
+    unet = None
+    for lvl in config.levels():                     # innermost first; theirs nests the other way
+        unet = UNetConfig(resolution_channels=list(lvl.resolution_channels), inner_config=unet,
+                          micro_conditioning=f"scale:{[64, 256, 1024][config.levels().index(lvl)]}")
+    if channels is not None:
+        unet.resolution_channels = channels
+    args = argparse.Namespace(unet_config=unet, text_model="google/flan-t5-xl", diffusion_config=DiffusionConfig(
+        SamplerConfig(ScheduleType.DEEPFLOYD, PredictionType.V_PREDICTION, 1 if len(config.levels()) == 2 else 2)))
+    sys.modules.update(mods)
+    try:
+        torch.save({"state_dict": OrderedDict(state), "batch_num": 5, "loss": 0.25, "best_avg_loss": np.float64(0.2),
+                    "args": args, **(extra or {})}, path)
+    finally:
+        for n in names:
+            sys.modules.pop(n)
+
+
+def test_release_presets_have_the_official_parameter_counts_on_meta_device():
+    """The authors' models have 461,359,107, 476,613,958 and 480,970,057 parameters; ours hold
+    all but their micro-conditioning MLPs (one per level, sinusoid(E/4) -> E -> E: E/4*E + E +
+    E*E + E = 1,312,768 for E = 1024), which are constant when sampling and fold into a bias."""
+    micro = 256 * 1024 + 1024 + 1024 * 1024 + 1024
+    for name, official, levels in (("MDM-flickr64", 461_359_107, 1), ("MDM-flickr256", 476_613_958, 2),
+                                   ("MDM-flickr1024", 480_970_057, 3)):
+        with torch.device("meta"):
+            model = NestedUNet(preset(name))
+        assert N.count_params(model) == official - levels * micro, name
+        assert len(model.levels()) == levels and model.resolutions[-1] == [64, 256, 1024][levels - 1]
+    assert preset("MDM-flickr256").truncated(64).to_dict() == preset("MDM-flickr64").to_dict()   # grow-able
+
+
+def test_release_architecture_keys_against_independent_computations():
+    """Each key of the released models' architecture, against a computation written here."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 8, 8, generator=g)
+    # strided_downsample: a stride-2 3x3 conv, not average pooling then a 3x3 conv
+    down = randomize(N.Downsample(32, 2, strided=True))
+    torch.testing.assert_close(down(x), F.conv2d(x, down.conv.weight, down.conv.bias, stride=2, padding=1))
+    # separate_cross_attention, mask_cross_attention, attention_ffn="groupnorm": written out in float64
+    tokens, mask = torch.randn(2, 5, 16, generator=g), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    for separate, masked, ffn in ((True, False, "groupnorm"), (True, True, "none"), (False, True, "layernorm")):
+        att = randomize(N.AttentionBlock(32, 4, 16, separate_cross=separate, mask_cross=masked, ffn=ffn), seed=1).double()
+        got = att(x.double(), None, tokens.double(), mask)
+        h = F.group_norm(x.double(), 32, att.norm.weight, att.norm.bias).flatten(2)          # (B, C, N)
+        q, k, v = (F.conv1d(h, w[:, :, None], b) for w, b in zip(att.qkv.weight.chunk(3), att.qkv.bias.chunk(3)))
+        kv = F.linear(F.layer_norm(tokens.double(), (16,), att.norm_cond.weight, att.norm_cond.bias),
+                      att.kv_cond.weight, att.kv_cond.bias)                                  # (B, L, 2C)
+        kt, vt = kv[..., :32].transpose(1, 2), kv[..., 32:].transpose(1, 2)                  # (B, C, L)
+        heads = lambda a: a.unflatten(1, (4, 8))                                             # (B, 4, 8, N)
+        q, k, v, kt, vt = map(heads, (q, k, v, kt, vt))
+        logits, logits_t = (torch.einsum("bhcn,bhcm->bhnm", q, kk) / math.sqrt(8) for kk in (k, kt))
+        if masked:
+            logits_t = logits_t.masked_fill(~mask[:, None, None, :], -math.inf)
+        if separate:
+            out = torch.einsum("bhnm,bhcm->bhcn", logits.softmax(-1), v) + \
+                torch.einsum("bhnm,bhcm->bhcn", logits_t.softmax(-1), vt)
+        else:
+            w = torch.cat([logits, logits_t], -1).softmax(-1)
+            out = torch.einsum("bhnm,bhcm->bhcn", w, torch.cat([v, vt], -1))
+        y = x.double().flatten(2) + F.conv1d(out.flatten(1, 2), att.proj_out.weight[:, :, None], att.proj_out.bias)
+        if ffn == "groupnorm":
+            y3 = F.group_norm(y, 32, att.ffn[0].weight, att.ffn[0].bias)
+            y = y + F.conv1d(F.gelu(F.conv1d(y3, att.ffn[1].weight[:, :, None], att.ffn[1].bias)),
+                             att.ffn[3].weight[:, :, None], att.ffn[3].bias)
+        elif ffn == "layernorm":
+            y = y + att.ffn(y.transpose(1, 2)).transpose(1, 2)
+        torch.testing.assert_close(got, y.view(2, 32, 8, 8), rtol=1e-9, atol=1e-9)
+    # timestep_features="sin,cos", timestep_offset=1: sin then cos of the integer step k - 1
+    t = torch.tensor([1.0, 0.5, 0.001], dtype=torch.float64)
+    freqs = np.exp(-np.log(10000) * np.arange(4) / 4).astype(np.float32).astype(np.float64)
+    arg = np.array([999, 499, 0])[:, None] * freqs
+    torch.testing.assert_close(N.timestep_embedding(t, 8, "sin,cos", 1, torch.float64),
+                               torch.from_numpy(np.concatenate([np.sin(arg), np.cos(arg)], 1)), rtol=0, atol=2e-5)
+    # level_time_embedding, text_pool_bias, normalize_input: a whole model against a second code path
+    torch.manual_seed(0)
+    model = randomize(NestedUNet(release_tiny(3)), std=0.05).eval()
+    assert all(hasattr(lvl, "time_mlp") for lvl in model.levels()) and not hasattr(model.innermost.cond_embed, "time_mlp")
+    assert model.innermost.cond_embed.text_pool.bias is None
+    z = [torch.randn(s) for s in model.input_shapes(2)]
+    tt, text = torch.tensor([0.3, 0.9]), torch.randn(2, 4, 32)
+    out = model(z, tt, text=text)
+    mid = model.levels()[1]
+    scaled = [z[0], z[1] / z[1].std(dim=(1, 2, 3), keepdim=True), z[2]]     # the middle level's input normalised
+    mid.config.normalize_input = False
+    with torch.no_grad():
+        again = model(scaled, tt, text=text)
+    mid.config.normalize_input = True
+    for a, b in zip(out, again):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Each level's own time MLP: with the connections into the inner levels at zero (as grow()
+    # starts them), a level's time MLP reaches its own output and those above it, never below.
+    with torch.no_grad():
+        for lvl in model.levels()[1:]:
+            lvl.in_adapter.weight.zero_(), lvl.in_adapter.bias.zero_()
+        for level in (2, 1):
+            before = model(z, tt, text=text)
+            model.levels()[level].time_mlp[2].bias += 1.0
+            changed = [not torch.allclose(a, b) for a, b in zip(before, model(z, tt, text=text))]
+            assert changed == [i >= level for i in range(3)], (level, changed)
+
+
+def test_discrete_schedule_time_grid_and_thresholding_modes_against_formulas():
+    """squaredcos_cap_v2 in numpy float64 (diffusers' definition), the released models' float32
+    shift, their inference grid, and the thresholding modes."""
+    f = lambda s: np.cos((s + 0.008) / 1.008 * np.pi / 2) ** 2
+    k = np.arange(1000)
+    betas = np.concatenate([[0.0], np.minimum(1 - f((k + 1) / 1000) / f(k / 1000), 0.999)])
+    abar = np.cumprod(1 - betas)
+    abar32 = abar.astype(np.float32)
+    t = torch.arange(1001, dtype=torch.float64) / 1000
+    for shift in (1, 2, 4, 16):
+        if shift == 1:
+            ref = abar32.astype(np.float64)
+        else:                                      # SNR / shift^2, computed in float32 as they did
+            with np.errstate(divide="ignore"):     # step 0: alpha_bar = 1, SNR infinite
+                snr = abar32 / (1 - abar32)
+            ref = (1 / (1 + 1 / (snr / np.float32(shift ** 2)))).astype(np.float64)
+        got = torch.sigmoid(D.discrete_logsnr(t, shift)).numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-15)
+    assert abar32[1000] == pytest.approx(2.4287e-9, rel=1e-3) and betas.max() == 0.999   # the cap binds
+    d = MatryoshkaDiffusion([8, 16], ["squaredcos_cap_v2", "squaredcos_cap_v2-shift2"])
+    # Their grid: round(i * 1001 / (N + 1)), i = N .. 0 (numpy's round, half to even)
+    assert (d.time_grid(50) * 1000).round().long()[:4].tolist() == [981, 962, 942, 922]
+    assert (d.time_grid(50) * 1000).round().long()[-3:].tolist() == [39, 20, 0]
+    assert (d.time_grid(250) * 1000).round().long()[:3].tolist() == [997, 993, 989]
+    u = torch.tensor([1e-9, 0.0005, 0.0015, 0.999, 1.0])
+    assert (d.training_times(u) * 1000).round().long().tolist() == [1, 1, 2, 999, 1000]
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * torch.tensor([0.3, 1.2, 4.0])[:, None, None, None]
+    for mode, q, hi in (("deepfloyd", 95, 1.5), ("imagen", 99.5, np.inf)):
+        got = D.threshold(x, mode).numpy()
+        for i in range(3):
+            s = np.clip(np.percentile(np.abs(x[i].numpy()), q), 1, hi)
+            np.testing.assert_allclose(got[i], np.clip(x[i].numpy(), -s, s) / s, rtol=1e-5, atol=1e-6)
+    assert torch.equal(D.threshold(x, "clip"), x.clamp(-1, 1)) and torch.equal(D.threshold(x, "none"), x)
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_ddim_with_eta_reproduces_the_exact_gaussian_chain(eta):
+    """DDIM with eta: z_s = alpha_s x + sqrt(sigma_s^2 - v) eps + sqrt(v) n, v = eta^2 times the
+    posterior variance (eta = 1: DDPM's distribution), on the Gaussian oracle at every level."""
+    resolutions, shifts = [4, 8, 16], [1, 2, 4]
+    oracle = GaussianOracle(0.2, 0.5, resolutions, shifts)
+    d = MatryoshkaDiffusion(resolutions, ["cosine", "cosine-shift2", "cosine-shift4"])
+    out = d.sample(oracle, batch_size=128, sampler="ddim", eta=eta, num_inference_steps=20,
+                   generator=torch.Generator().manual_seed(0), thresholding="none", dtype=torch.float64)
+    for o, tau, s in zip(out, oracle.taus, shifts):
+        m, V = 0.0, 1.0
+        ts = np.linspace(1, 0, 21)
+        for i in range(20):
+            (at, st), (a_, s_) = ref_alpha_sigma(ts[i], s), ref_alpha_sigma(ts[i + 1], s)
+            k = at * tau ** 2 / (at ** 2 * tau ** 2 + st ** 2)
+            c0 = 0.2 * (1 - k * at)
+            if i == 19:
+                m, V = k * m + c0, k ** 2 * V
+                break
+            var = eta ** 2 * (1 - (at / st) ** 2 / (a_ / s_) ** 2) * s_ ** 2
+            r = np.sqrt(s_ ** 2 - var) / st
+            A, b = a_ * k + r * (1 - at * k), a_ * c0 - r * at * c0
+            m, V = A * m + b, A ** 2 * V + var
+        assert o.mean().item() == pytest.approx(m, abs=0.01 * tau)
+        assert o.std().item() == pytest.approx(math.sqrt(V), rel=0.01)
+    if eta == 1.0:                                 # and eta = 1 is DDPM's chain
+        assert gaussian_levels_off(out, "ddpm", 20, oracle, shifts) == []
+
+
+def test_mdm_tokenization_of_the_released_models():
+    """The released code's tokenisation: a leading space, the least-cost split into pieces,
+    unknown characters dropped, the end id 1. Hand-computed on a tiny vocabulary; and the
+    released code's own ids on its vocabulary (the T5 one) where that file is at hand."""
+    costs = {"<pad>": 0, "</s>": 0, "<unk>": 0, " ": 2.0, "a": 5, "b": 5, "d": 5, " a": 3.0, " b": 4.0,
+             " pan": 5.5, "da": 4.5, " panda": 6.0, "n": 5, "p": 5, " p": 4.5}
+    pieces = {p: (i, c) for i, (p, c) in enumerate(costs.items())}
+    ids = {p: i for p, (i, _) in pieces.items()}
+    assert data.mdm_token_ids("a panda", pieces) == [ids[" a"], ids[" panda"], 1]       # 3 + 6 < 3 + 5.5 + 4.5
+    assert data.mdm_token_ids("", pieces) == [ids[" "], 1]                              # the lone space: [3, 1] in T5
+    assert data.mdm_token_ids("a  b", pieces) == [ids[" a"], ids[" "], ids[" b"], 1]     # a repeated space is a piece
+    assert data.mdm_token_ids("aé b", pieces) == [ids[" a"], ids[" b"], 1]               # é: no piece, dropped
+    assert data.mdm_token_ids("a b a b", pieces, max_length=3) == [ids[" a"], ids[" b"], ids[" a"]]   # end id cut
+    vocab = Path("/work/shared/official/t5.vocab")
+    if not vocab.exists():
+        pytest.skip("the released code's T5 vocabulary (t5.vocab) is not on this machine")
+    t5 = {}
+    for i, line in enumerate(vocab.read_text(encoding="utf-8").splitlines()):
+        piece, score = line.split("\t")
+        t5[piece.replace("\u2581", " ")] = (i, -float(score))
+    facts = {"": [3, 1], "a panda playing guitar": [3, 9, 2131, 26, 9, 1556, 5507, 1], "a chair": [3, 9, 3533, 1],
+             " leading space": [3, 1374, 628, 1], "trailing space ": [5032, 53, 628, 3, 1],
+             "A  Panda,  playing {guitar}! ": [71, 3, 28248, 6, 3, 1556, 3, 7938, 2046, 55, 3, 1],
+             "hello</s>world": [21820, 1, 7276, 1], "café naïve ｆｕｌｌ": [11949, 3, 29, 9, 162, 3, 1]}
+    for text, want in facts.items():
+        assert data.mdm_token_ids(text, t5) == want, text
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    """A tiny T5 encoder (32 wide, random) with a SentencePiece-style unigram vocabulary, saved
+    as a local folder: the FLAN-T5 XL of the released models, in small."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    folder = tmp_path_factory.mktemp("t5")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -5.0) for c in letters] + \
+        [("\u2581" + c, -4.0) for c in letters] + [("\u2581" + w, -6.0) for w in ("red", "blue", "square", "panda")]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                    extra_ids=0).save_pretrained(folder)
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                            decoder_start_token_id=0)).save_pretrained(folder)
+    return folder
+
+
+def test_text_encoder_tokenizes_as_the_released_code_from_the_t5_tokenizers_vocabulary(tiny_t5):
+    enc = data.TextEncoder(str(tiny_t5), tokenization="ml-mdm")
+    ids, mask = enc.tokenize(["a red square", "", "red  x"])
+    pieces = enc.tokenizer.convert_ids_to_tokens
+    assert pieces(ids[0, :4].tolist()) == ["\u2581a", "\u2581red", "\u2581square", "</s>"]
+    assert pieces(ids[1, :2].tolist()) == ["\u2581", "</s>"] and mask[1].tolist() == [True, True, False, False]
+    assert pieces(ids[2, :4].tolist()) == ["\u2581red", "\u2581", "\u2581x", "</s>"]
+    feats, fmask = enc(["a red square", ""])
+    assert torch.equal(fmask, mask[:2, :4]) and feats[1, 2:].abs().sum() == 0         # padding: no feature
+
+
+def release_run(tmp_path, tiny_t5, levels=1, seed=0):
+    """A synthetic checkpoint in the released models' format, converted into a run folder."""
+    cfg = release_tiny(levels)
+    state = official_state(cfg, seed)
+    path = tmp_path / f"vis_model_{levels}.pth"
+    save_official_checkpoint(path, state, cfg)
+    out = R.convert_file(path, tmp_path / f"converted{levels}", config=cfg, text_encoder=str(tiny_t5))
+    return out, state, cfg
+
+
+def test_a_checkpoint_in_the_released_format_converts_strictly_and_samples(tmp_path, tiny_t5):
+    out, state, cfg = release_run(tmp_path, tiny_t5, levels=2)
+    model, meta = P.load_weights(out / "ema.safetensors")
+    assert meta["release"] == "flickr256" and meta["text_tokenization"] == "ml-mdm"
+    assert meta["sampling"] == {"sampler": "ddim", "num_inference_steps": 100, "eta": 0.0, "guidance_scale": 7.5}
+    # Every tensor is theirs, reshaped; the time MLPs' last bias holds the folded
+    # micro-conditioning: bias + W1 silu(W0 s(scale) + b0) + b1, s: sin then cos of the raw scale.
+    ours = model.state_dict()
+    for key, theirs in R.official_names(model).items():
+        if not key.endswith("time_mlp.2.bias"):
+            assert torch.equal(ours[key], state[theirs].reshape(ours[key].shape)), key
+    for prefix, lvl, scale in (("", model, 256.0), ("inner_unet.", model.inner, 64.0)):
+        m = {k: state[f"{prefix}cond_layers.scale.{k}"].double().numpy() for k in ("0.weight", "0.bias", "1.weight", "1.bias")}
+        freqs = np.exp(-np.log(10000) * np.arange(4) / 4)
+        s_ = np.concatenate([np.sin(scale * freqs), np.cos(scale * freqs)])
+        h = m["0.weight"] @ s_ + m["0.bias"]
+        want = state[f"{prefix}temb_layer2.bias"].double().numpy() + m["1.weight"] @ (h / (1 + np.exp(-h))) + m["1.bias"]
+        np.testing.assert_allclose(lvl.time_mlp[2].bias.detach().double().numpy(), want, rtol=1e-4, atol=1e-5)
+    # sample.py reads it, with the run's own settings (its DDIM, guidance against the empty prompt)
+    p = run_sample("--ckpt", str(out), "a red square", "--num-images", "2", "--num-inference-steps", "3",
+                   "--out", str(tmp_path / "img"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert Image.open(tmp_path / "img.png").size[0] > 0
+    # What does not fit is said in one line: a missing, an extra, a reshaped tensor; stored
+    # arguments of another model; a file that is not a checkpoint.
+    broken = {"missing": {k: v for k, v in state.items() if k != "inner_unet.conv_out.weight"},
+              "extra": {**state, "inner_unet.surplus.weight": torch.zeros(3)},
+              "shape": {**state, "conv_in.weight": torch.zeros(5, 3, 3, 3)}}
+    for name, bad in broken.items():
+        save_official_checkpoint(tmp_path / f"{name}.pth", bad, cfg)
+        with pytest.raises(ValueError, match="does not fit"):
+            R.convert_file(tmp_path / f"{name}.pth", tmp_path / name, config=cfg)
+    save_official_checkpoint(tmp_path / "other.pth", state, cfg, channels=[64, 64, 64])
+    with pytest.raises(ValueError, match="resolution_channels"):
+        R.convert_file(tmp_path / "other.pth", tmp_path / "other", config=cfg)
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    for args in ([str(tmp_path / "notes.pth"), "--out", str(tmp_path / "x")],
+                 [str(tmp_path / "other.pth"), "--out", str(tmp_path / "y")]):
+        p = subprocess.run([sys.executable, "release.py", *args], cwd=HERE, capture_output=True, text=True, timeout=120)
+        assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_reading_a_released_checkpoint_runs_no_code_from_it(tmp_path):
+    """Every object the file names besides tensors becomes an inert stand-in (the stored
+    arguments: their config classes, argparse.Namespace, numpy scalars); torch's weights_only
+    reader still refuses what no stand-in may be: a module it blocks (os.system), a call of
+    what another call returned. Nothing runs, and the file is refused in one message."""
+    cfg = release_tiny(1)
+    marker = tmp_path / "code-ran"
+
+    class Shell:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    class Method:
+        def __reduce__(self):
+            return (Path.touch, (marker,))                  # pickled as getattr(Path, "touch")(marker)
+    save_official_checkpoint(tmp_path / "plain.pth", official_state(cfg), cfg)
+    state, args = R.read_checkpoint(tmp_path / "plain.pth")
+    assert len(state) == len(official_state(cfg)) and args["unet_config"]["resolution_channels"] == [32, 32, 64]
+    assert args["diffusion_config"]["sampler_config"]["schedule_type"] == {"__class__": "ml_mdm.samplers.ScheduleType",
+                                                                           "__args__": [3]}
+    for name, payload in (("shell", Shell()), ("method", Method())):
+        save_official_checkpoint(tmp_path / f"{name}.pth", official_state(cfg), cfg, extra={"hook": payload})
+        with pytest.raises(ValueError, match="refused"):
+            R.read_checkpoint(tmp_path / f"{name}.pth")
+    assert not marker.exists()
+
+
+def test_finetune_and_grow_a_converted_model_resume_exactly(tmp_path, tiny_t5):
+    """train.py --init-from a converted model: fine-tuning starts from its weights; growing
+    (--res 8,32 on a two-level config) starts stage 1 with them and adds the new level; both
+    resume bit for bit, with the release's tokenisation, null text (the empty prompt) and
+    sampling settings carried into the new run."""
+    out, _, cfg1 = release_run(tmp_path, tiny_t5, levels=1)
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i, (name, colour) in enumerate([("a red square", (220, 20, 20)), ("a blue square", (20, 20, 220))] * 4):
+        Image.new("RGB", (32, 32), colour).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i}.png", "text": n})
+                                                     for i, n in enumerate(["a red square", "a blue square"] * 4)))
+    cfg2 = tmp_path / "grown.json"
+    cfg2.write_text(json.dumps(release_tiny(2).to_dict()))
+    common = ["--data", str(folder), "--init-from", str(out), "--cond-drop", "0.5", "--lr", "1e-3"]
+    plans = {"finetune": ["--config", "MDM-flickr64", "--res", "8", "--steps", "4", "--batch", "4"],
+             "grow": ["--config", str(cfg2), "--res", "8,32", "--steps", "2,3", "--batch", "4,4"]}
+    plans["finetune"][1] = str(tmp_path / "one.json")
+    (tmp_path / "one.json").write_text(json.dumps(cfg1.to_dict()))
+    for name, plan in plans.items():
+        run_train(tmp_path, *plan, *common, "--name", f"{name}-straight")
+        run_train(tmp_path, *plan, *common, "--name", f"{name}-stopped", "--stop-after", "3")
+        run_train(tmp_path, "--resume", str(tmp_path / f"{name}-stopped"))
+        a, b = load_ckpt(tmp_path / f"{name}-straight"), load_ckpt(tmp_path / f"{name}-stopped")
+        for part in ("model", "ema"):
+            for key in a[part]:
+                assert torch.equal(a[part][key], b[part][key]), (name, part, key)
+        meta = P.read_metadata(tmp_path / f"{name}-straight" / "ema.safetensors")
+        assert meta["text_tokenization"] == "ml-mdm" and meta["sampling"]["guidance_scale"] == 7.5
+    # The grown run's first stage began as the converted model, exactly.
+    run_train(tmp_path, *plans["grow"], *common, "--name", "grow-start", "--lr", "1e-30", "--stop-after", "1")
+    start = load_ckpt(tmp_path / "grow-start")["model"]
+    converted = P.load_weights(out / "ema.safetensors")[0].state_dict()
+    for key, value in converted.items():
+        torch.testing.assert_close(start[key], value, rtol=1e-6, atol=1e-12)

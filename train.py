@@ -55,6 +55,8 @@ import utils
 import video
 from diffusion import DiffusionConfig, MatryoshkaDiffusion
 from nested_unet import PRESETS, NestedUNet, NestedUNetConfig, grow, preset, summary, to_device
+import pipeline
+from pipeline import save_weights
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,14 +83,19 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int_list, default=[300, 800], help="optimizer steps of each stage")
     g.add_argument("--batch", type=int_list, default=[64, 32], help="global batch of each stage")
     g.add_argument("--accum", type=int, default=1, help="gradient accumulation: micro-batches per step")
+    g.add_argument("--init-from", default=None, help="start from a trained run's weights (a run folder or "
+                   "ema.safetensors, e.g. a released model converted by release.py): fine-tune it, or grow it "
+                   "into the inner levels of --config")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="emoji", help="emoji, fashion-mnist, a folder of images, or a "
                    "Hugging Face data set name")
     g.add_argument("--data-limit", type=int, default=0, help="use only the first N images (0: all)")
     g.add_argument("--cond", choices=["auto", "text", "label", "none"], default="auto",
                    help="condition on captions, class labels or nothing (auto: what the data has)")
-    g.add_argument("--text-encoder", default="minilm", help="minilm (offline) or a transformers name, "
-                   "e.g. google/flan-t5-xl (the paper's)")
+    g.add_argument("--text-encoder", default=None, help="minilm (offline, the default) or a transformers name "
+                   "or folder, e.g. google/flan-t5-xl (the paper's); with --init-from: that run's")
+    g.add_argument("--text-tokenization", choices=["hf", "ml-mdm"], default=None,
+                   help="hf: the tokenizer's own; ml-mdm: as the released models' code (default: --init-from's, or hf)")
     g.add_argument("--image-column", default="image")
     g.add_argument("--caption-column", default="text")
     g.add_argument("--label-column", default="label")
@@ -364,21 +371,27 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, args, 
     x = to_device(batch["image"], device)          # (the loader pins it on a GPU machine)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    # The condition: text features (B, L, text_channels) of the frozen encoder (a fixed
-    # caption set is encoded once and looked up), or class labels (B,).
-    cond = {}
-    if cond_kind == "text":
-        cond = encoder.condition(batch["caption"], device)
-    elif cond_kind == "label":
-        cond = {"label": to_device(batch["label"], device)}
     # A sample's key: its index in the data set (a streamed set has no global index; its
     # position in this rank's stream, made unique across ranks).
     keys = batch["index"] * world + rank if args.streaming else batch["index"]
     shapes = [s[1:] for s in model.input_shapes(1)]
     t, noises, u_drop, u_high = per_sample_randomness(keys, step, args.seed, shapes, device)
     # Conditioning dropout (--cond-drop, 10% by default): those samples learn the null
-    # condition, which classifier-free guidance contrasts with at sampling time.
-    cond = model.null_condition(cond, u_drop < args.cond_drop)   # decided on the CPU
+    # condition, which classifier-free guidance contrasts with at sampling time (decided on
+    # the CPU). Its null text is no visible token, or for the released models' architecture
+    # (null_text="empty_prompt") the caption "".
+    drop = u_drop < args.cond_drop
+    # The condition: text features (B, L, text_channels) of the frozen encoder (a fixed
+    # caption set is encoded once and looked up), or class labels (B,).
+    cond = {}
+    if cond_kind == "text":
+        captions = batch["caption"]
+        if model.config.null_text == "empty_prompt":
+            captions, drop = ["" if d else c for c, d in zip(captions, drop.tolist())], torch.zeros_like(drop)
+        cond = encoder.condition(captions, device)
+    elif cond_kind == "label":
+        cond = {"label": to_device(batch["label"], device)}
+    cond = model.null_condition(cond, drop)
     # Mixed-resolution training (appendix B): each sample reaches the highest level with
     # probability --high-res-fraction; all samples train the lower levels. The NestedUNet
     # runs its outermost level on the first n_high rows only, so those samples go first;
@@ -401,16 +414,6 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, args, 
 # Checkpoints: the whole state, written atomically
 # ---------------------------------------------------------------------------------------
 
-def atomic_save(obj, path: Path, save_fn=torch.save):
-    """Write to a temporary file, flush it to disk, then rename over the old file: a kill at
-    any moment leaves either the old or the new file, never a damaged one."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_fn(obj, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def rng_states() -> dict:
     """Every generator's state as tensors, numbers and tuples only, so that checkpoint.pt
     loads with torch.load(weights_only=True): numpy's state is (name, 624 uint32 keys, pos,
@@ -428,15 +431,6 @@ def set_rng_states(s: dict):
     random.setstate(s["python"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def export_ema(path: Path, ema: NestedUNet, meta: dict):
-    """EMA weights for sampling, as safetensors, with everything needed to rebuild and use the
-    model in the metadata (k-diffusion's convert_for_inference does the same)."""
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in ema.state_dict().items()}
-    meta = {k: json.dumps(v) for k, v in meta.items()}
-    atomic_save(tensors, path, lambda t, p: save_file(t, str(p), metadata=meta))
 
 
 # ---------------------------------------------------------------------------------------
@@ -576,6 +570,18 @@ def main(argv=None):
     rank, world, device = setup_distributed(args.device)
     is_main = rank == 0
 
+    # -- a trained run to start from (a converted released model, or one of ours) --
+    init, init_meta = None, {}
+    if args.init_from is not None and ckpt is None:
+        try:
+            init, init_meta = pipeline.load_weights(pipeline.find_weights(args.init_from))
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"train.py: --init-from: {e}")
+    if args.text_encoder is None:                  # resolved once, and saved with the arguments
+        args.text_encoder = init_meta.get("text_encoder") or "minilm"
+    if args.text_tokenization is None:
+        args.text_tokenization = init_meta.get("text_tokenization", "hf")
+
     # -- data (its checks run before any model is built). Each stage reads its images at its
     # own top resolution, as the paper's stages do (its 64x64 stage is a 64x64 training run).
     sizes = parse_sizes(args.res)
@@ -616,7 +622,8 @@ def main(argv=None):
     encoder = None
     if cond_kind == "text":                        # a stream's captions do not come back: no cache
         try:
-            encoder = data.TextEncoder(args.text_encoder, device=device, **({"cache_size": 0} if args.streaming else {}))
+            encoder = data.TextEncoder(args.text_encoder, device=device, tokenization=args.text_tokenization,
+                                       **({"cache_size": 0} if args.streaming else {}))
         except ValueError as e:
             raise SystemExit(f"train.py: {e}")
     if encoder is not None and not args.streaming:
@@ -627,8 +634,9 @@ def main(argv=None):
     cfg_full = NestedUNetConfig(**{**cfg_full.to_dict(),
                                    "text_channels": encoder.dim if encoder else 0,
                                    "num_classes": len(class_names) if cond_kind == "label" else 0})
-    dcfg = DiffusionConfig(shift_power=args.shift_power, loss_weights=args.loss_weights,
-                           loss_levels=args.loss_levels)
+    # The sampling side of the diffusion config (its thresholding) comes with --init-from's run.
+    dcfg = DiffusionConfig(shift_power=args.shift_power, loss_weights=args.loss_weights, loss_levels=args.loss_levels,
+                           thresholding=init_meta.get("diffusion_config", {}).get("thresholding", "imagen"))
 
     # -- the run folder --
     if run_dir is None:
@@ -658,7 +666,17 @@ def main(argv=None):
         cfg = cfg_full.truncated(sizes[stage][1], sizes[stage][0])
         if model is None:
             torch.manual_seed(args.seed)               # the same initial weights on every rank
-            model = build(cfg).to(device)
+            if init is not None and init.config.to_dict() != cfg.to_dict():
+                # --init-from a smaller model: it becomes this stage's inner levels, and the new
+                # levels start as grow() starts them (section 3.3).
+                try:
+                    model = grow(init.to(device), cfg, build)
+                except ValueError as e:
+                    raise SystemExit(f"train.py: --init-from {args.init_from}: {e}")
+            else:
+                model = build(cfg).to(device)
+                if init is not None:               # --init-from the same model: fine-tuning
+                    model.load_state_dict(init.state_dict())
             ema = build(cfg).to(device)
             ema.load_state_dict(model.state_dict())
         else:
@@ -720,6 +738,7 @@ def main(argv=None):
     # weights of a smaller model, and its metadata must say so.
     meta = {"cond": cond_kind,
             "text_encoder": args.text_encoder if encoder else None, "class_names": class_names,
+            "text_tokenization": args.text_tokenization, **({"sampling": init_meta["sampling"]} if "sampling" in init_meta else {}),
             "data": args.data, "res": args.res, "video": is_video, "data_limit": args.data_limit}
 
     # Fixed conditions for the sample grids: the same prompts all through the run.
@@ -743,11 +762,10 @@ def main(argv=None):
         # grids of successive steps start from the same noise and differ by training alone.
         if grid_cond is None:
             return
-        sd = make_diffusion(ema)
         with autocast:
-            levels = sd.sample(ema, grid_cond, batch_size=len(grid_captions or [0] * 8), sampler="ddim",
-                               num_inference_steps=args.sample_steps, guidance_scale=args.sample_guidance,
-                               generator=torch.Generator(device).manual_seed(0))
+            levels = pipeline.generate(ema, make_diffusion(ema), grid_cond, len(grid_captions or [0] * 8),
+                                       sampler="ddim", num_inference_steps=args.sample_steps,
+                                       guidance_scale=args.sample_guidance, seed=0)
         if ema.config.frames > 1:
             video.save_levels_figure(levels, run_dir / "samples" / f"{tag}.png")
             video.save_gif(levels[-1], run_dir / "samples" / f"{tag}.gif")
@@ -792,11 +810,11 @@ def main(argv=None):
             dist.all_gather_object(states, rng_states())
         stage_meta = {**meta, "model_config": ema.config.to_dict(), "diffusion_config": vars(diffusion.config)}
         if is_main:
-            atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            utils.atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "step": step, "stage": stage, "rng": states,
                          "data": batches.state(), "args": vars(args), "meta": stage_meta,
                          "train_time": train_time["s"]}, run_dir / "checkpoint.pt")
-            export_ema(run_dir / "ema.safetensors", ema, {**stage_meta, "step": step})
+            save_weights(run_dir / "ema.safetensors", ema.state_dict(), {**stage_meta, "step": step})
 
     # A polite stop (Ctrl-C, SIGTERM from a cluster) saves before exiting; SIGKILL cannot be
     # caught, and then the last checkpoint (at most --ckpt-every steps old) is what remains.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pickle
 from pathlib import Path
 
@@ -93,9 +94,29 @@ def check_device(prog: str, name: str | None):
         raise SystemExit(f"{prog}: --device {name}: expected cpu, cuda, cuda:N or mps")
 
 
+def autocast(device, enabled: bool | None = None):
+    """bf16 autocast for the network on GPUs (appendix B), as in training; off on CPUs unless
+    asked for. The samplers keep their state in float32 either way."""
+    device = torch.device(device)
+    on = device.type == "cuda" if enabled is None else enabled
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
 # ---------------------------------------------------------------------------------------
-# Reading files safely
+# Writing files that a kill cannot damage, and reading files safely
 # ---------------------------------------------------------------------------------------
+
+
+def atomic_save(obj, path: Path, save_fn=torch.save):
+    """Write to a temporary file, flush it to disk, then rename over the old file: a kill at
+    any moment leaves either the old or the new file, never a damaged one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_fn(obj, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
 
 
 def load_torch_file(path, what: str = "checkpoint"):

@@ -46,8 +46,7 @@ from torch.utils.data import Dataset
 import data
 import utils
 from diffusion import DiffusionConfig, MatryoshkaDiffusion
-from nested_unet import (PAPER, NestedUNet, NestedUNetConfig, _CPU, _S64, _TINY_INNER, find_weights, load_weights,
-                         summary, zero_init)
+from nested_unet import PAPER, NestedUNet, NestedUNetConfig, _CPU, _S64, _TINY_INNER, summary, zero_init
 
 # ---------------------------------------------------------------------------------------
 # Layers with a time axis. Inside a video level a tensor is (B * T, C, H, W): the frames of
@@ -397,40 +396,13 @@ DEMO = ["--config", "CPU-S16T8", "--data", "emoji-motion", "--res", "16,8x16", "
         "--batch", "64,24", "--sample-every", "400"]
 
 
-def load_video(ckpt, device):
-    try:
-        path = find_weights(ckpt) if ckpt else newest_video_run()
-    except FileNotFoundError as err:
-        raise SystemExit(f"video.py: {err}")
-    try:
-        model, meta = load_weights(path, model_class=build_level, device=device)
-        encoder = data.TextEncoder(meta["text_encoder"], device=device)
-    except ValueError as err:
-        raise SystemExit(f"video.py: {err}")
-    return model, meta, encoder, diffusion_for(model, DiffusionConfig(**meta["diffusion_config"]))
+def sample_clips(pipe, captions, steps=50, sampler="ddim", guidance=4.0, seed=0):
+    """Clips for captions: every level, lowest first (the top one (N, T, 3, H, W))."""
+    return pipe.generate(pipe.condition(prompts=captions), len(captions), seed=seed, sampler=sampler,
+                         num_inference_steps=steps, guidance_scale=guidance)
 
 
-def newest_video_run(runs="runs") -> Path:
-    found = [p for p in sorted(Path(runs).glob("*/ema.safetensors"), key=lambda p: p.stat().st_mtime)
-             if json.loads(json.loads(_metadata(p)).get("video", "false"))]
-    if not found:
-        raise SystemExit(f"video.py: no trained video model in {runs}/: train one first with `python video.py train`")
-    return found[-1]
-
-
-def _metadata(path) -> str:
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        return json.dumps(f.metadata() or {})
-
-
-def sample_clips(model, diffusion, encoder, captions, steps=50, sampler="ddim", guidance=4.0, seed=0, device="cpu"):
-    return diffusion.sample(model, encoder.condition(captions, device), batch_size=len(captions), sampler=sampler,
-                            num_inference_steps=steps, guidance_scale=guidance,
-                            generator=torch.Generator(device).manual_seed(seed))
-
-
-def evaluate(model, diffusion, encoder, names, n_clips=48, **kw):
+def evaluate(pipe, names, n_clips=48, **kw):
     """Sample n_clips clips, one motion per caption in turn, and measure the fraction whose
     motion (motion_of) is the caption's."""
     captions, truth = [], []
@@ -440,7 +412,7 @@ def evaluate(model, diffusion, encoder, names, n_clips=48, **kw):
         truth.append(i % len(MOTIONS))
     clips = []
     for i in range(0, n_clips, 16):
-        clips.append(sample_clips(model, diffusion, encoder, captions[i:i + 16], seed=i, **kw)[-1])
+        clips.append(sample_clips(pipe, captions[i:i + 16], seed=i, **kw)[-1].float().cpu())
     clips = torch.cat(clips)
     pred = [motion_of(c) for c in clips]
     per_motion = {m: float(np.mean([p == t for p, t in zip(pred, truth) if t == k])) for k, m in enumerate(MOTIONS)}
@@ -489,11 +461,18 @@ def main(argv=None):
     if a.cmd == "train":         # train.py does the training; these are the demo's defaults
         cmd = [sys.executable, str(Path(__file__).with_name("train.py"))] + DEMO + a.rest
         raise SystemExit(subprocess.call(cmd))
+    from pipeline import Pipeline
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, meta, encoder, diffusion = load_video(a.ckpt, device)
-    kw = dict(steps=a.num_inference_steps, sampler=a.sampler, guidance=a.guidance_scale, device=device)
+    try:
+        pipe = Pipeline(a.ckpt, device, video=True)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"video.py: {err}")
+    if not pipe.is_video:
+        raise SystemExit(f"video.py: {pipe.path} is an image model: sample it with `python sample.py`")
+    model = pipe.model
+    kw = dict(steps=a.num_inference_steps, sampler=a.sampler, guidance=a.guidance_scale)
     if a.cmd == "sample":
-        levels = sample_clips(model, diffusion, encoder, [a.prompt] * a.num_clips, seed=a.seed, **kw)
+        levels = [x.float().cpu() for x in sample_clips(pipe, [a.prompt] * a.num_clips, seed=a.seed, **kw)]
         prefix = Path(a.out or Path("samples") / ("video-" + "-".join(a.prompt.split())[:50]))
         prefix.parent.mkdir(parents=True, exist_ok=True)
         save_gif(levels[-1], f"{prefix}.gif")
@@ -502,7 +481,7 @@ def main(argv=None):
     else:                        # evaluate
         ds = EmojiMotion(size=model.resolutions[-1], frames=model.config.frames)
         names = ds.names                             # the emoji the model was trained on
-        acc, per_motion, clips, captions = evaluate(model, diffusion, encoder, names, n_clips=max(a.num_clips, 32), **kw)
+        acc, per_motion, clips, captions = evaluate(pipe, names, n_clips=max(a.num_clips, 32), **kw)
         real = [motion_of(ds[i]["image"]) == i % len(MOTIONS) for i in range(0, min(len(ds), 600))]
         out = Path(a.out or "samples/video-eval")
         out.parent.mkdir(parents=True, exist_ok=True)

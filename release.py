@@ -1,0 +1,346 @@
+"""
+The paper's released models in this project: convert a downloaded checkpoint of the authors'
+code into a run folder that sample.py, evaluate.py and train.py --init-from read.
+
+Gu et al. released three text-to-image models, trained on about 50M Flickr text-image pairs
+with FLAN-T5 XL as the text encoder: 64x64 (a UNet, the paper's MDM-S64), 256x256 (one
+nested level, MDM-S64S256) and 1024x1024 (two, MDM-S64S256S1024). Their architecture is the
+MDM-flickr presets of nested_unet.py; their diffusion process is the discrete 1000-step
+"squaredcos_cap_v2" schedule of diffusion.py. Download, convert, sample:
+
+    curl -O https://docs-assets.developer.apple.com/ml-research/models/mdm/flickr64/vis_model.pth
+    python release.py vis_model.pth --out runs/flickr64       # which model it is: from the file
+    python sample.py --ckpt runs/flickr64 "a panda playing guitar"
+    python train.py --config MDM-flickr256 --res 64,256 --init-from runs/flickr64 ...   # grow it
+
+Reading the file runs no code from it: the checkpoint is a pickle, which may name any Python
+function to call while it is read. Here the names it holds (its stored arguments are objects
+of the authors' classes) are listed first without unpickling anything, every one but the
+tensors' is bound to an inert stand-in that only records its data, and torch.load reads the
+file with weights_only=True. The stored arguments are then checked against the release, and
+every tensor is mapped to exactly one of ours, by shape too: nothing left over, nothing
+missing (the authors' own loader is not strict and skips what does not fit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickletools
+import zipfile
+from pathlib import Path
+
+import torch
+
+import utils
+from diffusion import DiffusionConfig
+from nested_unet import NestedUNet, parse_schedule, preset, sinusoid
+from pipeline import save_weights
+
+URL = "https://docs-assets.developer.apple.com/ml-research/models/mdm/{name}/vis_model.pth"
+
+# What a run folder needs beyond the weights, per release: the preset (the authors' config
+# files cc12m_64x64.yaml, cc12m_256x256.yaml, cc12m_1024x1024.yaml), and the settings of the
+# authors' web demo: guidance 7.5; 50 DDIM steps at 64 px, 100 at 256, 250 with eta 1 at
+# 1024; its default thresholding, DeepFloyd's.
+RELEASES = {
+    "flickr64": dict(preset="MDM-flickr64",
+                     sampling=dict(sampler="ddim", num_inference_steps=50, eta=0.0, guidance_scale=7.5)),
+    "flickr256": dict(preset="MDM-flickr256",
+                      sampling=dict(sampler="ddim", num_inference_steps=100, eta=0.0, guidance_scale=7.5)),
+    "flickr1024": dict(preset="MDM-flickr1024",
+                       sampling=dict(sampler="ddim", num_inference_steps=250, eta=1.0, guidance_scale=7.5)),
+}
+
+# ---------------------------------------------------------------------------------------
+# Reading the checkpoint without running code from it
+# ---------------------------------------------------------------------------------------
+
+class Stored:
+    """An object the checkpoint names (an argparse.Namespace, one of the authors' config
+    dataclasses or enums, a numpy scalar), rebuilt as inert data: the arguments and state
+    the pickle gives are recorded, nothing is called."""
+    fqn = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def pickle_globals(data: bytes) -> set[str]:
+    """The "module.name" of every global a pickle refers to, read off its opcodes (nothing is
+    unpickled): GLOBAL carries the name, STACK_GLOBAL takes the last two strings pushed."""
+    names, strings = set(), []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == "GLOBAL":
+            names.add(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.add(f"{strings[-2]}.{strings[-1]}")
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return names
+
+
+# What weights_only itself reads (tensors, their storages, ordered dicts): everything else
+# the file names (builtins and os.system included) becomes a Stored.
+NATIVE = ("torch.", "collections.OrderedDict")
+
+
+def plain(obj):
+    """Stored objects -> dicts (with their class under "__class__"), recursively."""
+    if isinstance(obj, Stored):
+        state = obj.state if isinstance(obj.state, dict) else {}
+        return {"__class__": obj.fqn, **({"__args__": [plain(a) for a in obj.args]} if obj.args else {}),
+                **{k: plain(v) for k, v in state.items()}}
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def read_checkpoint(path) -> tuple[dict, dict | None]:
+    """-> (the state dict, the stored arguments as plain data or None). Raises ValueError
+    with what is wrong."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkl = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+            names = pickle_globals(zf.read(pkl))
+    except (zipfile.BadZipFile, StopIteration, OSError) as e:
+        raise ValueError(f"{path}: not a checkpoint of the released models (a torch zip file with a "
+                         f"data.pkl): {type(e).__name__} {e}") from None
+    stand_ins = [(type(n, (Stored,), {"fqn": n}), n) for n in sorted(names) if not n.startswith(NATIVE)]
+    with torch.serialization.safe_globals(stand_ins):
+        ckpt = utils.load_torch_file(path, "checkpoint of the released models")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path}: holds no 'state_dict' (its keys: {list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__}); "
+                         f"expected the vis_model.pth of a released model")
+    args = plain(ckpt.get("args"))
+    return dict(ckpt["state_dict"]), args if isinstance(args, dict) else None
+
+
+# ---------------------------------------------------------------------------------------
+# Names: every tensor of ours and the released one it comes from
+# ---------------------------------------------------------------------------------------
+
+RESBLOCK = {"norm1": "norm1", "conv1": "conv1", "emb_proj": "time_layer", "norm2": "norm2", "conv2": "conv2",
+            "skip": "conv3"}
+
+
+def official_names(model: NestedUNet) -> dict[str, str]:
+    """our state-dict key -> the released models' key, for every tensor of `model` (an
+    MDM-flickr architecture). Their levels nest as `inner_unet.`, ours as `inner.`; their
+    down and up paths are blocks per resolution (`down_blocks.i.resnets.j`, `.attn.k`,
+    `.resample`), ours flat lists of stages; their up_blocks.0 is the lowest resolution."""
+    out = {}
+
+    def block(ours, theirs, module):           # a res block or an attention block, by its own names
+        for name in module.state_dict():
+            head, _, tail = name.partition(".")
+            out[f"{ours}.{name}"] = f"{theirs}.{RESBLOCK.get(head, head)}.{tail}"
+
+    def stages(ours, theirs, modules, cfg, blocks_of, up):
+        k, n = 0, len(cfg.resolution_channels)
+        for b, i in enumerate(reversed(range(n)) if up else range(n)):
+            attn = cfg.num_attn_layers_per_block[i]
+            for j in range(blocks_of(i)):
+                block(f"{ours}.{k}.0", f"{theirs}.{b}.resnets.{j}", modules[k][0])
+                for m in range(attn):
+                    block(f"{ours}.{k}.{1 + m}", f"{theirs}.{b}.attn.{j * attn + m}", modules[k][1 + m])
+                k += 1
+            if (i > 0) if up else (i < n - 1):  # the resampling conv between resolutions
+                for p in ("weight", "bias"):
+                    out[f"{ours}.{k}.0.conv.{p}"] = f"{theirs}.{b}.resample.{p}"
+                k += 1
+
+    def level(lvl, ours, theirs):
+        cfg = lvl.config
+        for name in ("conv_in", "norm_out", "conv_out", "in_adapter", "out_adapter"):
+            if hasattr(lvl, name):
+                for p in ("weight", "bias"):
+                    out[f"{ours}{name}.{p}"] = f"{theirs}{name}.{p}"
+        for a, b in (("0", "temb_layer1"), ("2", "temb_layer2")):
+            for p in ("weight", "bias"):
+                out[f"{ours}time_mlp.{a}.{p}"] = f"{theirs}{b}.{p}"
+        stages(f"{ours}down", f"{theirs}down_blocks", lvl.down, cfg, lambda i: cfg.num_res_blocks[i], up=False)
+        stages(f"{ours}up", f"{theirs}up_blocks", lvl.up, cfg, lambda i: cfg.num_res_blocks[i] + 1, up=True)
+        if lvl.inner is not None:
+            level(lvl.inner, f"{ours}inner.", f"{theirs}inner_unet.")
+        else:                                   # the innermost UNet: its mid blocks, and the text
+            block(f"{ours}mid.0.0", f"{theirs}mid_blocks.0.resnets.0", lvl.mid[0][0])
+            block(f"{ours}mid.0.1", f"{theirs}mid_blocks.0.attn.0", lvl.mid[0][1])
+            block(f"{ours}mid.0.2", f"{theirs}mid_blocks.1.resnets.0", lvl.mid[0][2])
+            out[f"{ours}cond_embed.text_proj.weight"] = f"{theirs}lm_proj.weight"
+            out[f"{ours}cond_embed.text_proj.bias"] = f"{theirs}lm_proj.bias"
+            out[f"{ours}cond_embed.text_pool.weight"] = f"{theirs}cond_emb.weight"
+
+    level(model, "", "")
+    return {ours: out[ours] for ours in model.state_dict()}   # raises KeyError for a tensor not named
+
+
+def convert(state: dict, config, micro_scales: list[float] | None = None) -> dict:
+    """The released model's state dict -> ours for `config` (an MDM-flickr preset, or a smaller
+    model of the same kind). Strict: every tensor of theirs is used once, every one of ours is
+    given, with the same number of values. Raises ValueError listing what does not fit.
+
+    Their micro-conditioning ("scale:64", one MLP per level on the image's scale, lowest level
+    first in `micro_scales`; default: each level's resolution) is constant when sampling:
+    its output is folded into the bias of the level's time MLP, to which it was added."""
+    model = NestedUNet(config)
+    names = official_names(model)
+    levels, theirs = model.levels(), dict(state)
+    prefixes = ["inner_unet." * (len(levels) - 1 - i) for i in range(len(levels))]   # lowest level first
+    scales = micro_scales or [lvl.config.resolutions[0] for lvl in levels]
+    folded = {}
+    for lvl, prefix, scale in zip(levels, prefixes, scales):
+        mlp = [theirs.pop(f"{prefix}cond_layers.scale.{i}.{p}", None) for i in (0, 1) for p in ("weight", "bias")]
+        if any(m is None for m in mlp):
+            raise ValueError(f"no micro-conditioning MLP '{prefix}cond_layers.scale' in the file: "
+                             f"not a released model of this kind")
+        w0, b0, w1, b1 = (m.double() for m in mlp)
+        # Their value: the default scale itself (64.0, 256.0, 1024.0), in their sinusoid.
+        feats = sinusoid(torch.tensor([float(scale)]), w0.shape[1], "sin,cos", torch.float64)
+        folded[prefix] = (torch.nn.functional.silu(feats @ w0.T + b0) @ w1.T + b1)[0]
+    ours, wrong = {}, []
+    own = model.state_dict()
+    for key, their_key in names.items():
+        if their_key not in theirs:
+            wrong.append(f"{their_key} is missing")
+            continue
+        value = theirs.pop(their_key)
+        if value.numel() != own[key].numel():
+            wrong.append(f"{their_key} has shape {tuple(value.shape)}, ours {tuple(own[key].shape)}")
+            continue
+        value = value.reshape(own[key].shape)    # their 1x1 convs are our Linear layers
+        prefix = next(p for p in sorted(prefixes, key=len, reverse=True) if their_key.startswith(p))
+        if their_key == f"{prefix}temb_layer2.bias":
+            value = (value.double() + folded[prefix]).to(value.dtype)
+        ours[key] = value.float()
+    wrong += [f"{k} has no place in this model" for k in theirs]
+    if wrong:
+        raise ValueError(f"the checkpoint does not fit {len(levels)}-level model: {len(wrong)} problem(s), "
+                         f"e.g. {'; '.join(wrong[:4])}")
+    return ours
+
+
+# ---------------------------------------------------------------------------------------
+# Which release a file holds, and checking it against its stored arguments
+# ---------------------------------------------------------------------------------------
+
+def detect(state: dict) -> str:
+    """The release a state dict belongs to, from its nesting depth."""
+    depth = max((k.count("inner_unet.") for k in state), default=0)
+    name = {0: "flickr64", 1: "flickr256", 2: "flickr1024"}.get(depth)
+    if name is None or "conv_in.weight" not in state:
+        raise ValueError("the state dict is not that of a released model (no conv_in.weight, or nested "
+                         f"{depth} levels deep)")
+    return name
+
+
+def check_arguments(args: dict | None, config):
+    """The file's own stored arguments against the model it is converted into: the channels
+    of every level, the schedule, v-prediction, the shift of every level. Raises ValueError
+    naming the first mismatch."""
+    if args is None:
+        return                                  # a file without arguments: the tensors decide
+    levels, unet = config.levels()[::-1], args.get("unet_config") or {}    # highest first, as theirs
+    for i, lvl in enumerate(levels):
+        if unet.get("resolution_channels") != lvl.resolution_channels:
+            raise ValueError(f"its stored arguments give level {i} (highest first) resolution_channels="
+                             f"{unet.get('resolution_channels')}; the model it is converted into has "
+                             f"{lvl.resolution_channels}")
+        unet = unet.get("inner_config") or {}
+    sampler = (args.get("diffusion_config") or {}).get("sampler_config") or {}
+    # Their enums are stored as (class, value): ScheduleType.DEEPFLOYD = 3 (squaredcos_cap_v2),
+    # PredictionType.V_PREDICTION = 5.
+    for key, want, what in (("schedule_type", 3, "DEEPFLOYD (squaredcos_cap_v2)"),
+                            ("prediction_type", 5, "V_PREDICTION")):
+        got = sampler.get(key)
+        got = got.get("__args__", [None])[0] if isinstance(got, dict) else got
+        if got is not None and got != want:
+            raise ValueError(f"its stored arguments give {key}={got}; the releases were trained with {what} ({want})")
+    # Their shift: the SNR of a level at r times the innermost resolution divided by r^p; ours:
+    # by s^2 with s its schedule's shift. So s must be r^(p / 2).
+    power = sampler.get("schedule_shifted_power")
+    if power is not None and sampler.get("schedule_shifted", True):
+        base = levels[-1].resolutions[0]
+        for lvl in levels[:-1]:
+            want = (lvl.resolutions[0] / base) ** (power / 2)
+            if abs(parse_schedule(lvl.schedule) - want) > 1e-6:
+                raise ValueError(f"its stored arguments shift the {lvl.resolutions[0]} px level's SNR by "
+                                 f"{(lvl.resolutions[0] / base) ** power:g} (schedule_shifted_power={power}); "
+                                 f"the model it is converted into has {lvl.schedule}")
+    text_model = args.get("text_model")
+    if text_model is not None and "flan-t5-xl" not in str(text_model):
+        raise ValueError(f"its stored arguments give the text model {text_model}; the releases used google/flan-t5-xl")
+
+
+def micro_scales(args: dict | None, levels: int) -> list[float] | None:
+    """The default of each level's "scale:N" micro-conditioning, lowest level first, from the
+    stored arguments (None: each level's resolution)."""
+    if args is None:
+        return None
+    out, unet = [], args.get("unet_config") or {}
+    while unet:
+        spec = dict(p.split(":") for p in str(unet.get("micro_conditioning", "")).split(",") if ":" in p)
+        out.append(float(spec["scale"]) if "scale" in spec else None)
+        unet = unet.get("inner_config") or {}
+    return out[::-1] if len(out) == levels and None not in out else None
+
+
+# ---------------------------------------------------------------------------------------
+# Writing the run folder
+# ---------------------------------------------------------------------------------------
+
+def run_metadata(name: str, config, text_encoder: str = "google/flan-t5-xl") -> dict:
+    """What sample.py reads: the model and diffusion configs, the text encoder and its
+    tokenisation, and the demo's sampling settings."""
+    return {"model_config": config.to_dict(),
+            "diffusion_config": vars(DiffusionConfig(thresholding="deepfloyd")),
+            "cond": "text", "text_encoder": text_encoder, "text_tokenization": "ml-mdm",
+            "class_names": None, "data": None, "video": False, "release": name,
+            "sampling": RELEASES[name]["sampling"], "step": 0}
+
+
+def convert_file(path, out, name: str | None = None, config=None, text_encoder: str = "google/flan-t5-xl") -> Path:
+    """A downloaded vis_model.pth -> run folder `out` with ema.safetensors. `config`: a model
+    of the release's kind other than its preset (the tests' tiny ones); `text_encoder`: where
+    its FLAN-T5 XL is (its name on the hub by default)."""
+    state, args = read_checkpoint(path)
+    found = detect(state)
+    if name is not None and name != found:
+        raise ValueError(f"--release {name}: the file holds the {found} model")
+    config = config or preset(RELEASES[found]["preset"])
+    check_arguments(args, config)
+    weights = convert(state, config, micro_scales(args, len(config.levels())))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(out / "ema.safetensors", weights, run_metadata(found, config, text_encoder))
+    return out
+
+
+def main(argv=None):
+    p = utils.ArgumentParser(prog="release.py", description=__doc__.strip().split("\n\n")[0],
+                             epilog="download: " + URL.format(name="flickr64 | flickr256 | flickr1024"))
+    p.add_argument("checkpoint", help="a downloaded vis_model.pth")
+    p.add_argument("--out", required=True, help="the run folder to write (sample.py --ckpt reads it)")
+    p.add_argument("--release", choices=list(RELEASES), default=None,
+                   help="which model the file must be (default: read off the file)")
+    a = p.parse_args(argv)
+    try:
+        out = convert_file(a.checkpoint, a.out, a.release)
+    except ValueError as e:
+        raise SystemExit(f"release.py: {a.checkpoint}: {e}")
+    print(f"wrote {out}/ema.safetensors; sample with: python sample.py --ckpt {out} \"a panda playing guitar\"")
+
+
+if __name__ == "__main__":
+    main()
