@@ -27,20 +27,20 @@ gradient checkpointing of the outer levels, gradient accumulation.
 
 from __future__ import annotations
 
-import argparse
 import json
+import multiprocessing
 import resource
 import statistics
-import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 
 import torch
 
-from diffusion import MatryoshkaDiffusion, cat_conditions
 import utils
-from nested_unet import PRESETS, NestedUNet, NestedUNetConfig, count_params, preset
+from diffusion import MatryoshkaDiffusion, cat_conditions, make_optimizer, training_step
+from nested_unet import GLOBAL_KEYS, PRESETS, NestedUNet, NestedUNetConfig, count_params, preset
 
 # Dense bf16 peak of the GPUs we know, for MFU (FLOP/s), without 2:4 sparsity; others: pass
 # --peak-flops. Matched by substring of the device name, first match first (the PCIe H100
@@ -81,10 +81,10 @@ def flattened(config: NestedUNetConfig) -> NestedUNetConfig:
         res, ch, blocks, attn = res + r, ch + cc, blocks + b, attn + a
     # The whole-model keys (embedding, conditioning) are shared; the one level is a base level
     # ("cosine"), which changes the diffusion's schedule but not the cost of a step.
-    globals_ = {k: getattr(config, k) for k in ("emb_channels", "num_lm_attn_layers", "lm_feature_projected_channels",
-                                                 "text_channels", "num_classes", "in_channels", "num_heads")}
+    globals_ = {k: getattr(config, k) for k in (*GLOBAL_KEYS, "num_heads")}
+    base = config.schedule.split("-shift")[0]
     return NestedUNetConfig(resolutions=res, resolution_channels=ch, num_res_blocks=blocks,
-                            num_attn_layers_per_block=attn, schedule="cosine", **globals_)
+                            num_attn_layers_per_block=attn, schedule=base, **globals_)
 
 
 def harness(spec: dict, kind: str) -> dict:
@@ -119,7 +119,7 @@ def harness(spec: dict, kind: str) -> dict:
     # `run` is what is timed (compiled or not); `model` stays eager, for FLOPs and parameters.
     run = torch.compile(model) if spec.get("compile") else model
     diffusion = MatryoshkaDiffusion.for_model(model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)          # the paper's learning rate; no cost
+    opt = make_optimizer(model, 1e-4)                            # train.py's Adam, the paper's learning rate
     R = model.resolutions[-1]
     # Random pixels: the content of a batch does not change the time of a step.
     x = (torch.rand(B, 3, R, R, device=device) * 2 - 1).contiguous(memory_format=cl)   # (B, 3, R, R)
@@ -131,22 +131,19 @@ def harness(spec: dict, kind: str) -> dict:
         cond = {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if spec.get("bf16") else nullcontext()
 
-    def loss_backward(net):
-        # Gradient accumulation as in train.py: `accum` micro-batches of B / accum, each loss
-        # divided by accum so that the gradients add up to those of the whole batch's mean.
-        for i in range(accum):
-            mb = slice(i * B // accum, (i + 1) * B // accum)
-            with autocast:
-                loss = diffusion.loss(net, x[mb], {k: v[mb] for k, v in cond.items()})[0] / accum
-            loss.backward()
+    # Gradient accumulation as in train.py: `accum` micro-batches of B / accum.
+    micro = [(x[i * B // accum:(i + 1) * B // accum], {k: v[i * B // accum:(i + 1) * B // accum] for k, v in cond.items()},
+              None, None, None) for i in range(accum)]
 
     def train_step():
-        # train.py's step: gradients clipped at norm 2.0 (appendix B), then Adam.
+        # train.py's step (diffusion.training_step): the loss, backward, clipping, Adam.
         model.train()
-        loss_backward(run)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        training_step(diffusion, model, opt, micro, run, autocast=autocast)
+
+    def loss_backward(net):
+        for mb_x, mb_cond, *_ in micro:
+            with autocast:
+                (diffusion.loss(net, mb_x, mb_cond)[0] / accum).backward()
 
     def count_flops() -> int:
         # The "model FLOPs" of MFU: the matrix multiplications, convolutions and attention of
@@ -175,7 +172,13 @@ def harness(spec: dict, kind: str) -> dict:
     # z (B, 3, r, r) doubled to 2B rows, the condition in the first half and the null condition
     # in the second (an unconditional model: B rows, no guidance); t = 0.5 (it costs the same).
     zs = [torch.randn(s, device=device) for s in model.input_shapes(B)]
-    both = cat_conditions(cond, model.null_condition(cond, torch.ones(B, dtype=torch.bool))) if cond else {}
+    # The null condition: no visible token (ours), or for the released models' architecture
+    # the encoded empty prompt, here 2 tokens of random features (the cost is the same).
+    if cond and cfg.null_text == "empty_prompt":
+        null = {"text": torch.randn(B, 2, cfg.text_channels, device=device)}
+        both = cat_conditions(cond, null)
+    else:
+        both = cat_conditions(cond, model.null_condition(cond, torch.ones(B, dtype=torch.bool))) if cond else {}
     zz = [torch.cat([z, z]) for z in zs] if cond else zs
     tt = torch.full((zz[0].shape[0],), 0.5, device=device)
 
@@ -192,7 +195,8 @@ def harness(spec: dict, kind: str) -> dict:
         model.eval()
         with autocast:
             diffusion.sample(run, cond, batch_size=B, sampler="ddim", num_inference_steps=spec.get("sample_steps", 20),
-                             guidance_scale=3.0 if cond else 1.0)
+                             guidance_scale=3.0 if cond else 1.0, negative_cond=null if cond and cfg.null_text ==
+                             "empty_prompt" else None)
 
     return dict(model=model, train_step=train_step, net_eval=net_eval, sample=sample, count_flops=count_flops)
 
@@ -201,18 +205,12 @@ def harness(spec: dict, kind: str) -> dict:
 # Measuring
 # ---------------------------------------------------------------------------------------
 
-def timed(fn, n: int, device: torch.device) -> list[float]:
-    """The seconds of each of n calls of fn. On a GPU the device is synchronised before and
-    after each call: kernels run asynchronously, and without it we would time their launches."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    out = []
-    for _ in range(n):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return out
+def in_fresh_process(fn, spec: dict):
+    """fn(spec) in a new Python process (spawned, not forked: nothing of this one's memory),
+    so that its peak memory is its own. Returns its result; raises what it raised, or
+    BrokenProcessPool when it died (e.g. out of memory)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, spec).result()
 
 
 def measure(spec: dict) -> dict:
@@ -224,15 +222,15 @@ def measure(spec: dict) -> dict:
     result = {**spec, "params": count_params(h["model"])}
     # Warm-up steps are thrown away: the first ones pay for memory allocation, kernel
     # selection and torch.compile's compilation. The median ignores a step slowed by the machine.
-    timed(h["train_step"], spec["warmup"], device)
-    t = statistics.median(timed(h["train_step"], spec["repeats"], device))
+    utils.timed(h["train_step"], spec["warmup"], device)
+    t = statistics.median(utils.timed(h["train_step"], spec["repeats"], device))
     result.update(train_step_s=t, images_per_s=spec["batch"] / t)
     if spec.get("sampling", True):
         # A whole run is sample_steps evaluations, so it is repeated less; the overhead is the
         # fraction of its time spent beyond them (thresholding, the update, Python).
-        timed(h["net_eval"], spec["warmup"], device)
-        t_eval = statistics.median(timed(h["net_eval"], spec["repeats"], device))
-        t_sample = statistics.median(timed(h["sample"], max(1, spec["repeats"] // 3), device))
+        utils.timed(h["net_eval"], spec["warmup"], device)
+        t_eval = statistics.median(utils.timed(h["net_eval"], spec["repeats"], device))
+        t_sample = statistics.median(utils.timed(h["sample"], max(1, spec["repeats"] // 3), device))
         result.update(sample_step_s=t_eval, sampler_overhead=t_sample / (spec["sample_steps"] * t_eval) - 1)
     # ru_maxrss is this process's peak resident memory over its whole life (KiB on Linux): the
     # reason every measurement runs in a process of its own. Both peaks cover the timed steps
@@ -271,13 +269,13 @@ def paired(spec: dict) -> dict:
     # "sample" is one guided network evaluation, the paper's sec/step of inference (Table 2).
     for what, action in (("train", "train_step"), ("sample", "net_eval")):
         for k in runs:
-            timed(runs[k][action], spec["warmup"], device)
+            utils.timed(runs[k][action], spec["warmup"], device)
         r = []
         for rnd in range(spec["repeats"]):
             # The order alternates, so that whatever favours the first (or second) step of a
             # round, such as warm caches or a clock that ramps up, favours both models alike.
             order = ("nested", "plain") if rnd % 2 == 0 else ("plain", "nested")
-            t = {k: timed(runs[k][action], 1, device)[0] for k in order}
+            t = {k: utils.timed(runs[k][action], 1, device)[0] for k in order}
             r.append(t["nested"] / t["plain"])
         ratios[what] = statistics.median(r)
     return ratios
@@ -328,18 +326,8 @@ def main(argv=None):
     p.add_argument("--count-flops", action="store_true", help="only count the FLOPs of a training step, per "
                    "image, for any preset: on the meta device (shapes only), in seconds, without memory")
     p.add_argument("--json", default="bench.json")
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: one measurement
-    p.add_argument("--paired", default=None, help=argparse.SUPPRESS)   # internal: the interleaved ratios
     a = p.parse_args(argv)
     check_args(a)
-    # The child processes: this file run again with a JSON spec; the result is the last line
-    # of their stdout (anything a library prints comes before it).
-    if a.one:
-        print(json.dumps(measure(json.loads(a.one))))
-        return
-    if a.paired:
-        print(json.dumps(paired(json.loads(a.paired))))
-        return
     # Text-conditional (MiniLM's width by default), bf16 on a GPU as train.py uses it, float32
     # on a CPU. Each knob changes one thing of the base.
     on_gpu = a.device.startswith("cuda")
@@ -364,19 +352,19 @@ def main(argv=None):
             if model == "plain" and knob in ("grad_ckpt",):
                 continue                           # the plain UNet has no outer levels
             spec = {**base, **KNOBS[knob], "model": model, "knob": knob}
-            out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
-            if out.returncode:                     # e.g. out of memory, or no compiler: the others go on
-                print(f"{knob}/{model} failed:\n{out.stderr[-1500:]}", file=sys.stderr)
+            try:
+                rows.append(in_fresh_process(measure, spec))
+            except Exception as e:                 # e.g. out of memory, or no compiler: the others go on
+                print(f"{knob}/{model} failed: {type(e).__name__}: {e}", file=sys.stderr)
                 continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(format_row(rows[-1]), flush=True)
     # The headline ratio: both models in one process, their steps interleaved. More rounds, as
     # single steps scatter; an odd number, so that the median is one round's ratio.
-    out = subprocess.run([sys.executable, __file__, "--paired", json.dumps({**base, "repeats": 2 * a.repeats + 1})],
-                         capture_output=True, text=True)
-    interleaved = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
-    if interleaved is None:
-        print(f"interleaved measurement failed:\n{out.stderr[-1500:]}", file=sys.stderr)
+    try:
+        interleaved = in_fresh_process(paired, {**base, "repeats": 2 * a.repeats + 1})
+    except Exception as e:
+        interleaved = None
+        print(f"interleaved measurement failed: {type(e).__name__}: {e}", file=sys.stderr)
     report(rows, a, interleaved)
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -42,9 +43,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from nested_unet import to_device
+from utils import to_device, to_uint8
 
 CACHE = Path(os.environ.get("MATRYOSHKA_CACHE", Path.home() / ".cache" / "matryoshka"))
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -77,11 +78,6 @@ def to_tensor(a: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) or (N, H, W, 3) -> float (3, H, W) or (N, 3, H, W) in [-1, 1]."""
     t = torch.from_numpy(np.array(a)).float() / 127.5 - 1        # a copy: the cache stays read-only
     return t.movedim(-1, -3)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3): for saving images."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,6 +256,14 @@ def stream_hf(source: str, size: int, rank: int, world_size: int, seed: int, ski
         yield None if image is None else {"image": image, "index": skip + i, "caption": str(row[caption_column])}
 
 
+class HFStream:
+    """A hub data set too large to download first (CC12M), read as a stream: where it is and
+    which columns hold what. Batches opens it for each rank (stream_hf)."""
+
+    def __init__(self, source: str, size: int, image_column: str = "jpg", caption_column: str = "txt"):
+        self.source, self.size, self.image_column, self.caption_column = source, size, image_column, caption_column
+
+
 def collate(items: list) -> dict:
     """Stack a batch; samples that failed to decode (None) are dropped and counted."""
     good = [it for it in items if it is not None]
@@ -275,12 +279,16 @@ def collate(items: list) -> dict:
     return batch
 
 
-def load_dataset(name: str, size: int, **kw) -> Dataset:
-    """'emoji', 'fashion-mnist', a folder of images, or a Hugging Face data set name."""
+def load_dataset(name: str, size: int, frames: int = 1, **kw) -> Dataset:
+    """'emoji', 'fashion-mnist', 'emoji-motion' (video.py's clips of `frames` frames), a folder
+    of images, or a Hugging Face data set name; kw: its columns."""
     if name == "emoji":
         return load_emoji(size)
     if name == "fashion-mnist":
         return load_fashion_mnist(size)
+    if name == "emoji-motion":
+        import video
+        return video.EmojiMotion(size=size, frames=frames)
     return HFImageDataset(name, size, **kw)
 
 
@@ -304,6 +312,54 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+class Batches:
+    """An endless stream of one rank's batches (of `batch` samples), whose position (epoch,
+    samples seen in it) is saved in checkpoints and restored on resume: a map-style data set
+    in a shuffled, disjoint share per rank (ResumableSampler), or an HFStream split over ranks.
+    `skipped` counts the images that could not be decoded."""
+
+    def __init__(self, dataset, batch: int, rank: int = 0, world: int = 1, seed: int = 0, workers: int = 0,
+                 epoch: int = 0, pos: int = 0):
+        self.dataset, self.batch, self.rank, self.world = dataset, batch, rank, world
+        self.seed, self.workers = seed, workers
+        self.epoch, self.pos, self.skipped = epoch, pos, 0
+        self._start()
+
+    def _start(self):
+        if isinstance(self.dataset, HFStream):
+            d = self.dataset
+            stream = stream_hf(d.source, d.size, self.rank, self.world, self.seed + self.epoch, self.pos,
+                               image_column=d.image_column, caption_column=d.caption_column)
+            self.it = self.chunks(stream)
+            return
+        sampler = ResumableSampler(self.dataset, self.world, self.rank, self.seed)
+        sampler.set_position(self.epoch, self.pos)
+        loader = DataLoader(self.dataset, batch_size=self.batch, sampler=sampler, drop_last=True,
+                            collate_fn=collate, num_workers=self.workers,
+                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+        self.it = iter(loader)
+
+    def chunks(self, stream):
+        while len(chunk := list(itertools.islice(stream, self.batch))) == self.batch:
+            yield collate(chunk)
+
+    def __next__(self):
+        while True:
+            try:
+                b = next(self.it)
+            except StopIteration:                  # end of an epoch (or of the stream)
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._start()
+                continue
+            self.pos += self.batch
+            self.skipped += b["skipped"]
+            if "image" in b:
+                return b
+
+    def state(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
 # ---------------------------------------------------------------------------------------
 # Frozen text encoders
 # ---------------------------------------------------------------------------------------
@@ -322,7 +378,7 @@ class TextEncoder:
     computation, so a fixed caption set (emoji, class names) is encoded once.
 
     tokenization="ml-mdm": split captions into T5 pieces as the released models' code did
-    (mdm_token_ids below), not as the Hugging Face tokenizer does, so that they see the
+    (release.mdm_token_ids), not as the Hugging Face tokenizer does, so that they see the
     token ids they were trained on."""
 
     def __init__(self, name: str = "minilm", device="cpu", max_length: int = 128, cache_size: int = 200_000,
@@ -350,15 +406,20 @@ class TextEncoder:
         if tokenization not in ("hf", "ml-mdm"):
             raise ValueError(f"tokenization={tokenization!r}: expected 'hf' or 'ml-mdm'")
         self.tokenization = tokenization
-        self.pieces = unigram_pieces(self.tokenizer) if tokenization == "ml-mdm" else None
+        if tokenization == "ml-mdm":               # the released models' own splitting (release.py)
+            from release import mdm_token_ids, unigram_pieces
+            pieces = unigram_pieces(self.tokenizer)
+            self.split = lambda caption: mdm_token_ids(caption, pieces, max_length)
+        else:
+            self.split = None
 
     def tokenize(self, captions: list[str]):
         """-> token ids (B, L) and their mask (B, L) bool, padded to the longest caption."""
-        if self.pieces is None:
+        if self.split is None:
             tok = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
             return tok["input_ids"], tok["attention_mask"].bool()
-        rows = [mdm_token_ids(c, self.pieces, self.max_length) for c in captions]
+        rows = [self.split(c) for c in captions]
         L = max(len(r) for r in rows)
         ids = torch.tensor([r + [0] * (L - len(r)) for r in rows])   # T5's pad id is 0
         return ids, ids != 0
@@ -405,60 +466,6 @@ class TextEncoder:
         return cond
 
 
-def unigram_pieces(tokenizer) -> dict[str, tuple[int, float]]:
-    """A T5 tokenizer's SentencePiece vocabulary: piece (its "\u2581" written as a space, as
-    the released code keys it) -> (id, cost = -log probability)."""
-    import json
-    if hasattr(tokenizer, "sp_model"):             # the slow tokenizer: the sentencepiece model itself
-        sp = tokenizer.sp_model
-        vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    else:                                           # the fast one: its Unigram model, as JSON
-        model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-        if model.get("type") != "Unigram":
-            raise ValueError(f"tokenization 'ml-mdm' needs a T5 (SentencePiece unigram) tokenizer, not {model.get('type')}")
-        vocab = [tuple(v) for v in model["vocab"]]
-    pieces = {p.replace("\u2581", " "): (i, -score) for i, (p, score) in enumerate(vocab)}
-    for token, i in tokenizer.get_added_vocab().items():   # <extra_id_N>: in their vocabulary file too
-        pieces.setdefault(token.replace("\u2581", " "), (i, 0.0))
-    return pieces
-
-
-def mdm_token_ids(text: str, pieces: dict, max_length: int = 128, max_chars: int = 512) -> list[int]:
-    """Token ids of a caption as the released models' code computed them (its reader and
-    tokenizer): the caption, cut to 512 characters, gets one leading space; it is split into
-    the pieces of least total cost (-log probability: the unigram model's most likely split,
-    found by dynamic programming); characters no piece covers are dropped; the end-of-text id
-    1 follows, and the whole is cut to `max_length` (a long caption loses its end id).
-
-    For ordinary single-spaced prompts this is what the Hugging Face T5 tokenizer gives; it
-    differs for the empty prompt (the unconditional input of guidance: [3, 1], the piece of a
-    lone space and the end, where Hugging Face gives [1]), repeated or trailing spaces,
-    characters outside the vocabulary, and text that NFKC would normalise."""
-    s = " " + text[:max_chars]
-    longest = max(len(p) for p in pieces)
-    INF = float("inf")
-    best, back = [0.0] + [INF] * len(s), [None] * (len(s) + 1)     # best[j]: cost of s[:j]
-    for i in range(len(s)):
-        if best[i] == INF:
-            continue
-        matched = False
-        for j in range(i + 1, min(len(s), i + longest) + 1):
-            hit = pieces.get(s[i:j])
-            if hit is not None:
-                matched = True
-                if best[i] + hit[1] < best[j]:
-                    best[j], back[j] = best[i] + hit[1], (i, hit[0])
-        if not matched and best[i] < best[i + 1]:  # a character no piece starts with: dropped
-            best[i + 1], back[i + 1] = best[i], (i, None)
-    ids, j = [], len(s)
-    while j > 0:
-        i, token = back[j]
-        if token is not None:
-            ids.append(token)
-        j = i
-    return (ids[::-1] + [1])[:max_length]
-
-
 def pad_tokens(feats: list[torch.Tensor]):
     """A list of (L_i, D) -> (B, L, D) zero-padded, and the (B, L) mask of real tokens, or
     None when nothing is padded (decided here, on the CPU: the model never has to ask)."""
@@ -470,56 +477,6 @@ def pad_tokens(feats: list[torch.Tensor]):
     return out, (None if all(f.shape[0] == L for f in feats) else mask)
 
 
-# ---------------------------------------------------------------------------------------
-# A look at the data
-# ---------------------------------------------------------------------------------------
-
-def save_grid(images: torch.Tensor, path, nrow: int = 8, captions=None, scale: int = 1):
-    """Images (N, 3, H, W) in [-1, 1] -> one PNG grid, with a caption under each if given."""
-    a = to_uint8(images)
-    n, h, w, _ = a.shape
-    if scale > 1:
-        a = a.repeat(scale, 1).repeat(scale, 2)
-        h, w = h * scale, w * scale
-    ncol = min(nrow, n)
-    nrows = (n + ncol - 1) // ncol
-    text_h = 12 if captions else 0
-    grid = Image.new("RGB", (ncol * (w + 2), nrows * (h + 2 + text_h)), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for i in range(n):
-        x, y = (i % ncol) * (w + 2), (i // ncol) * (h + 2 + text_h)
-        grid.paste(Image.fromarray(a[i]), (x, y))
-        if captions:
-            draw.text((x, y + h), captions[i][: max(3, w // 6)], fill=(0, 0, 0))
-    grid.save(path)
-    return grid
-
-
-def save_matryoshka(levels: list, path, captions=None, min_tile: int = 96):
-    """The "matryoshka" figure: every nested resolution of each sample. Columns are samples,
-    rows are resolutions from the lowest to the highest, each shown at the same size
-    (nearest-neighbour, so that the pixels of the low resolutions stay visible)."""
-    top = levels[-1].shape[-1]
-    scale = max(1, -(-min_tile // top))
-    tile, label_w = top * scale, 56
-    n, rows = levels[0].shape[0], len(levels)
-    text_h = 14 if captions else 0
-    fig = Image.new("RGB", (label_w + n * (tile + 2), rows * (tile + 2) + text_h + 2), (255, 255, 255))
-    draw = ImageDraw.Draw(fig)
-    for r, x in enumerate(levels):
-        k = tile // x.shape[-1]
-        a = to_uint8(x.float())
-        draw.text((4, r * (tile + 2) + tile // 2 - 6), f"{x.shape[-1]}x{x.shape[-1]}", fill=(0, 0, 0))
-        for i in range(n):
-            img = Image.fromarray(a[i]).resize((tile, tile), Image.Resampling.NEAREST) if k > 1 else Image.fromarray(a[i])
-            fig.paste(img, (label_w + i * (tile + 2), r * (tile + 2)))
-    if captions:
-        for i, c in enumerate(captions):
-            draw.text((label_w + i * (tile + 2), rows * (tile + 2)), c[: tile // 6], fill=(0, 0, 0))
-    fig.save(path)
-    return fig
-
-
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "emoji"
     ds = load_dataset(which, 64 if which == "emoji" else 32)
@@ -527,5 +484,6 @@ if __name__ == "__main__":
     items = [ds[int(i)] for i in idx]
     names = [it.get("caption") or ds.class_names[it["label"]] for it in items]
     out = f"data-{which}.png"
+    from utils import save_grid
     save_grid(torch.stack([it["image"] for it in items]), out, captions=names, scale=2 if which != "emoji" else 1)
     print(f"{which}: {len(ds)} images; wrote {out}")

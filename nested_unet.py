@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from utils import to_device
+
 # ---------------------------------------------------------------------------------------
 # The config: appendix A, key for key
 # ---------------------------------------------------------------------------------------
@@ -484,7 +486,7 @@ class NestedUNet(nn.Module):
         else:
             self.inner = self.build_inner(cfg.inner_config)
             inner_ch = cfg.inner_config.resolution_channels[0]
-            # The two connections to the inner model start at zero (DESIGN point 7): the inner
+            # The two connections to the inner model start at zero (section 3.3): the inner
             # model then sees exactly what it saw before it was wrapped, and the outer level
             # starts as a UNet of its own. `in_adapter` is the pseudocode's f_down(x) handed
             # to the inner f_merge; `out_adapter` is f_up.
@@ -692,7 +694,7 @@ def run_stage(stage, x, emb, tokens, mask):
 # Presets: the paper's named models (appendix A), and small ones a CPU can train
 # ---------------------------------------------------------------------------------------
 
-def _S64(schedule="cosine", **kw):
+def mdm_s64(schedule="cosine", **kw):
     """The innermost 64x64 UNet of every paper model (MDM-S64, appendix A): most attention
     layers sit at 16x16, following SDXL (Podell et al., 2023)."""
     return NestedUNetConfig(resolutions=[64, 32, 16], resolution_channels=[256, 512, 768],
@@ -700,7 +702,7 @@ def _S64(schedule="cosine", **kw):
                             num_heads=8, schedule=schedule, **kw)
 
 
-def _level(inner, resolutions, channels, blocks, schedule, **kw):
+def outer_level(inner, resolutions, channels, blocks, schedule, **kw):
     """An outer level without attention, as all of appendix A's outer levels are."""
     return NestedUNetConfig(resolutions=resolutions, resolution_channels=channels,
                             num_res_blocks=blocks, num_attn_layers_per_block=[0] * len(blocks),
@@ -712,65 +714,65 @@ PAPER = dict(emb_channels=1024, num_lm_attn_layers=2, lm_feature_projected_chann
              text_channels=2048)
 
 PRESETS = {
-    "MDM-S64": lambda **kw: _S64(**{**PAPER, **kw}),
-    "MDM-S64S256": lambda **kw: _level(_S64(), [256, 128, 64], [64, 128, 256], [2, 2, 1],
+    "MDM-S64": lambda **kw: mdm_s64(**{**PAPER, **kw}),
+    "MDM-S64S256": lambda **kw: outer_level(mdm_s64(), [256, 128, 64], [64, 128, 256], [2, 2, 1],
                                        "cosine-shift4", **{**PAPER, **kw}),
-    "MDM-S64S128S256": lambda **kw: _level(
-        _level(_S64(), [128, 64], [128, 256], [2, 1], "cosine-shift2"),
+    "MDM-S64S128S256": lambda **kw: outer_level(
+        outer_level(mdm_s64(), [128, 64], [128, 256], [2, 1], "cosine-shift2"),
         [256, 128], [64, 128], [2, 1], "cosine-shift4", **{**PAPER, **kw}),
-    "MDM-S64S256S1024": lambda **kw: _level(
-        _level(_S64(), [256, 128, 64], [64, 128, 256], [2, 2, 1], "cosine-shift4"),
+    "MDM-S64S256S1024": lambda **kw: outer_level(
+        outer_level(mdm_s64(), [256, 128, 64], [64, 128, 256], [2, 2, 1], "cosine-shift4"),
         [1024, 512, 256], [32, 32, 64], [2, 2, 1], "cosine-shift16", **{**PAPER, **kw}),
-    "MDM-S64S128S256S512S1024": lambda **kw: _level(_level(_level(_level(
-        _S64(), [128, 64], [128, 256], [2, 1], "cosine-shift2"),
+    "MDM-S64S128S256S512S1024": lambda **kw: outer_level(outer_level(outer_level(outer_level(
+        mdm_s64(), [128, 64], [128, 256], [2, 1], "cosine-shift2"),
         [256, 128], [64, 128], [2, 1], "cosine-shift4"),
         [512, 256], [32, 64], [2, 1], "cosine-shift8"),
         [1024, 512], [32, 32], [2, 1], "cosine-shift16", **{**PAPER, **kw}),
     # The paper's authors' released text-to-image models (about 50M Flickr pairs, FLAN-T5 XL;
     # release.py converts their weights): the architecture of MDM-S64, MDM-S64S256 and
-    # MDM-S64S256S1024 computed their way (the keys of _RELEASE), on their discrete schedule.
+    # MDM-S64S256S1024 computed their way (the keys of RELEASE_KEYS), on their discrete schedule.
     # Their 256 px model divides the SNR of its 256 px level by 4 (their "shift power" 1, in
     # our power-2 names "shift2"), their 1024 px model by 16 and 256 (power 2: "shift4",
     # "shift16"); the 256 px level inside the 1024 px model normalises its input.
-    "MDM-flickr64": lambda **kw: _release64(**{**_RELEASE, **kw}),
-    "MDM-flickr256": lambda **kw: _level(_release64(), [256, 128, 64], [64, 128, 256], [2, 2, 1],
-                                         "squaredcos_cap_v2-shift2", **{**_RELEASE, **kw}),
-    "MDM-flickr1024": lambda **kw: _level(
-        _level(_release64(), [256, 128, 64], [64, 128, 256], [2, 2, 1], "squaredcos_cap_v2-shift4",
+    "MDM-flickr64": lambda **kw: release64(**{**RELEASE_KEYS, **kw}),
+    "MDM-flickr256": lambda **kw: outer_level(release64(), [256, 128, 64], [64, 128, 256], [2, 2, 1],
+                                         "squaredcos_cap_v2-shift2", **{**RELEASE_KEYS, **kw}),
+    "MDM-flickr1024": lambda **kw: outer_level(
+        outer_level(release64(), [256, 128, 64], [64, 128, 256], [2, 2, 1], "squaredcos_cap_v2-shift4",
                normalize_input=True),
-        [1024, 512, 256], [32, 32, 64], [2, 2, 1], "squaredcos_cap_v2-shift16", **{**_RELEASE, **kw}),
+        [1024, 512, 256], [32, 32, 64], [2, 2, 1], "squaredcos_cap_v2-shift16", **{**RELEASE_KEYS, **kw}),
     # Small models for a 2-core CPU: the same shape at a sixteenth of the width and a quarter
     # of the resolution. The shift of the outer level is its resolution over the base's.
-    "CPU-S16": lambda **kw: NestedUNetConfig(**{**_CPU_INNER, **_CPU, **kw}),
-    "CPU-S16S32": lambda **kw: _level(NestedUNetConfig(**_CPU_INNER), [32, 16], [32, 48], [1, 1],
-                                      "cosine-shift2", **{**_CPU, **kw}),
-    "CPU-S16S32S64": lambda **kw: _level(
-        _level(NestedUNetConfig(**_CPU_INNER), [32, 16], [32, 48], [1, 1], "cosine-shift2"),
-        [64, 32], [32, 32], [1, 1], "cosine-shift4", **{**_CPU, **kw}),
+    "CPU-S16": lambda **kw: NestedUNetConfig(**{**CPU_INNER, **CPU_KEYS, **kw}),
+    "CPU-S16S32": lambda **kw: outer_level(NestedUNetConfig(**CPU_INNER), [32, 16], [32, 48], [1, 1],
+                                      "cosine-shift2", **{**CPU_KEYS, **kw}),
+    "CPU-S16S32S64": lambda **kw: outer_level(
+        outer_level(NestedUNetConfig(**CPU_INNER), [32, 16], [32, 48], [1, 1], "cosine-shift2"),
+        [64, 32], [32, 32], [1, 1], "cosine-shift4", **{**CPU_KEYS, **kw}),
     # The comparison of evaluate.py: 12 trainings must fit in about two hours of a 2-core CPU.
-    "CPU-tiny-S16S32": lambda **kw: _level(NestedUNetConfig(**_TINY_INNER), [32, 16], [16, 32], [1, 1],
-                                           "cosine-shift2", **{**_CPU, **kw}),
+    "CPU-tiny-S16S32": lambda **kw: outer_level(NestedUNetConfig(**TINY_INNER), [32, 16], [16, 32], [1, 1],
+                                           "cosine-shift2", **{**CPU_KEYS, **kw}),
     # A toy for the tests: a few thousand parameters per level.
     "tiny": lambda **kw: NestedUNetConfig(resolutions=[8, 4], resolution_channels=[8, 16],
                                           num_res_blocks=[1, 1], num_attn_layers_per_block=[0, 1],
-                                          num_heads=2, **{**_TINY, **kw}),
+                                          num_heads=2, **{**TINY_KEYS, **kw}),
 }
-_RELEASE = dict(emb_channels=1024, num_lm_attn_layers=0, lm_feature_projected_channels=2048, text_channels=2048,
+RELEASE_KEYS = dict(emb_channels=1024, num_lm_attn_layers=0, lm_feature_projected_channels=2048, text_channels=2048,
                 strided_downsample=True, separate_cross_attention=True, mask_cross_attention=False,
                 attention_ffn="groupnorm", level_time_embedding=True, text_pool_bias=False,
                 timestep_features="sin,cos", timestep_offset=1, null_text="empty_prompt")
 
 
-def _release64(**kw):
-    return _S64(schedule="squaredcos_cap_v2", **kw)
+def release64(**kw):
+    return mdm_s64(schedule="squaredcos_cap_v2", **kw)
 
 
-_CPU_INNER = dict(resolutions=[16, 8, 4], resolution_channels=[48, 96, 192], num_res_blocks=[1, 1, 2],
+CPU_INNER = dict(resolutions=[16, 8, 4], resolution_channels=[48, 96, 192], num_res_blocks=[1, 1, 2],
                   num_attn_layers_per_block=[0, 1, 2], num_heads=4, schedule="cosine")
-_TINY_INNER = dict(resolutions=[16, 8, 4], resolution_channels=[32, 64, 128], num_res_blocks=[1, 1, 1],
+TINY_INNER = dict(resolutions=[16, 8, 4], resolution_channels=[32, 64, 128], num_res_blocks=[1, 1, 1],
                    num_attn_layers_per_block=[0, 1, 1], num_heads=4, schedule="cosine")
-_CPU = dict(emb_channels=256, num_lm_attn_layers=1, lm_feature_projected_channels=192)
-_TINY = dict(emb_channels=32, num_lm_attn_layers=1, lm_feature_projected_channels=16)
+CPU_KEYS = dict(emb_channels=256, num_lm_attn_layers=1, lm_feature_projected_channels=192)
+TINY_KEYS = dict(emb_channels=32, num_lm_attn_layers=1, lm_feature_projected_channels=16)
 
 
 def preset(name: str, **overrides) -> NestedUNetConfig:
@@ -807,58 +809,8 @@ def grow(model: NestedUNet, config: NestedUNetConfig, build=None) -> NestedUNet:
     return new
 
 
-# ---------------------------------------------------------------------------------------
-# Moving small tensors to the GPU (training and sampling do it at every step)
-# ---------------------------------------------------------------------------------------
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A tensor to `device` without making the host wait for the GPU. A plain .to("cuda")
-    waits until the GPU has finished all the work queued before it (PyTorch synchronises
-    the stream after a blocking copy); a copy from pinned ("page-locked") memory with
-    non_blocking=True just joins the queue. PyTorch keeps the pinned block alive until the
-    copy is done, so the temporary pin below is safe. (Contiguous first: a strided source
-    would be made contiguous by the copy itself, in ordinary memory again.)"""
-    device = torch.device(device)
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.contiguous().pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-# ---------------------------------------------------------------------------------------
-# A readable summary: the paper's Fig. 3 in text
-# ---------------------------------------------------------------------------------------
-
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def _size(frames: int, res: int) -> str:
-    """64x64 for an image level, 16x64x64 for a level of 16 frames."""
-    return f"{frames}x{res}x{res}" if frames > 1 else f"{res}x{res}"
-
-
-def summary(model: NestedUNet, name: str = "") -> str:
-    cfg = model.config
-    rows = [f"{name or 'NestedUNet'}: {len(cfg.levels())} level(s) at "
-            f"{' -> '.join(_size(f, r) for f, r in cfg.level_sizes())}, "
-            f"{count_params(model) / 1e6:.1f}M parameters",
-            f"{'level':<6}{'input':>10}  {'feature maps (size x channels)':<36}{'res blocks':<12}"
-            f"{'attention':<11}{'schedule':<16}{'params':>9}"]
-    for i, level in enumerate(model.levels()):
-        c = level.config
-        own = count_params(level) - (count_params(level.inner) if level.inner is not None else 0)
-        maps = " -> ".join(f"{r}x{ch}" for r, ch in zip(c.resolutions, c.resolution_channels))
-        rows.append(f"{i + 1:<6}{_size(c.frames, c.resolutions[0]):>10}  {maps:<36}"
-                    f"{','.join(map(str, c.num_res_blocks)):<12}"
-                    f"{','.join(map(str, c.num_attn_layers_per_block)):<11}{c.schedule:<16}"
-                    f"{own / 1e6:>8.1f}M")
-    cond = count_params(model.innermost.cond_embed)
-    what = (f"text ({cfg.text_channels}-wide features -> {cfg.lm_feature_projected_channels}, "
-            f"{cfg.num_lm_attn_layers} self-attention layers)" if cfg.text_channels else
-            f"{cfg.num_classes} classes" if cfg.num_classes else "unconditional")
-    rows.append(f"conditioning: {what}; time + condition embedding {cfg.emb_channels} wide, "
-                f"{cond / 1e6:.1f}M parameters (counted in level 1)")
-    return "\n".join(rows)
 
 
 if __name__ == "__main__":
@@ -866,5 +818,6 @@ if __name__ == "__main__":
         print(__doc__.strip().splitlines()[-1])
         print("presets:", ", ".join(PRESETS))
         sys.exit(0)
+    from utils import summary
     with torch.device("meta"):            # no memory, no time: shapes and counts only
         print(summary(NestedUNet(preset(sys.argv[1])), sys.argv[1]))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -97,27 +98,30 @@ def load_weights(path, model_class=None, device="cpu"):
 # Finding a run
 # ---------------------------------------------------------------------------------------
 
-def find_weights(ckpt=None, runs="runs", video: bool | None = None) -> Path:
-    """The EMA weights of a run: `ckpt` is a run folder or an ema.safetensors file; None means
-    the newest run in `runs/` (of video models only, or of image models only, if `video` says
-    so). Raises FileNotFoundError with what to do instead."""
+def find_weights(ckpt=None, runs="runs", video: bool | None = None, name: str = "ema.safetensors",
+                 flag: str = "--ckpt") -> Path:
+    """A run's file `name` (its EMA weights, or train.py's checkpoint.pt): `ckpt` is a run
+    folder or the file; None means the newest run in `runs/` (of video models only, or of
+    image models only, if `video` says so). Raises FileNotFoundError with what to do instead."""
     if ckpt is not None:
         path = Path(ckpt)
-        path = path / "ema.safetensors" if path.is_dir() else path
+        path = path / name if path.is_dir() else path
         if not path.exists():
-            raise FileNotFoundError(f"--ckpt {ckpt}: no such file (expected a run folder with "
-                                    f"ema.safetensors, or the file)")
+            where = f"no {name} in that folder" if Path(ckpt).is_dir() else "no such file or folder"
+            raise FileNotFoundError(f"{flag} {ckpt}: {where} (expected a run folder with {name}, or the file)")
         return path
-    # "Newest" is the run whose EMA weights were written last: train.py rewrites them at every
+    # "Newest" is the run whose file was written last: train.py rewrites both at every
     # checkpoint, so a run still training (or just resumed) counts as the newest.
-    found = sorted(Path(runs).glob("*/ema.safetensors"), key=lambda p: p.stat().st_mtime)
+    found = sorted(Path(runs).glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
     if video is not None:
-        found = [p for p in found if bool(_metadata_or_empty(p).get("video")) == video]
+        found = [p for p in found if bool(_metadata_or_empty(p.with_name("ema.safetensors")).get("video")) == video]
     if not found:
-        what, how = ("video model", "`python video.py train`") if video else \
-            ("weights", "`python train.py` (about 15 minutes on a laptop CPU)")
+        what, how = ("video model", "`python train.py --config CPU-S16T8 --data emoji-motion --res 16,8x16`") \
+            if video else ("weights", "`python train.py` (about 15 minutes on a laptop CPU)")
+        if name != "ema.safetensors":
+            raise FileNotFoundError(f"no run with a {name} in {runs}/")
         raise FileNotFoundError(f"no trained {what} found in {runs}/. Train one first: {how}, or point "
-                                f"--ckpt at a run folder or an ema.safetensors file")
+                                f"{flag} at a run folder or an ema.safetensors file")
     return found[-1]
 
 
@@ -254,3 +258,35 @@ class Pipeline:
             return generate(self.model, self.diffusion, cond, num_images, seed=seed, progress=progress,
                             callback=callback, negative_cond=self.negative_condition(num_images, negative_prompt),
                             device=self.device, **settings)
+
+
+class SampleGrid:
+    """The sample grids of a training run: the EMA model (what sample.py will use), guided,
+    with DDIM and a fixed seed, on a fixed condition (8 of the data's captions, or every class
+    in turn): the grids of successive steps start from the same noise and differ by training
+    alone. A matryoshka figure of every level (video: the frames of every level, and a GIF)."""
+
+    def __init__(self, cond_kind: str, captions, class_names, encoder, device, steps: int, guidance: float, n=8):
+        self.captions, self.steps, self.guidance = None, steps, guidance
+        if cond_kind == "text":
+            pool = captions or ["a smiling face", "a red heart", "a cat", "a rocket"]
+            self.captions = [pool[i] for i in np.random.default_rng(0).choice(len(pool), n, replace=False)] \
+                if len(pool) >= n else pool
+            self.cond = encoder.condition(self.captions, device)
+        elif cond_kind == "label":
+            labels = torch.arange(n) % len(class_names)
+            self.captions, self.cond = [class_names[i] for i in labels], {"label": labels.to(device)}
+        else:
+            self.cond = {}
+        self.n = len(self.captions or [0] * n)
+
+    def save(self, model, diffusion, path: Path, autocast):
+        with autocast:
+            levels = generate(model, diffusion, self.cond, self.n, sampler="ddim", num_inference_steps=self.steps,
+                              guidance_scale=self.guidance, seed=0)
+        if model.config.frames > 1:
+            import video
+            video.save_levels_figure(levels, path.with_suffix(".png"))
+            video.save_gif(levels[-1], path.with_suffix(".gif"))
+        else:
+            utils.save_matryoshka(levels, path.with_suffix(".png"), captions=self.captions)

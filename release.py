@@ -297,6 +297,63 @@ def micro_scales(args: dict | None, levels: int) -> list[float] | None:
 
 
 # ---------------------------------------------------------------------------------------
+# Their tokenisation of prompts (data.TextEncoder(tokenization="ml-mdm") uses it)
+# ---------------------------------------------------------------------------------------
+
+def unigram_pieces(tokenizer) -> dict[str, tuple[int, float]]:
+    """A T5 tokenizer's SentencePiece vocabulary: piece (its "\u2581" written as a space, as
+    the released code keys it) -> (id, cost = -log probability)."""
+    if hasattr(tokenizer, "sp_model"):             # the slow tokenizer: the sentencepiece model itself
+        sp = tokenizer.sp_model
+        vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    else:                                           # the fast one: its Unigram model, as JSON
+        model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+        if model.get("type") != "Unigram":
+            raise ValueError(f"tokenization 'ml-mdm' needs a T5 (SentencePiece unigram) tokenizer, not {model.get('type')}")
+        vocab = [tuple(v) for v in model["vocab"]]
+    pieces = {p.replace("\u2581", " "): (i, -score) for i, (p, score) in enumerate(vocab)}
+    for token, i in tokenizer.get_added_vocab().items():   # <extra_id_N>: in their vocabulary file too
+        pieces.setdefault(token.replace("\u2581", " "), (i, 0.0))
+    return pieces
+
+
+def mdm_token_ids(text: str, pieces: dict, max_length: int = 128, max_chars: int = 512) -> list[int]:
+    """Token ids of a caption as the released models' code computed them (its reader and
+    tokenizer): the caption, cut to 512 characters, gets one leading space; it is split into
+    the pieces of least total cost (-log probability: the unigram model's most likely split,
+    found by dynamic programming); characters no piece covers are dropped; the end-of-text id
+    1 follows, and the whole is cut to `max_length` (a long caption loses its end id).
+
+    For ordinary single-spaced prompts this is what the Hugging Face T5 tokenizer gives; it
+    differs for the empty prompt (the unconditional input of guidance: [3, 1], the piece of a
+    lone space and the end, where Hugging Face gives [1]), repeated or trailing spaces,
+    characters outside the vocabulary, and text that NFKC would normalise."""
+    s = " " + text[:max_chars]
+    longest = max(len(p) for p in pieces)
+    INF = float("inf")
+    best, back = [0.0] + [INF] * len(s), [None] * (len(s) + 1)     # best[j]: cost of s[:j]
+    for i in range(len(s)):
+        if best[i] == INF:
+            continue
+        matched = False
+        for j in range(i + 1, min(len(s), i + longest) + 1):
+            hit = pieces.get(s[i:j])
+            if hit is not None:
+                matched = True
+                if best[i] + hit[1] < best[j]:
+                    best[j], back[j] = best[i] + hit[1], (i, hit[0])
+        if not matched and best[i] < best[i + 1]:  # a character no piece starts with: dropped
+            best[i + 1], back[i + 1] = best[i], (i, None)
+    ids, j = [], len(s)
+    while j > 0:
+        i, token = back[j]
+        if token is not None:
+            ids.append(token)
+        j = i
+    return (ids[::-1] + [1])[:max_length]
+
+
+# ---------------------------------------------------------------------------------------
 # Writing the run folder
 # ---------------------------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from pathlib import Path
 
@@ -113,7 +112,7 @@ def save_steps_figure(frames, path):
     # save_matryoshka draws each list entry as a row and its batch as columns, so each
     # resolution's K moments are stacked into one (K, C, r, r): despite its name, cols[r] is a row.
     cols = [torch.cat([lv[r] for _, lv in frames]) for r in range(len(frames[0][1]))]
-    data.save_matryoshka(cols, path, captions=[f"t={t:.2f}" for t, _ in frames])
+    utils.save_matryoshka(cols, path, captions=[f"t={t:.2f}" for t, _ in frames])
 
 
 def slug(text: str) -> str:
@@ -128,23 +127,14 @@ def slug(text: str) -> str:
 def main(argv=None):
     args = parse_args(argv)
     lines = check_args(args)
-    # One process, or one per GPU under torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK.
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    # Under torchrun each process takes the GPU of its LOCAL_RANK; one process takes --device
-    # as given (cuda:1 too), or the first GPU if there is one.
-    use_cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
-    if world == 1 and args.device is not None:
-        device = torch.device(args.device)
-    else:
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    if world > 1 and not args.prompts_file:
-        # A few prompts are one process's work: under torchrun, the others stop here.
+    # One process, or one per GPU under torchrun. A few prompts are one process's work: under
+    # torchrun, the others stop here. For many (--prompts-file) the processes share nothing
+    # while sampling; their group is only for the barrier at the end.
+    rank, world, device = utils.setup_processes(args.device, join=bool(args.prompts_file))
+    if not args.prompts_file:
         if rank != 0:
             return
         world = 1
-    if world > 1:
-        # The processes share nothing while sampling; the group is only for the barrier at the end.
-        dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
         pipe = Pipeline(args.ckpt, device, text_encoder=args.text_encoder)
     except (FileNotFoundError, ValueError) as e:
@@ -179,7 +169,7 @@ def main(argv=None):
                 # count, so no two (seed, b) collide): an image never depends on the number
                 # of processes.
                 imgs = pipe.generate(cond, len(texts), seed=args.seed * 1_000_003 + b, **kw)[-1]   # the top level
-                for j, (img, text) in enumerate(zip(data.to_uint8(imgs), texts)):   # uint8 (H, W, 3) each
+                for j, (img, text) in enumerate(zip(utils.to_uint8(imgs), texts)):   # uint8 (H, W, 3) each
                     i = b * args.batch_size + j    # the image's index in `items`: file names never collide
                     Image.fromarray(img).save(out / f"{i:06d}.png")
                     captions.write(json.dumps({"file": f"{i:06d}.png", "prompt": text}) + "\n")
@@ -213,10 +203,10 @@ def main(argv=None):
     prefix.parent.mkdir(parents=True, exist_ok=True)
     top = levels[-1].shape[-1]
     # The grid: the top resolution, one row per prompt, small images enlarged (integer factor) to ~128 px.
-    data.save_grid(levels[-1], f"{prefix}.png", nrow=args.num_images, scale=max(1, 128 // top))
+    utils.save_grid(levels[-1], f"{prefix}.png", nrow=args.num_images, scale=max(1, 128 // top))
     # The matryoshka figure: a row per resolution (lowest on top), a column per image, all drawn at
     # one size (nearest neighbour: a low resolution's pixels stay visible), captioned with the prompt.
-    data.save_matryoshka(levels, f"{prefix}-matryoshka.png",
+    utils.save_matryoshka(levels, f"{prefix}-matryoshka.png",
                          captions=[c for c in names for _ in range(args.num_images)])
     written = [f"{prefix}.png", f"{prefix}-matryoshka.png"]
     if frames:

@@ -21,8 +21,10 @@ from PIL import Image
 import data
 import diffusion as D
 import evaluate as E
+import metrics as M
 import nested_unet as N
 import pipeline as P
+import utils
 import sample as S
 import video as V
 from diffusion import DiffusionConfig, MatryoshkaDiffusion
@@ -333,7 +335,7 @@ def test_paper_presets_parameter_counts_on_meta_device():
 
 def test_summary_lists_every_level():
     with torch.device("meta"):
-        text = N.summary(NestedUNet(preset("MDM-S64S256")), "MDM-S64S256")
+        text = utils.summary(NestedUNet(preset("MDM-S64S256")), "MDM-S64S256")
     assert "64x64" in text and "256x256" in text and "cosine-shift4" in text
 
 
@@ -620,19 +622,19 @@ def test_per_sample_randomness_is_a_function_of_the_sample_and_normal():
         x = (x * 0x846CA68B) & 0xFFFFFFFF
         return x ^ (x >> 16)
     xs = [0, 1, 2, 12345, 2 ** 31, 2 ** 32 - 1, 987654321]
-    assert train.hash32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]
+    assert utils.hash32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]
     shapes = [(3, 4, 4), (3, 8, 8)]
-    t, noises, u_drop, u_high = train.per_sample_randomness(torch.tensor([5, 9, 2, 7]), 3, 0, shapes, "cpu")
+    t, noises, u_drop, u_high = utils.per_sample_randomness(torch.tensor([5, 9, 2, 7]), 3, 0, shapes, "cpu")
     # a sample draws the same numbers whatever else is in its batch (and wherever it is)
-    t2, noises2, d2, h2 = train.per_sample_randomness(torch.tensor([7, 5]), 3, 0, shapes, "cpu")
+    t2, noises2, d2, h2 = utils.per_sample_randomness(torch.tensor([7, 5]), 3, 0, shapes, "cpu")
     assert torch.equal(t2, t[[3, 0]]) and torch.equal(d2, u_drop[[3, 0]]) and torch.equal(h2, u_high[[3, 0]])
     assert all(torch.equal(a, b[[3, 0]]) for a, b in zip(noises2, noises))
     # ... and different numbers at another step, with another seed, for another level
-    assert not torch.equal(train.per_sample_randomness(torch.tensor([5]), 4, 0, shapes, "cpu")[1][0], noises[0][:1])
-    assert not torch.equal(train.per_sample_randomness(torch.tensor([5]), 3, 1, shapes, "cpu")[1][0], noises[0][:1])
+    assert not torch.equal(utils.per_sample_randomness(torch.tensor([5]), 4, 0, shapes, "cpu")[1][0], noises[0][:1])
+    assert not torch.equal(utils.per_sample_randomness(torch.tensor([5]), 3, 1, shapes, "cpu")[1][0], noises[0][:1])
     # many samples: standard normal (Kolmogorov-Smirnov against the normal CDF), uncorrelated
     # between neighbouring samples, uniform t
-    t, noises, _, _ = train.per_sample_randomness(torch.arange(2000), 11, 0, [(3, 16, 16)], "cpu")
+    t, noises, _, _ = utils.per_sample_randomness(torch.arange(2000), 11, 0, [(3, 16, 16)], "cpu")
     z = noises[0].flatten(1).double()
     x, _ = z.flatten().sort()
     ks = (torch.special.ndtr(x) - torch.arange(1, len(x) + 1, dtype=torch.float64) / len(x)).abs().max()
@@ -665,7 +667,7 @@ def test_training_batch_drops_conditions_and_puts_the_high_resolution_samples_fi
     x, t, noises, cond, n_high = train.prepare_batch(batch, model, encoder, kind, 5, args, 0, 1, "cpu")
 
     shapes = [s[1:] for s in model.input_shapes(1)]
-    t_ref, noise_ref, u_drop, u_high = train.per_sample_randomness(batch["index"], 5, 7, shapes, "cpu")
+    t_ref, noise_ref, u_drop, u_high = utils.per_sample_randomness(batch["index"], 5, 7, shapes, "cpu")
     high = u_high < 0.5
     order = torch.cat([torch.nonzero(high).flatten(), torch.nonzero(~high).flatten()])
     assert n_high == int(high.sum()) and 0.4 < n_high / B < 0.6
@@ -797,13 +799,13 @@ def test_evaluation_during_training_is_logged_and_changes_no_training_step(tmp_p
     # The last evaluation is of the exported EMA model, unguided, with the logged settings:
     # recomputed from the saved file it gives the same FD-EffNet and accuracy.
     model, meta, diffusion, _ = E.load_run(str(tmp_path / "eval"))
-    images, labels = E.generate_set(model, diffusion, "label", 10, class_names=meta["class_names"],
+    images, labels = M.generate_set(model, diffusion, "label", 10, class_names=meta["class_names"],
                                     guidance=1.0, steps=3, seed=1234)
-    features = E.EffNetFeatures()
-    fd = E.fd_effnet(images, E.real_stats("fashion-mnist", 8, 32, features), features)
+    features = M.EffNetFeatures()
+    fd = M.fd_effnet(images, M.real_stats("fashion-mnist", 8, 32, features), features)
     assert fd == pytest.approx(evals[-1]["eval_fd_effnet"], rel=1e-4)
-    classifier = E.train_classifier("fashion-mnist", 8)[0]
-    assert E.accuracy(classifier, images, labels) == pytest.approx(evals[-1]["eval_class_acc"])
+    classifier = M.train_classifier("fashion-mnist", 8)[0]
+    assert M.accuracy(classifier, images, labels) == pytest.approx(evals[-1]["eval_class_acc"])
 
 
 @pytest.mark.parametrize("args,message", [
@@ -971,7 +973,7 @@ def test_every_script_refuses_bad_flags_in_one_line(script, argv, expected, tmp_
 
 
 @pytest.mark.parametrize("argv", [["train.py"], ["sample.py"], ["video.py"], ["video.py", "sample"],
-                                  ["video.py", "train"], ["evaluate.py"], ["evaluate.py", "fd"], ["bench.py"],
+                                  ["evaluate.py"], ["evaluate.py", "fd"], ["bench.py"],
                                   ["release.py"]])
 def test_every_scripts_help_works_with_nothing_trained(argv, tmp_path):
     p = subprocess.run([sys.executable, str(HERE / argv[0]), *argv[1:], "--help"], cwd=tmp_path,
@@ -1254,31 +1256,31 @@ def test_frechet_distance_closed_forms():
     mu1, mu2 = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
     a, b = torch.rand(6, generator=g, dtype=torch.float64) + 0.1, torch.rand(6, generator=g, dtype=torch.float64) + 0.1
     ref = float(((mu1 - mu2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum())
-    assert E.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(ref, rel=1e-10)
+    assert M.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(ref, rel=1e-10)
     # full covariances: tr (S1^1/2 S2 S1^1/2)^1/2 = sum sqrt(eigenvalues of S1 S2), via numpy
     A, B = torch.randn(8, 8, generator=g, dtype=torch.float64), torch.randn(8, 8, generator=g, dtype=torch.float64)
     S1, S2 = A @ A.T + 0.1 * torch.eye(8, dtype=torch.float64), B @ B.T
     ev = np.linalg.eigvals(S1.numpy() @ S2.numpy())
     ref = float(np.trace(S1.numpy()) + np.trace(S2.numpy()) - 2 * np.sqrt(np.clip(ev.real, 0, None)).sum())
     m = torch.zeros(8, dtype=torch.float64)
-    assert E.frechet_distance(m, S1, m, S2) == pytest.approx(ref, rel=1e-9)
-    assert E.frechet_distance(m, S1, m, S1) == pytest.approx(0, abs=1e-9)
+    assert M.frechet_distance(m, S1, m, S2) == pytest.approx(ref, rel=1e-9)
+    assert M.frechet_distance(m, S1, m, S1) == pytest.approx(0, abs=1e-9)
     # sample statistics of two known Gaussians approach the closed form
     x = torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
     y = torch.randn(20000, 3, generator=g, dtype=torch.float64) + 1.0
     expected = 3 * 1.0 + (1 - 1) ** 2 + (2 - 1) ** 2 + (0.5 - 1) ** 2
-    assert E.frechet_distance(*E.gaussian_stats(x), *E.gaussian_stats(y)) == pytest.approx(expected, rel=0.05)
+    assert M.frechet_distance(*M.gaussian_stats(x), *M.gaussian_stats(y)) == pytest.approx(expected, rel=0.05)
 
 
 def test_fd_effnet_tells_real_from_noise():
-    feats = E.EffNetFeatures(size=96)
+    feats = M.EffNetFeatures(size=96)
     ds = data.load_fashion_mnist(16, "test")
     real = data.to_tensor(ds.images[:200])
     f = feats(real)
     assert f.shape == (200, 1280) and torch.isfinite(f).all()
     torch.testing.assert_close(feats(real[:5]), f[:5], rtol=1e-4, atol=1e-4)    # batch-independent
-    half = E.frechet_distance(*E.gaussian_stats(f[:100]), *E.gaussian_stats(f[100:]))
-    noise = E.frechet_distance(*E.gaussian_stats(f[:100]), *E.gaussian_stats(feats(torch.rand(100, 3, 16, 16) * 2 - 1)))
+    half = M.frechet_distance(*M.gaussian_stats(f[:100]), *M.gaussian_stats(f[100:]))
+    noise = M.frechet_distance(*M.gaussian_stats(f[:100]), *M.gaussian_stats(feats(torch.rand(100, 3, 16, 16) * 2 - 1)))
     assert noise > 3 * half
 
 
@@ -1328,7 +1330,7 @@ def test_clip_score_with_a_tiny_random_clip(tmp_path):
     model.save_pretrained(tmp_path)
     ByT5Tokenizer().save_pretrained(tmp_path)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
-    score = E.ClipScore(str(tmp_path))
+    score = M.ClipScore(str(tmp_path))
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     prompts = ["a red heart", "a cat", "a rocket moving up"]
     got = score(images, prompts)
@@ -1455,7 +1457,7 @@ def test_comparison_table_reports_mean_and_spread_of_the_final_evaluations(tmp_p
 
 import release as R
 
-RELEASE_KEYS = dict(N._RELEASE, emb_channels=32, lm_feature_projected_channels=32, text_channels=32)
+RELEASE_KEYS = dict(N.RELEASE_KEYS, emb_channels=32, lm_feature_projected_channels=32, text_channels=32)
 
 
 def release_tiny(levels):
@@ -1708,11 +1710,11 @@ def test_mdm_tokenization_of_the_released_models():
              " pan": 5.5, "da": 4.5, " panda": 6.0, "n": 5, "p": 5, " p": 4.5}
     pieces = {p: (i, c) for i, (p, c) in enumerate(costs.items())}
     ids = {p: i for p, (i, _) in pieces.items()}
-    assert data.mdm_token_ids("a panda", pieces) == [ids[" a"], ids[" panda"], 1]       # 3 + 6 < 3 + 5.5 + 4.5
-    assert data.mdm_token_ids("", pieces) == [ids[" "], 1]                              # the lone space: [3, 1] in T5
-    assert data.mdm_token_ids("a  b", pieces) == [ids[" a"], ids[" "], ids[" b"], 1]     # a repeated space is a piece
-    assert data.mdm_token_ids("aé b", pieces) == [ids[" a"], ids[" b"], 1]               # é: no piece, dropped
-    assert data.mdm_token_ids("a b a b", pieces, max_length=3) == [ids[" a"], ids[" b"], ids[" a"]]   # end id cut
+    assert R.mdm_token_ids("a panda", pieces) == [ids[" a"], ids[" panda"], 1]       # 3 + 6 < 3 + 5.5 + 4.5
+    assert R.mdm_token_ids("", pieces) == [ids[" "], 1]                              # the lone space: [3, 1] in T5
+    assert R.mdm_token_ids("a  b", pieces) == [ids[" a"], ids[" "], ids[" b"], 1]     # a repeated space is a piece
+    assert R.mdm_token_ids("aé b", pieces) == [ids[" a"], ids[" b"], 1]               # é: no piece, dropped
+    assert R.mdm_token_ids("a b a b", pieces, max_length=3) == [ids[" a"], ids[" b"], ids[" a"]]   # end id cut
     vocab = Path("/work/shared/official/t5.vocab")
     if not vocab.exists():
         pytest.skip("the released code's T5 vocabulary (t5.vocab) is not on this machine")
@@ -1725,7 +1727,7 @@ def test_mdm_tokenization_of_the_released_models():
              "A  Panda,  playing {guitar}! ": [71, 3, 28248, 6, 3, 1556, 3, 7938, 2046, 55, 3, 1],
              "hello</s>world": [21820, 1, 7276, 1], "café naïve ｆｕｌｌ": [11949, 3, 29, 9, 162, 3, 1]}
     for text, want in facts.items():
-        assert data.mdm_token_ids(text, t5) == want, text
+        assert R.mdm_token_ids(text, t5) == want, text
 
 
 @pytest.fixture(scope="module")

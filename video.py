@@ -20,7 +20,8 @@ on its own. Everything else (res blocks, spatial attention, text conditioning, t
 schedules, loss and samplers of diffusion.py) is the image code, applied to the frames of a
 video folded into the batch.
 
-    python video.py train                                   # the CPU demo (about 15 minutes)
+    python train.py --config CPU-S16T8 --data emoji-motion --res 16,8x16 --steps 600,450 --batch 64,24
+                                                            # the CPU demo (about 15 minutes)
     python video.py sample "a panda moving to the right"    # a GIF and the frames of every level
     python video.py evaluate                                # does the motion follow the caption?
     python video.py MDM-S64T16S256                          # a preset's summary
@@ -32,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -46,7 +46,8 @@ from torch.utils.data import Dataset
 import data
 import utils
 from diffusion import DiffusionConfig, MatryoshkaDiffusion
-from nested_unet import PAPER, NestedUNet, NestedUNetConfig, _CPU, _S64, _TINY_INNER, summary, zero_init
+from nested_unet import CPU_KEYS, PAPER, TINY_INNER, NestedUNet, NestedUNetConfig, mdm_s64, zero_init
+from utils import summary
 
 # ---------------------------------------------------------------------------------------
 # Layers with a time axis. Inside a video level a tensor is (B * T, C, H, W): the frames of
@@ -175,9 +176,6 @@ def build_level(config: NestedUNetConfig) -> NestedUNet:
     return NestedUNet(config)
 
 
-build_model = build_level
-
-
 def check_temporal(config: NestedUNetConfig):
     for c in config.levels():
         if not c.temporal_axis:
@@ -206,17 +204,17 @@ def _temporal(inner, frames, channels, blocks, t_attn, schedule, resolution, **k
 
 
 VIDEO_PRESETS = {
-    "MDM-S64T16": lambda **kw: _temporal(_S64(), 16, 256, [2, 2, 2, 2, 1], [1, 1, 1, 1, 0], "cosine-shift4", 64,
+    "MDM-S64T16": lambda **kw: _temporal(mdm_s64(), 16, 256, [2, 2, 2, 2, 1], [1, 1, 1, 1, 0], "cosine-shift4", 64,
                                          **{**PAPER, **kw}),
     "MDM-S64T16S256": lambda **kw: NestedUNetConfig(
         resolutions=[256, 128, 64], resolution_channels=[64, 128, 256], num_res_blocks=[2, 2, 1],
         num_attn_layers_per_block=[0, 0, 0], schedule="cosine-shift16",
-        inner_config=_temporal(_S64(), 16, 256, [2, 2, 2, 2, 1], [1, 1, 1, 1, 0], "cosine-shift4", 64),
+        inner_config=_temporal(mdm_s64(), 16, 256, [2, 2, 2, 2, 1], [1, 1, 1, 1, 0], "cosine-shift4", 64),
         **{**PAPER, **kw}),
     # The CPU demo: 8 frames of 16x16 around the 16x16 image UNet of the CPU presets.
     # 8 frames hold 8 times the pixels of one: the shift is sqrt(8) (16 frames: 4, as in the paper).
-    "CPU-S16T8": lambda **kw: _temporal(NestedUNetConfig(**_TINY_INNER), 8, 32, [1, 1, 1, 1], [1, 1, 1, 0],
-                                        "cosine-shift2.828", 16, **{**_CPU, **kw}),
+    "CPU-S16T8": lambda **kw: _temporal(NestedUNetConfig(**TINY_INNER), 8, 32, [1, 1, 1, 1], [1, 1, 1, 0],
+                                        "cosine-shift2.828", 16, **{**CPU_KEYS, **kw}),
 }
 
 
@@ -360,9 +358,9 @@ def motion_of(clip: torch.Tensor) -> int:
 # Pictures: an animated GIF, and the frames of every level
 # ---------------------------------------------------------------------------------------
 
-def save_gif(clips: torch.Tensor, path, scale: int = 6, fps: int = 6, captions=None):
+def save_gif(clips: torch.Tensor, path, scale: int = 6, fps: int = 6):
     """Clips (N, T, 3, H, W) in [-1, 1] side by side as one looping GIF."""
-    a = data.to_uint8(clips)                                   # (N, T, H, W, 3)
+    a = utils.to_uint8(clips)                                   # (N, T, H, W, 3)
     N, T, H, W, _ = a.shape
     frames = []
     for t in range(T):
@@ -371,7 +369,7 @@ def save_gif(clips: torch.Tensor, path, scale: int = 6, fps: int = 6, captions=N
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
 
 
-def save_levels_figure(levels: list, path, captions=None):
+def save_levels_figure(levels: list, path):
     """One clip per column block: the image level (first frame), then every frame of each
     video level, rows from the lowest level to the highest."""
     rows = []
@@ -385,16 +383,12 @@ def save_levels_figure(levels: list, path, captions=None):
         frames = [F.interpolate(r[:, t], size=(top, top), mode="nearest") if t < r.shape[1] else
                   torch.ones(1, 3, top, top) for t in range(T)]
         tiles.append(torch.cat(frames))
-    data.save_matryoshka(tiles, path, captions=[f"frame {t}" for t in range(T)])
+    utils.save_matryoshka(tiles, path, captions=[f"frame {t}" for t in range(T)])
 
 
 # ---------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------
-
-DEMO = ["--config", "CPU-S16T8", "--data", "emoji-motion", "--res", "16,8x16", "--steps", "600,450",
-        "--batch", "64,24", "--sample-every", "400"]
-
 
 def sample_clips(pipe, captions, steps=50, sampler="ddim", guidance=4.0, seed=0):
     """Clips for captions: every level, lowest first (the top one (N, T, 3, H, W))."""
@@ -422,9 +416,9 @@ def evaluate(pipe, names, n_clips=48, **kw):
 def parse_args(argv):
     p = utils.ArgumentParser(prog="video.py", description=__doc__.strip().split("\n\n")[0],
                              epilog="python video.py MDM-S64T16S256 (or any video preset) prints its summary; "
-                                    "`python video.py train` takes train.py's flags (python train.py --help)")
+                                    "train with train.py: python train.py --config CPU-S16T8 --data emoji-motion "
+                                    "--res 16,8x16 --steps 600,450 --batch 64,24")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=utils.ArgumentParser)
-    sub.add_parser("train", help="the CPU demo, through train.py (its flags are train.py's)", add_help=False)
     for cmd, what in (("sample", "a GIF and the frames of every level"),
                       ("evaluate", "does the motion follow the caption?")):
         c = sub.add_parser(cmd, help=what)
@@ -436,17 +430,13 @@ def parse_args(argv):
         c.add_argument("--guidance-scale", type=float, default=4.0)
         c.add_argument("--seed", type=int, default=0)
         c.add_argument("--out", default=None)
-    a, rest = p.parse_known_args(argv)
-    if a.cmd != "train" and rest:
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
-    a.rest = rest
-    if a.cmd != "train":
-        utils.check_flags("video.py", a, [
-            ("--num-clips", utils.at_least(1), "at least 1 clip"),
-            ("--num-inference-steps", utils.at_least(1), "at least 1 step"),
-            ("--guidance-scale", utils.finite, "a finite guidance scale (1: no guidance), e.g. 4"),
-            ("--seed", utils.at_least(0), "an integer >= 0"),
-        ])
+    a = p.parse_args(argv)
+    utils.check_flags("video.py", a, [
+        ("--num-clips", utils.at_least(1), "at least 1 clip"),
+        ("--num-inference-steps", utils.at_least(1), "at least 1 step"),
+        ("--guidance-scale", utils.finite, "a finite guidance scale (1: no guidance), e.g. 4"),
+        ("--seed", utils.at_least(0), "an integer >= 0"),
+    ])
     return a
 
 
@@ -458,9 +448,6 @@ def main(argv=None):
             print(summary(build_level(preset(name)), name))
         return
     a = parse_args(argv)
-    if a.cmd == "train":         # train.py does the training; these are the demo's defaults
-        cmd = [sys.executable, str(Path(__file__).with_name("train.py"))] + DEMO + a.rest
-        raise SystemExit(subprocess.call(cmd))
     from pipeline import Pipeline
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
