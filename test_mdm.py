@@ -590,14 +590,18 @@ def test_sampling_runs_on_tiny_model_with_text_and_guidance():
 HERE = Path(__file__).resolve().parent
 
 
+PAPER_RECIPE = ["--lr", "1e-4", "--high-res-fraction", "0.5"]
+
+
 def run_train(tmp, *args, nproc=1, check=True, timeout=300):
     """python train.py (or torchrun with nproc processes) with a tiny two-level config on
     Fashion-MNIST at 4x4 -> 8x8; returns the completed process."""
     cfg = tmp / "tiny.json"
     if not cfg.exists():
         cfg.write_text(json.dumps(tiny_levels(2).to_dict()))
+    # Appendix B's learning rate and mixed-resolution training (half the batch at the top level).
     base = ["--config", str(cfg), "--data", "fashion-mnist", "--data-limit", "256", "--out", str(tmp),
-            "--no-samples", "--log-every", "1", "--workers", "0"]
+            "--no-samples", "--log-every", "1", "--workers", "0", *PAPER_RECIPE]
     launcher = [sys.executable, "train.py"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -717,7 +721,7 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path):
     run_train(tmp_path, *args, "--name", "straight")
     cfg = tmp_path / "tiny.json"
     cmd = [sys.executable, "train.py", "--config", str(cfg), "--data", "fashion-mnist", "--data-limit", "256",
-           "--out", str(tmp_path), "--no-samples", "--log-every", "1", "--name", "killed"] + args
+           "--out", str(tmp_path), "--no-samples", "--log-every", "1", "--name", "killed", *PAPER_RECIPE] + args
     proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     log = tmp_path / "killed" / "log.jsonl"
