@@ -85,11 +85,13 @@ def to_tensor(a: np.ndarray) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 class TensorImageDataset(Dataset):
-    """Images held in memory as uint8 (N, H, W, 3), with captions or labels. The built-in sets
-    are small enough for this, and indexing a tensor costs nothing next to a training step."""
+    """Images held in memory as uint8 (N, H, W, C), C = 3 (RGB) or 1 (grey), with captions or
+    labels. The built-in sets are small enough for this, and indexing a tensor costs nothing
+    next to a training step."""
 
     def __init__(self, images: np.ndarray, captions=None, labels=None, class_names=None):
         self.images, self.captions, self.labels, self.class_names = images, captions, labels, class_names
+        self.channels = images.shape[-1]           # the model's in_channels (train.py)
 
     def __len__(self):
         return len(self.images)
@@ -150,7 +152,8 @@ def load_emoji(size: int = 64) -> TensorImageDataset:
 
 def load_fashion_mnist(size: int = 32, split: str = "train") -> TensorImageDataset:
     """Fashion-MNIST (28x28 grey, 10 classes) from the Debian package dataset-fashion-mnist,
-    resized to size x size and repeated to RGB like every other data set here."""
+    resized to size x size, in one channel: a model of it learns and draws grey images (in
+    RGB it would have to learn that three channels are equal, and gets it slightly wrong)."""
     prefix = {"train": "train", "test": "t10k"}[split]
     img_path = Path(FASHION_DIR) / f"{prefix}-images-idx3-ubyte.gz"
     if not img_path.exists():
@@ -163,7 +166,7 @@ def load_fashion_mnist(size: int = 32, split: str = "train") -> TensorImageDatas
     x = torch.from_numpy(images.copy()).float()[:, None]
     if size != 28:
         x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=size < 28)
-    images = x.clamp(0, 255).round().byte().expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+    images = x.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()     # (N, size, size, 1)
     return TensorImageDataset(images, labels=labels, class_names=FASHION_CLASSES)
 
 
@@ -171,39 +174,57 @@ def load_fashion_mnist(size: int = 32, split: str = "train") -> TensorImageDatas
 # Any Hugging Face `datasets` source
 # ---------------------------------------------------------------------------------------
 
-class HFImageDataset(Dataset):
-    """A Hugging Face data set (map-style): a local image folder or a hub data set by name.
+def open_hf(source: str, split: str = "train", streaming: bool = False):
+    """A Hugging Face data set: a local folder of images (`imagefolder`: class sub-folders give
+    a `label` column, a metadata.jsonl with `file_name` and `text` gives captions), a local
+    folder of WebDataset .tar shards (`webdataset`: each sample's files by extension, e.g.
+    `jpg` and `txt` columns), or a hub data set by name."""
+    import datasets
+    if os.path.isdir(source):
+        files = [p for p in Path(source).rglob("*") if p.is_file()]
+        tars = sorted(str(p) for p in files if p.suffix == ".tar")
+        if tars and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
+            return datasets.load_dataset("webdataset", data_files={split: tars}, split=split, streaming=streaming)
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
+            raise ValueError(f"--data {source}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+                             f"and no WebDataset .tar shards")
+        return datasets.load_dataset("imagefolder", data_dir=source, split=split, streaming=streaming)
+    if os.path.exists(source) or source.startswith((".", "/")):
+        raise FileNotFoundError(f"--data {source}: no such folder")
+    try:
+        return datasets.load_dataset(source, split=split, streaming=streaming)
+    except Exception as e:                         # not on the hub, no network, no such split...
+        raise ValueError(f"--data {source}: not a built-in data set (emoji, fashion-mnist), not a local "
+                         f"folder, and Hugging Face datasets could not load it "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
 
-    Local folders: `datasets.load_dataset("imagefolder", data_dir=path)`; images in class
-    sub-folders get a `label` column, a metadata.jsonl with `file_name` and `text` gives
-    captions. Images are decoded here, not by `datasets`, so that a broken file becomes a
-    skipped sample (counted by `collate`) instead of an exception in the middle of a run."""
+
+def pick_columns(columns, image_column: str, caption_column: str | None):
+    """The columns of images and captions: as given, or, where absent, the usual names of
+    WebDataset shards (jpg, png, ..., and txt). Raises ValueError for no image column."""
+    if image_column not in columns:
+        found = [c for c in ("jpg", "jpeg", "png", "webp", "image") if c in columns]
+        if not found:
+            raise ValueError(f"the data set has no column {image_column!r} (its columns: {list(columns)}); "
+                             f"pass --image-column")
+        image_column = found[0]
+    if caption_column not in columns:
+        caption_column = "txt" if "txt" in columns else None
+    return image_column, caption_column
+
+
+class HFImageDataset(Dataset):
+    """A Hugging Face data set (map-style), opened by open_hf. Images are decoded here, not
+    by `datasets`, so that a broken file becomes a skipped sample (counted by `collate`)
+    instead of an exception in the middle of a run."""
 
     def __init__(self, source: str, size: int, split: str = "train", image_column: str = "image",
                  caption_column: str | None = "text", label_column: str | None = "label"):
         import datasets
-
-        if os.path.isdir(source):
-            files = [p for p in Path(source).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
-            if not files:
-                raise ValueError(f"--data {source}: the folder holds no images "
-                                 f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-            ds = datasets.load_dataset("imagefolder", data_dir=source, split=split)
-        elif os.path.exists(source) or source.startswith((".", "/")):
-            raise FileNotFoundError(f"--data {source}: no such folder")
-        else:
-            try:
-                ds = datasets.load_dataset(source, split=split)
-            except Exception as e:                 # not on the hub, no network, no such split...
-                raise ValueError(f"--data {source}: not a built-in data set (emoji, fashion-mnist), not a "
-                                 f"local folder, and Hugging Face datasets could not load it "
-                                 f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
-        if image_column not in ds.column_names:
-            raise ValueError(f"the data set has no column {image_column!r} (its columns: "
-                             f"{ds.column_names}); pass --image-column")
+        ds = open_hf(source, split)
+        image_column, self.caption_column = pick_columns(ds.column_names, image_column, caption_column)
         self.ds = ds.cast_column(image_column, datasets.Image(decode=False))
-        self.size, self.image_column = size, image_column
-        self.caption_column = caption_column if caption_column in ds.column_names else None
+        self.size, self.image_column, self.channels = size, image_column, 3     # decoded to RGB
         self.label_column = label_column if label_column in ds.column_names else None
         feature = ds.features.get(self.label_column) if self.label_column else None
         self.class_names = getattr(feature, "names", None)
@@ -230,9 +251,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 def decode_image(value, size: int):
-    """A `datasets` Image value ({'bytes', 'path'}) -> preprocessed tensor, or None if it
-    cannot be read or decoded."""
+    """A `datasets` Image value ({'bytes', 'path'}, or raw bytes from a WebDataset shard) ->
+    preprocessed tensor, or None if it cannot be read or decoded."""
     try:
+        if isinstance(value, (bytes, bytearray)):
+            value = {"bytes": value}
         src = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
         with Image.open(src) as img:
             img.load()
@@ -241,27 +264,47 @@ def decode_image(value, size: int):
         return None
 
 
-def stream_hf(source: str, size: int, rank: int, world_size: int, seed: int, skip: int = 0,
-              split: str = "train", image_column: str = "jpg", caption_column: str = "txt"):
-    """A large hub data set (CC12M) streamed, shuffled in a buffer, split across ranks, and
-    resumed by skipping what a rank has already seen. Yields items like HFImageDataset."""
-    import datasets
-    from datasets.distributed import split_dataset_by_node
-
-    ds = datasets.load_dataset(source, split=split, streaming=True)
-    ds = ds.cast_column(image_column, datasets.Image(decode=False)).shuffle(seed=seed, buffer_size=10_000)
-    ds = split_dataset_by_node(ds, rank=rank, world_size=world_size).skip(skip)
-    for i, row in enumerate(ds):
-        image = decode_image(row[image_column], size)
-        yield None if image is None else {"image": image, "index": skip + i, "caption": str(row[caption_column])}
-
-
-class HFStream:
-    """A hub data set too large to download first (CC12M), read as a stream: where it is and
-    which columns hold what. Batches opens it for each rank (stream_hf)."""
+class HFStream(torch.utils.data.IterableDataset):
+    """A data set too large to download first (CC12M), read as a stream: shuffled in a buffer,
+    split over ranks (split_dataset_by_node: each rank its own shards, where there are enough)
+    and, within a rank, over its loader workers by `datasets` itself (each worker its own
+    shards, decoding its own images). Resumed by skipping what each worker had read. Batches
+    sets where it starts (`start`); every item gets an index unique over ranks and workers,
+    the key of its per-sample random numbers."""
 
     def __init__(self, source: str, size: int, image_column: str = "jpg", caption_column: str = "txt"):
         self.source, self.size, self.image_column, self.caption_column = source, size, image_column, caption_column
+        self.rank, self.world, self.seed, self.batch, self.batches_read = 0, 1, 0, 1, 0
+
+    def open(self, rank: int, world: int, seed: int):
+        """This rank's part of the stream, shuffled; and the columns of images and captions."""
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+        ds = open_hf(self.source, streaming=True)
+        image_column, caption_column = pick_columns(ds.column_names or [self.image_column, self.caption_column],
+                                                    self.image_column, self.caption_column)
+        ds = ds.cast_column(image_column, datasets.Image(decode=False)).shuffle(seed=seed, buffer_size=10_000)
+        return split_dataset_by_node(ds, rank=rank, world_size=world), image_column, caption_column
+
+    def workers(self, wanted: int, rank: int, world: int) -> int:
+        """Loader workers for this rank: `datasets` gives each worker whole shards, and stops
+        those beyond the number of shards; the workers that read must be all there are."""
+        return min(wanted, self.open(rank, world, 0)[0].num_shards) if wanted else 0
+
+    def start(self, rank: int, world: int, seed: int, batch: int, batches_read: int):
+        self.rank, self.world, self.seed, self.batch, self.batches_read = rank, world, seed, batch, batches_read
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The loader takes whole batches from its workers in turn: worker w made every W-th.
+        skip = max(0, (self.batches_read - w + W - 1) // W) * self.batch
+        ds, image_column, caption_column = self.open(self.rank, self.world, self.seed)
+        part, parts = self.rank * W + w, self.world * W
+        for i, row in enumerate(itertools.islice(ds, skip, None), start=skip):   # read again, not decoded
+            image = decode_image(row[image_column], self.size)
+            yield None if image is None else {"image": image, "index": i * parts + part,
+                                              "caption": str(row[caption_column])}
 
 
 def collate(items: list) -> dict:
@@ -326,22 +369,17 @@ class Batches:
         self._start()
 
     def _start(self):
-        if isinstance(self.dataset, HFStream):
-            d = self.dataset
-            stream = stream_hf(d.source, d.size, self.rank, self.world, self.seed + self.epoch, self.pos,
-                               image_column=d.image_column, caption_column=d.caption_column)
-            self.it = self.chunks(stream)
-            return
-        sampler = ResumableSampler(self.dataset, self.world, self.rank, self.seed)
-        sampler.set_position(self.epoch, self.pos)
+        workers = self.workers
+        if isinstance(self.dataset, HFStream):     # decoded in the loader's workers, like the rest
+            self.dataset.start(self.rank, self.world, self.seed + self.epoch, self.batch, self.pos // self.batch)
+            workers, sampler = self.dataset.workers(self.workers, self.rank, self.world), None
+        else:
+            sampler = ResumableSampler(self.dataset, self.world, self.rank, self.seed)
+            sampler.set_position(self.epoch, self.pos)
         loader = DataLoader(self.dataset, batch_size=self.batch, sampler=sampler, drop_last=True,
-                            collate_fn=collate, num_workers=self.workers,
+                            collate_fn=collate, num_workers=workers,
                             persistent_workers=False, pin_memory=torch.cuda.is_available())
         self.it = iter(loader)
-
-    def chunks(self, stream):
-        while len(chunk := list(itertools.islice(stream, self.batch))) == self.batch:
-            yield collate(chunk)
 
     def __next__(self):
         while True:

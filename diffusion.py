@@ -187,6 +187,8 @@ def cat_conditions(a: dict, b: dict) -> dict:
 # 4. The process: schedules per level, D^r and Eq. 2, the loss of Eq. 3, the samplers
 # ---------------------------------------------------------------------------------------
 
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+
 @dataclass
 class DiffusionConfig:
     shift_power: float = 2.0          # logsnr_s = logsnr - shift_power * log s (section 3.1's shift)
@@ -247,15 +249,35 @@ class MatryoshkaDiffusion:
         discrete schedule a step k uniform in 1..1000, as t = k / 1000."""
         return (u * 1000).ceil().clamp(1, 1000) / 1000 if self.base == "squaredcos_cap_v2" else u
 
-    def time_grid(self, num_inference_steps: int) -> torch.Tensor:
+    def time_grid(self, num_inference_steps: int, sampler: str = "ddpm") -> torch.Tensor:
         """The times of the sampler, from 1 (noise) to 0 (data): evenly spaced in t; for the
         discrete schedule the released models' grid, steps round(i * 1001 / (N + 1)), i = N..0
-        (50 steps: 981, 962, ..., 20, 0), as t = k / 1000."""
+        (50 steps: 981, 962, ..., 20, 0), as t = k / 1000. DPM-Solver++ takes steps evenly
+        spaced in log-SNR instead, from the schedule's minimum to its maximum: its update is
+        exact for a model whose x-prediction is constant over a step in log-SNR, and a grid
+        even in t makes the last steps huge in log-SNR (a 2M step then overshoots by half)."""
         N = num_inference_steps
+        if sampler == "dpm++2m":
+            return self.logsnr_grid(N)
         if self.base == "squaredcos_cap_v2":
             steps = np.round(np.arange(N + 1) * (1001 / (N + 1)))[::-1].copy()     # numpy's round: half to even
             return torch.from_numpy(steps) / 1000
         return torch.linspace(1.0, 0.0, N + 1, dtype=torch.float64)
+
+    def logsnr_grid(self, N: int) -> torch.Tensor:
+        """N + 1 times, from 1 to 0, whose log-SNR (of every level: the shift only offsets it)
+        is evenly spaced between the schedule's minimum and maximum."""
+        if self.base == "squaredcos_cap_v2":       # the nearest of the 1000 steps (repeats removed)
+            k = torch.arange(1, 1001, dtype=torch.float64)
+            lam = self.logsnr(k / 1000, 0)          # decreasing in k
+            targets = torch.linspace(float(lam[-1]), float(lam[0]), N + 1, dtype=torch.float64)
+            steps = k[torch.searchsorted(-lam, -targets).clamp(max=999)].unique().flip(0)
+            return torch.cat([steps / 1000, torch.zeros(1, dtype=torch.float64)])
+        c = self.config                            # the cosine: t = (2 / pi) atan(exp(-logsnr / 2))
+        lam = torch.linspace(c.logsnr_min, c.logsnr_max, N + 1, dtype=torch.float64)
+        t = 2 / math.pi * torch.atan(torch.exp(-lam / 2))
+        t[0], t[-1] = 1.0, 0.0                      # the ends, where the clipped schedule is flat
+        return t
 
     def alpha_sigma(self, t: torch.Tensor, level: int):
         return alpha_sigma(self.logsnr(t, level))
@@ -352,44 +374,60 @@ class MatryoshkaDiffusion:
         first, in [-1, 1] when thresholded.
 
         sampler="ddpm": ancestral sampling (Ho et al., 2020); "ddim": the DDIM update (Song et
-        al., 2021), deterministic with eta = 0, as noisy as DDPM with eta = 1. The time grid is
-        `time_grid`. thresholding: of the predicted x at every step (THRESHOLDING; None: the
+        al., 2021), deterministic with eta = 0, as noisy as DDPM with eta = 1; "dpm++2m": the
+        second-order multistep DPM-Solver++ (Lu et al., 2022), in each level's own log-SNR. The
+        time grid is `time_grid`. thresholding: of the predicted x at every step (THRESHOLDING; None: the
         config's). callback(i, t, zs, x_preds) is called after every step (sample.py --show-steps)."""
         cond = cond or {}
         thresholding = thresholding or self.config.thresholding
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps}: need at least 1 step")
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler={sampler!r}: expected 'ddpm' or 'ddim'")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
         if thresholding not in THRESHOLDING:
             raise ValueError(f"thresholding={thresholding!r}: expected one of {', '.join(THRESHOLDING)}")
         device = device or next(model.parameters()).device
         shapes = model.input_shapes(batch_size)
         # The sampler's state stays in float32 (dtype) even when the network runs in bf16.
         zs = [torch.randn(s, generator=generator, device=device, dtype=dtype) for s in shapes]
-        ts = self.time_grid(num_inference_steps)
-        for i in range(num_inference_steps):
+        ts = self.time_grid(num_inference_steps, sampler)
+        memory = [{} for _ in zs]                  # per level: what a multistep solver keeps
+        for i in range(len(ts) - 1):
             t, s = ts[i], ts[i + 1]
             vs = self.predict_v(model, zs, t, cond, guidance_scale, negative_cond)
             x_preds = []
             for r, (z, v) in enumerate(zip(zs, vs)):
                 x_pred, z_next = self.step(z, v, t, s, r, sampler, thresholding, generator,
-                                           last=(i == num_inference_steps - 1), eta=eta)
+                                           last=(i == len(ts) - 2), eta=eta, memory=memory[r])
                 x_preds.append(x_pred)
                 zs[r] = z_next
             if callback is not None:
                 callback(i, float(t), zs, x_preds)
         return zs
 
-    def step(self, z, v, t, s, level, sampler, thresholding="imagen", generator=None, last=False, eta=0.0):
+    def step(self, z, v, t, s, level, sampler, thresholding="imagen", generator=None, last=False, eta=0.0,
+             memory=None):
         """One update of one resolution from time t to time s < t, with that resolution's own
-        schedule. Returns (predicted x, z_s); the last step returns the predicted x itself."""
+        schedule. Returns (predicted x, z_s); the last step returns the predicted x itself.
+        `memory`: a dict of this level that a multistep solver carries from step to step."""
         lt, ls = (self.logsnr(u.reshape(1), level) for u in (t, s))
         (a_t, s_t), (a_s, s_s) = alpha_sigma(lt), alpha_sigma(ls)
         a_t, s_t, a_s, s_s = (u.to(z.dtype) for u in (a_t, s_t, a_s, s_s))
         x_pred = threshold(x_from_v(z, v.to(z.dtype), a_t, s_t), thresholding)
         if last:
             return x_pred, x_pred
+        if sampler == "dpm++2m":
+            # DPM-Solver++(2M) in lambda = logsnr / 2 (Lu et al. 2022, Algorithm 2), h = lambda_s -
+            # lambda_t: z_s = (sigma_s / sigma_t) z_t - alpha_s (e^-h - 1) D, with D the x-prediction
+            # extrapolated from the last two, D = (1 + 1/(2r)) x_t - 1/(2r) x_prev, r = h_prev / h
+            # (the first step: D = x_t, DDIM's update).
+            h = ((ls - lt) / 2).to(z.dtype)
+            D = x_pred
+            if "x" in memory:
+                r = memory["h"] / h
+                D = (1 + 1 / (2 * r)) * x_pred - 1 / (2 * r) * memory["x"]
+            memory.update(x=x_pred, h=h)
+            return x_pred, (s_s / s_t) * z - a_s * torch.expm1(-h) * D
         # With c = 1 - SNR_t / SNR_s = -expm1(logsnr_t - logsnr_s) (stable for close t and s),
         # the posterior q(z_s | z_t, x) of Eq. 1 has variance c sigma_s^2.
         c = (-torch.expm1(lt - ls)).to(z.dtype)
@@ -424,13 +462,16 @@ def make_optimizer(model, lr: float) -> torch.optim.Adam:
 
 
 def training_step(diffusion, model, opt, micro_batches, train_model=None, clip: float = CLIP_NORM,
-                  high_res_fraction=None, autocast=None, no_sync=None):
+                  high_res_fraction=None, autocast=None, no_sync=None, scaler=None):
     """One optimizer step over the micro-batches of a batch (gradient accumulation): each is
     (x, cond, t, noises, n_high) for diffusion.loss; its loss, divided by their number (the
     mean over micro-batches is the loss of one big batch), is back-propagated; then the
     gradients are clipped and Adam steps. `train_model` is what runs the forward (the model
     wrapped in DDP or torch.compile; default: `model`); `no_sync()` is DDP's: every micro-batch
-    but the last adds to .grad locally, only the last all-reduces.
+    but the last adds to .grad locally, only the last all-reduces. `scaler`: a GradScaler for
+    fp16 (whose small range would flush small gradients to zero): the loss is scaled up
+    before backward and the gradients down before clipping; a step whose gradients overflow
+    is skipped, and the scale adapts.
 
     Returns (loss per level and total, summed over micro-batches, on the device; whether any
     loss was not finite, on the device): nothing here waits for the GPU."""
@@ -442,12 +483,18 @@ def training_step(diffusion, model, opt, micro_batches, train_model=None, clip: 
         with ctx, (autocast or contextlib.nullcontext()):
             loss, per_level = diffusion.loss(train_model, x, cond, t=t, noises=noises, high_res_batch=n_high,
                                              high_res_fraction=high_res_fraction)
-            (loss / n).backward()
+            (loss / n if scaler is None else scaler.scale(loss / n)).backward()
         sums = sums + torch.stack([*per_level, loss]).detach() / n
         nonfinite = ~torch.isfinite(loss.detach())
         bad = nonfinite if bad is None else bad | nonfinite
+    if scaler is not None:
+        scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    opt.step()
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
     opt.zero_grad(set_to_none=True)
     return sums, bad
 

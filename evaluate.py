@@ -29,7 +29,7 @@ import torch
 import metrics
 import pipeline
 import utils
-from diffusion import MatryoshkaDiffusion, make_optimizer, training_step
+from diffusion import SAMPLERS, MatryoshkaDiffusion, make_optimizer, training_step
 from nested_unet import NestedUNet, preset
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -195,7 +195,7 @@ def sweep(args):
         # the rows differ by the guidance alone.
         with utils.autocast(args.device):
             imgs, labels = metrics.generate_set(model, diffusion, "label", args.num, meta["class_names"], guidance=w,
-                                        steps=args.steps)
+                                                steps=args.steps, sampler=args.sampler)
         rows.append({"guidance_scale": w, "fd_effnet": metrics.fd_effnet(imgs, real, feats),
                      "class_acc": metrics.accuracy(clf, imgs, labels)})
         print(rows[-1], flush=True)
@@ -266,12 +266,14 @@ def main(argv=None):
     s.add_argument("--scales", type=utils.comma_list(float, "1,3,5"), default=[1, 1.5, 2, 3, 5, 8])
     s.add_argument("--num", type=int, default=500)
     s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
     s.add_argument("--out", default="runs/compare")
     s.add_argument("--device", default=DEVICE)
     f = sub.add_parser("fd", help="FD-EffNet (and class accuracy / CLIP score) of one trained model")
     f.add_argument("--ckpt", default=None)
     f.add_argument("--num", type=int, default=1000)
     f.add_argument("--steps", type=int, default=50)
+    f.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
     f.add_argument("--guidance-scale", type=float, default=1.0)
     f.add_argument("--clip", default=None, help="a CLIP model (local folder or cache) for the CLIP score")
     f.add_argument("--device", default=DEVICE)
@@ -289,10 +291,10 @@ def main(argv=None):
         caps = metrics.dataset_captions(meta["data"], res, a.num) if meta["cond"] == "text" else None
         with utils.autocast(a.device):
             imgs, conds = metrics.generate_set(model, diffusion, meta["cond"], a.num, meta.get("class_names"), caps,
-                                               encoder, guidance=a.guidance_scale, steps=a.steps)
+                                               encoder, guidance=a.guidance_scale, steps=a.steps, sampler=a.sampler)
         feats = metrics.EffNetFeatures(a.device)
         result = {"fd_effnet": metrics.fd_effnet(imgs, metrics.real_stats(meta["data"], res, 1000, feats), feats),
-                  "n": a.num}
+                  "n": a.num, "sampler": a.sampler, "steps": a.steps, "guidance_scale": a.guidance_scale}
         if meta["cond"] == "label":
             result["class_acc"] = metrics.accuracy(metrics.train_classifier(meta["data"], res)[0], imgs, conds)
         if a.clip and meta["cond"] == "text":      # conds: the captions the images were drawn for

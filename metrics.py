@@ -131,13 +131,12 @@ def fd_effnet(images: torch.Tensor, real: tuple, features: EffNetFeatures) -> fl
 # ---------------------------------------------------------------------------------------
 
 class SmallCNN(nn.Module):
-    """A plain classifier, enough for Fashion-MNIST (85% on its test set at 32x32 after the two
-    epochs of train_classifier)."""
+    """A plain classifier of grey images, enough for Fashion-MNIST (see train_classifier for
+    its accuracy on the real test set)."""
 
-    def __init__(self, num_classes: int, channels: int = 3):
+    def __init__(self, num_classes: int, channels: int = 1):
         super().__init__()
-        # Three conv blocks, each halving the resolution: (B, 3, 32, 32) -> (B, 128, 4, 4). RGB
-        # input: data.py repeats Fashion-MNIST's grey to three channels, like the samples have.
+        # Three conv blocks, each halving the resolution: (B, 1, 32, 32) -> (B, 128, 4, 4).
         c = [channels, 32, 64, 128]
         layers = []
         for a, b in zip(c, c[1:]):
@@ -146,12 +145,14 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(c[-1], num_classes)
 
     def forward(self, x):
+        if x.shape[1] == 3 and self.features[0].in_channels == 1:
+            x = x.mean(1, keepdim=True)                       # RGB samples (of older models) as grey
         return self.head(self.features(x).mean((2, 3)))      # global average pool -> logits (B, classes)
 
 
-def train_classifier(dataset_name: str, res: int, epochs: int = 2, seed: int = 0, log=print):
+def train_classifier(dataset_name: str, res: int, epochs: int = 5, seed: int = 0, log=print):
     """A classifier of the real training set at res x res, cached: (model, test accuracy)."""
-    path = data.CACHE / f"classifier-{dataset_name}-{res}.pt"
+    path = data.CACHE / f"classifier-grey-{dataset_name}-{res}-{epochs}.pt"
     if path.exists():
         ck = utils.load_torch_file(path, "classifier cache")    # tensors and numbers only
         model = SmallCNN(ck["num_classes"])
@@ -230,6 +231,7 @@ class ClipScore:
     def scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         # [-1, 1] -> [0, 1] -> CLIP's input size: for square images a bicubic resize does what
         # CLIP's processor does (bicubic resize of the short side, then a centre crop).
+        images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images      # grey as RGB
         x = F.interpolate((images.float().clamp(-1, 1) + 1) / 2, size=(self.size, self.size), mode="bicubic",
                           align_corners=False)
         x = ((x - self.mean) / self.std).to(self.device)

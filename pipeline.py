@@ -252,7 +252,8 @@ class Pipeline:
                  progress=False, callback=None, **overrides) -> list:
         """Images at every resolution for `cond` (num_images rows), with the run's sampling
         settings unless overridden (sampler, num_inference_steps, guidance_scale, eta,
-        thresholding). bf16 autocast on GPUs, as in training; the sampler's state stays float32."""
+        thresholding). Autocast as in training (utils.autocast: bf16 on GPUs that have it, fp16 on
+        those that do not, fp32 on CPUs); the sampler's state stays float32."""
         settings = {**self.sampling, **{k: v for k, v in overrides.items() if v is not None}}
         with utils.autocast(self.device):
             return generate(self.model, self.diffusion, cond, num_images, seed=seed, progress=progress,
@@ -266,21 +267,31 @@ class SampleGrid:
     in turn): the grids of successive steps start from the same noise and differ by training
     alone. A matryoshka figure of every level (video: the frames of every level, and a GIF)."""
 
-    def __init__(self, cond_kind: str, captions, class_names, encoder, device, steps: int, guidance: float, n=8):
+    def __init__(self, cond_kind: str, captions, class_names, encoder, device, steps: int, guidance: float,
+                 prompts: list[str] | None = None, n=8):
+        """prompts: what to draw instead (for a class-conditional model, class names or
+        indices); raises ValueError for a class the model does not have."""
         self.captions, self.steps, self.guidance = None, steps, guidance
         if cond_kind == "text":
             pool = captions or ["a smiling face", "a red heart", "a cat", "a rocket"]
-            self.captions = [pool[i] for i in np.random.default_rng(0).choice(len(pool), n, replace=False)] \
-                if len(pool) >= n else pool
+            self.captions = prompts or ([pool[i] for i in np.random.default_rng(0).choice(len(pool), n, replace=False)]
+                                        if len(pool) >= n else pool)
             self.cond = encoder.condition(self.captions, device)
         elif cond_kind == "label":
+            lowered = [c.lower() for c in class_names]
             labels = torch.arange(n) % len(class_names)
+            if prompts:
+                bad = [p for p in prompts if p.lower() not in lowered and not (p.isdigit() and int(p) < len(lowered))]
+                if bad:
+                    raise ValueError(f"{bad[0]!r} is not a class of this data set: {', '.join(class_names)}")
+                labels = torch.tensor([lowered.index(p.lower()) if p.lower() in lowered else int(p) for p in prompts])
             self.captions, self.cond = [class_names[i] for i in labels], {"label": labels.to(device)}
         else:
             self.cond = {}
         self.n = len(self.captions or [0] * n)
 
-    def save(self, model, diffusion, path: Path, autocast):
+    def save(self, model, diffusion, path: Path, autocast) -> Path:
+        """The grid of this step at `path` (.png; for video also .gif). Returns the picture's path."""
         with autocast:
             levels = generate(model, diffusion, self.cond, self.n, sampler="ddim", num_inference_steps=self.steps,
                               guidance_scale=self.guidance, seed=0)
@@ -290,3 +301,4 @@ class SampleGrid:
             video.save_gif(levels[-1], path.with_suffix(".gif"))
         else:
             utils.save_matryoshka(levels, path.with_suffix(".png"), captions=self.captions)
+        return path.with_suffix(".png")

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import data
 import utils
-from diffusion import THRESHOLDING
+from diffusion import SAMPLERS, THRESHOLDING
 from pipeline import Pipeline, expand
 
 # No flags describe the model: its config, diffusion config and text encoder come from the
@@ -52,7 +52,8 @@ def parse_args(argv=None):
                    "(default: the run's, 3 for ours)")
     p.add_argument("--negative-prompt", default=None, help="guide away from this instead of the null condition")
     p.add_argument("--num-inference-steps", type=int, default=None, help="default: the run's (250, appendix C)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: the run's (ddpm)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="default: the run's (ddpm); "
+                   "dpm++2m: DPM-Solver++, as good in 25 steps as DDIM in far more")
     p.add_argument("--eta", type=float, default=None, help="DDIM's noise: 0 deterministic, 1 as much as DDPM")
     p.add_argument("--thresholding", choices=list(THRESHOLDING), default=None,
                    help="of the predicted x at every step (default: the run's, Imagen's dynamic thresholding)")

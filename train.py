@@ -32,6 +32,7 @@ state, written atomically) and ema.safetensors (EMA weights with their config, f
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -45,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -96,6 +98,7 @@ class TrainOptions:
     label_column: str = option("label", "its column of class labels", group=DATA)
     streaming: bool = option(False, "stream a large hub data set (CC12M)", group=DATA)
     workers: int = option(0, "data loader processes per rank", utils.NONNEGATIVE, group=DATA)
+    hflip: bool = option(False, "random horizontal flips (half the images; usual for ImageNet)", group=DATA)
     lr: float = option(6e-4, "learning rate: appendix B's is 1e-4; the CPU demo takes 6e-4 (its model trains "
                        "for minutes, not days)", utils.POSITIVE, group=OPT)
     warmup: int = option(None, "linear LR warm-up steps per stage (default: a tenth of the stage, at most "
@@ -113,7 +116,9 @@ class TrainOptions:
                                 type=utils.comma_list(float, "1,4"), group=OPT)
     shift_power: float = option(2.0, "the resolution shift divides the SNR by s^power", EXPONENT, group=OPT)
     device: str = option(None, "cpu, cuda or cuda:N (default: cuda if there is one)", group=SPEED)
-    bf16: str = option("auto", "bf16 autocast (auto: on GPUs)", choices=["auto", "on", "off"], group=SPEED)
+    precision: str = option("auto", "autocast of the network: bf16 (appendix B), fp16 with gradient scaling (GPUs "
+                            "without bf16: T4, V100), fp32; auto: bf16 on GPUs that have it, else fp16, fp32 on CPUs",
+                            choices=["auto", "bf16", "fp16", "fp32"], group=SPEED)
     compile: bool = option(False, "torch.compile the model", group=SPEED)
     grad_ckpt: bool = option(False, "gradient checkpointing of the outer levels", group=SPEED)
     channels_last: bool = option(False, "channels-last memory format (images only)", group=SPEED)
@@ -124,10 +129,17 @@ class TrainOptions:
                        group=RUN)
     log_every: int = option(25, "steps between log rows", utils.COUNT, group=RUN)
     ckpt_every: int = option(200, "steps between checkpoints", utils.COUNT, group=RUN)
+    keep_checkpoints: int = option(3, "checkpoints kept in checkpoints/ besides each stage's last (checkpoint.pt is "
+                                   "always the latest)", utils.NONNEGATIVE, group=RUN)
     sample_every: int = option(400, "steps between sample grids", utils.COUNT, group=RUN)
     sample_steps: int = option(50, "DDIM steps of the sample grids", utils.COUNT, group=RUN)
     sample_guidance: float = option(3.0, "guidance scale of the sample grids", utils.FINITE, group=RUN)
+    sample_prompts: str = option(None, "what the sample grids draw: prompts separated by |, or a file of them, one "
+                                 "per line (class names or indices for a class-conditional model); default: 8 of "
+                                 "the data's captions, or every class", group=RUN)
     no_samples: bool = option(False, "no sample grids (tests)", group=RUN)
+    tensorboard: bool = option(False, "also log to TensorBoard, in the run folder's tensorboard/ (log.jsonl stays "
+                               "the record; needs the tensorboard package)", group=RUN)
     eval_every: int = option(0, "FD-EffNet (and class accuracy) every N steps, at the final resolution; 0: never",
                              utils.NONNEGATIVE, group=RUN)
     eval_samples: int = option(256, "generated images per evaluation", IMAGES, group=RUN)
@@ -138,8 +150,17 @@ class TrainOptions:
 
 
 def parse_args(argv=None) -> TrainOptions:
+    return parse_args_given(argv)[0]
+
+
+def parse_args_given(argv=None) -> tuple[TrainOptions, set]:
+    """The options, and the names of those the command line gave (a resumed run takes the
+    given ones that may change, and refuses the others where they differ)."""
     p = utils.options_parser(TrainOptions, "train.py", __doc__.split("\n\n")[0])
-    return TrainOptions(**vars(p.parse_args(argv)))
+    options = TrainOptions(**vars(p.parse_args(argv)))
+    for action in p._actions:                      # parsed again, with no defaults: only what was given
+        action.default = argparse.SUPPRESS
+    return options, set(vars(p.parse_args(argv)))
 
 
 def parse_sizes(s: str) -> list[tuple[int, int]]:
@@ -148,6 +169,18 @@ def parse_sizes(s: str) -> list[tuple[int, int]]:
         return [tuple(int(u) for u in v.split("x")) if "x" in v else (1, int(v)) for v in s.split(",")]
     except ValueError:
         raise SystemExit(f"train.py: --res {s}: expected sizes like 64,256 (or 64,16x64 for video: frames x size)")
+
+
+def sample_prompts(o: TrainOptions) -> list[str] | None:
+    """--sample-prompts: a file of prompts, one per line, or prompts separated by |."""
+    if o.sample_prompts is None:
+        return None
+    path = Path(o.sample_prompts)
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else o.sample_prompts.replace("|", "\n")
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def fmt(values) -> str:
@@ -186,6 +219,13 @@ def check_args(o: TrainOptions, world_size: int, cfg: NestedUNetConfig):
 
     utils.check_options("train.py", o)
     utils.check_device("train.py", o.device)
+    if o.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            fail("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if o.sample_prompts is not None and not sample_prompts(o):
+        fail(f"--sample-prompts {o.sample_prompts}: expected prompts separated by |, or a file of them")
     if o.name is not None and (not o.name.strip() or "/" in o.name or o.name in (".", "..")):
         fail(f"--name {o.name!r}: expected a folder name (no '/'), e.g. --name my-run")
     if o.loss_weights is not None and not any(o.loss_weights):
@@ -249,11 +289,14 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, o: Tra
     x = to_device(batch["image"], device)          # (the loader pins it on a GPU machine)
     if o.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    # A sample's key: its index in the data set (a streamed set has no global index; its
-    # position in this rank's stream, made unique across ranks).
-    keys = batch["index"] * world + rank if o.streaming else batch["index"]
+    # A sample's key: its index in the data set (in a stream, its position in the stream of its
+    # rank and loader worker, made unique over them: data.HFStream).
+    keys = batch["index"]
     shapes = [s[1:] for s in model.input_shapes(1)]
     t, noises, u_drop, u_high = utils.per_sample_randomness(keys, step, o.seed, shapes, device)
+    if o.hflip:                                    # half the images mirrored (every frame of a clip)
+        flip = to_device(utils.flip_draws(keys, step, o.seed) < 0.5, device)
+        x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
     # Conditioning dropout (--cond-drop, 10% by default): those samples learn the null
     # condition, which classifier-free guidance contrasts with at sampling time (decided on
     # the CPU). Its null text is no visible token, or for the released models' architecture
@@ -292,21 +335,79 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, o: Tra
 # Setting up: the run folder, the data, a stage's model
 # ---------------------------------------------------------------------------------------
 
-def open_run(o: TrainOptions):
-    """-> (options, checkpoint or None, run folder or None). Resuming, the run's own options
-    win; the command line only says where the run is, and where to run it."""
-    if o.resume is None:
-        return o, None, None
+# What a resumed run may change: how long its stages are (and more stages of the same
+# config), the learning rate, logging, checkpoints, sample grids, evaluations, where and how
+# fast it runs. Everything else (the config, the data, the objective) is the run's.
+MAY_CHANGE = {"steps", "res", "batch", "lr", "warmup", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
+              "sample_steps", "sample_guidance", "sample_prompts", "no_samples", "eval_every", "eval_samples",
+              "eval_real", "eval_steps", "tensorboard", "precision", "compile", "grad_ckpt"}
+WHERE = {"resume", "out", "name"}                  # which run, not how it trains
+HERE = ("device", "workers", "stop_after")         # this machine and this invocation's: never the saved ones
+
+
+def open_run(argv):
+    """-> (options, checkpoint or None, run folder or None, changes made on resume). Resuming,
+    the run's own options hold, except those given that may change (MAY_CHANGE), which are
+    applied; a given option that may not change and differs is refused. --resume auto
+    resumes the run named by --name (or the newest) if it has a checkpoint, and starts it
+    otherwise: the same command launches and restarts a job. A new run never writes into
+    the folder of an existing one."""
+    o, given = parse_args_given(argv)
+    path = None
+    if o.resume == "auto":
+        named = Path(o.out) / o.name / "checkpoint.pt" if o.name else None
+        found = sorted(Path(o.out).glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime) if not o.name else []
+        path = named if named is not None and named.exists() else (found[-1] if found else None)
+    elif o.resume is not None:
+        try:
+            path = pipeline.find_weights(None if o.resume == "latest" else o.resume, o.out, name="checkpoint.pt",
+                                         flag="--resume")
+        except FileNotFoundError as e:
+            raise SystemExit(f"train.py: --resume: {e}")
+    if path is None:                               # a new run
+        run_dir = Path(o.out) / o.name if o.name else None
+        if run_dir is not None and any((run_dir / f).exists() for f in ("checkpoint.pt", "log.jsonl")):
+            raise SystemExit(f"train.py: --name {o.name}: {run_dir} holds a run already; resume it with --resume "
+                             f"{run_dir} (or --resume auto), or choose another --name")
+        return o, None, None, {}
     try:
-        path = pipeline.find_weights(None if o.resume == "latest" else o.resume, o.out, name="checkpoint.pt",
-                                     flag="--resume")
         ckpt = utils.load_torch_file(path)
-    except (FileNotFoundError, ValueError) as e:
+    except ValueError as e:
         raise SystemExit(f"train.py: --resume: {e}")
     fields = {f.name for f in dataclasses.fields(TrainOptions)}
     saved = {k: v for k, v in ckpt["args"].items() if k in fields}     # newer options take their defaults
-    o = dataclasses.replace(parse_args([]), **{**saved, "resume": o.resume, "device": o.device, "workers": o.workers})
-    return o, ckpt, path.parent
+    base = dataclasses.replace(parse_args([]), **saved)
+    fixed = sorted(k for k in given - MAY_CHANGE - WHERE - set(HERE) if getattr(o, k) != getattr(base, k))
+    if fixed:
+        shown = ", ".join(f"--{k.replace('_', '-')} {getattr(base, k)} (given: {getattr(o, k)})" for k in fixed)
+        raise SystemExit(f"train.py: --resume: a run keeps its {shown}; start a new run (another --name) to change them")
+    changes = {k: [getattr(base, k), getattr(o, k)] for k in sorted(given & MAY_CHANGE) if getattr(o, k) != getattr(base, k)}
+    o = dataclasses.replace(base, **{k: new for k, (_, new) in changes.items()}, resume=o.resume,
+                            **{k: getattr(o, k) for k in HERE})
+    check_extension(base, o, ckpt)
+    # A checkpoint of the history (checkpoints/step*.pt) resumes its run folder, from its step.
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return o, ckpt, run_dir, changes
+
+
+def check_extension(before: TrainOptions, after: TrainOptions, ckpt):
+    """Stages may be added (--res, --steps, --batch one entry longer each) and lengthened, but
+    not changed where the run has been: a finished stage keeps its steps and batch, the
+    current one its batch and at least the steps it has taken."""
+    def fail(msg):
+        raise SystemExit(f"train.py: --resume: {msg}")
+    old, new = parse_sizes(before.res), parse_sizes(after.res)
+    if new[:len(old)] != old:
+        fail(f"--res {after.res}: the run's stages are {before.res}; stages may only be added after them")
+    stage, step = ckpt["stage"], ckpt["step"]
+    done = int(np.sum(before.steps[:stage]))
+    if list(after.steps[:stage]) != list(before.steps[:stage]) or list(after.batch[:stage + 1]) != \
+            list(before.batch[:stage + 1]):
+        fail(f"--steps {fmt(after.steps)} --batch {fmt(after.batch)}: the run has finished its first {stage} "
+             f"stage(s) with steps {fmt(before.steps[:stage])} and is in stage {stage + 1} with batch "
+             f"{before.batch[stage]}; those stay (later stages may change)")
+    if len(after.steps) > stage and done + after.steps[stage] < step:
+        fail(f"--steps {fmt(after.steps)}: stage {stage + 1} has taken {step - done} steps already")
 
 
 @dataclass
@@ -374,10 +475,12 @@ class Stage:
     sched: object
     train_model: torch.nn.Module
     diffusion: MatryoshkaDiffusion
+    scaler: torch.amp.GradScaler | None
     batches: data.Batches | None = None
 
 
-def build_stage(o: TrainOptions, index: int, cfg_full, dcfg, device, world, init=None, previous: Stage = None) -> Stage:
+def build_stage(o: TrainOptions, index: int, cfg_full, dcfg, device, world, init=None, previous: Stage = None,
+                precision: str = "fp32") -> Stage:
     """Stage 0 builds the innermost model (or starts from --init-from's); a later stage grows
     the previous one (section 3.3), model and EMA alike."""
     sizes = parse_sizes(o.res)
@@ -427,7 +530,8 @@ def build_stage(o: TrainOptions, index: int, cfg_full, dcfg, device, world, init
     n = len(model.levels())
     stage_cfg = dataclasses.replace(dcfg, loss_weights=dcfg.loss_weights[:n] if dcfg.loss_weights else None)
     diffusion = (video.diffusion_for if build is not NestedUNet else MatryoshkaDiffusion.for_model)(model, stage_cfg)
-    return Stage(index, model, ema, opt, sched, train_model, diffusion)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return Stage(index, model, ema, opt, sched, train_model, diffusion, scaler)
 
 
 # ---------------------------------------------------------------------------------------
@@ -439,8 +543,9 @@ class Log:
     would make the CPU wait for the GPU at every step), the time spent training and waiting
     for data, and the rows of log.jsonl."""
 
-    def __init__(self, path: Path, train_time: float, levels: int, device, is_main: bool, stage_start: bool):
-        self.path, self.train_time, self.is_main = path, train_time, is_main
+    def __init__(self, path: Path, train_time: float, levels: int, device, is_main: bool, stage_start: bool,
+                 tensorboard=None):
+        self.path, self.train_time, self.is_main, self.tensorboard = path, train_time, is_main, tensorboard
         self.reset(levels, device)
         self.stage_start = stage_start
 
@@ -455,9 +560,17 @@ class Log:
         self.stage_start = True
 
     def write(self, row: dict):
+        """A row of log.jsonl (the record), and its numbers in TensorBoard if asked for."""
         if self.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for k, v in row.items():
+                if k not in ("step", "stage", "stage_start") and isinstance(v, (int, float)):
+                    group = "loss" if k.startswith("loss") or k == "mse_sum" else "eval" if k.startswith("eval") \
+                        else "train"
+                    self.tensorboard.add_scalar(f"{group}/{k}", v, row["step"])
+            self.tensorboard.flush()
 
     def row(self, step: int, stage: Stage, o: TrainOptions) -> dict:
         """The mean of the losses since the last row (over ranks: the one sync of a log
@@ -485,8 +598,9 @@ class Log:
 
 def save_checkpoint(run_dir: Path, st: Stage, step: int, o: TrainOptions, meta: dict, log: Log, world: int):
     """The whole state (weights, EMA, Adam's moments, the schedule's step, each rank's RNG
-    states, the data position, the options), written atomically, and the EMA weights with
-    what sample.py needs. A diverged model (on any rank) is never saved."""
+    states, the data position, the options), written atomically to checkpoint.pt and kept in
+    checkpoints/ (the last --keep-checkpoints, and every stage's last), and the EMA weights
+    with what sample.py needs. A diverged model (on any rank) is never saved."""
     bad = log.nonfinite | ~torch.stack([torch.isfinite(p).all() for p in st.model.parameters()]).all()
     if utils.mean_over_ranks(bad.float()).item() > 0:
         raise FloatingPointError
@@ -501,7 +615,9 @@ def save_checkpoint(run_dir: Path, st: Stage, step: int, o: TrainOptions, meta: 
         utils.atomic_save({"model": st.model.state_dict(), "ema": st.ema.state_dict(), "optimizer": st.opt.state_dict(),
                            "scheduler": st.sched.state_dict(), "step": step, "stage": st.index, "rng": states,
                            "data": st.batches.state(), "args": dataclasses.asdict(o), "meta": stage_meta,
+                           "scaler": st.scaler.state_dict() if st.scaler else None,
                            "train_time": log.train_time}, run_dir / "checkpoint.pt")
+        utils.keep_history(run_dir, step, set(np.cumsum(o.steps).tolist()), o.keep_checkpoints)
         pipeline.save_weights(run_dir / "ema.safetensors", st.ema.state_dict(), {**stage_meta, "step": step})
 
 
@@ -520,7 +636,10 @@ def side_work(run_dir, st: Stage, step: int, stage_ends, sizes, o: TrainOptions,
         torch.cuda.synchronize(device)
     t_aside = time.perf_counter()
     if grids:
-        grid.save(st.ema, st.diffusion, run_dir / "samples" / f"step{step:07d}", autocast)
+        picture = grid.save(st.ema, st.diffusion, run_dir / "samples" / f"step{step:07d}", autocast)
+        if log.tensorboard is not None:
+            log.tensorboard.add_image("samples", np.asarray(Image.open(picture).convert("RGB")), step,
+                                      dataformats="HWC")
         utils.plot_log(log.path, run_dir / "loss.png")
     if evals:
         row = evaluate(st.ema, st.diffusion, step, log.train_time + t_aside - log.t0, autocast)   # seconds so far
@@ -551,7 +670,7 @@ def optimizer_step(st: Stage, d: RunData, o: TrainOptions, step: int, rank: int,
     # every micro-batch all-reduces (the same result, more communication).
     sums, bad = training_step(st.diffusion, st.model, st.opt, micro, st.train_model, o.clip,
                               o.high_res_fraction if len(st.model.resolutions) > 1 else None, autocast,
-                              st.train_model.no_sync if world > 1 and not o.compile else None)
+                              st.train_model.no_sync if world > 1 and not o.compile else None, st.scaler)
     st.sched.step()
     update_ema(st.ema, st.model, ema_decay(step + 1, o.ema, o.ema_power))
     log.sums += sums
@@ -560,17 +679,19 @@ def optimizer_step(st: Stage, d: RunData, o: TrainOptions, step: int, rank: int,
 
 
 def restore_stage(o: TrainOptions, ckpt, first: int, cfg_full, dcfg, d: RunData, init, rank: int, world: int,
-                  device) -> Stage:
+                  device, precision: str) -> Stage:
     """The stage a run starts at: stage 0's model (or --init-from's), or for a resumed run its
     stage's shape grown step by step, then the whole saved state (weights, EMA, Adam's
     moments, the schedule's step, this rank's RNG states: ranks beyond those saved take the
     last's) and the data position."""
-    st = build_stage(o, 0, cfg_full, dcfg, device, world, init)
+    st = build_stage(o, 0, cfg_full, dcfg, device, world, init, precision=precision)
     for s in range(1, first + 1):
-        st = build_stage(o, s, cfg_full, dcfg, device, world, previous=st)
+        st = build_stage(o, s, cfg_full, dcfg, device, world, previous=st, precision=precision)
     if ckpt:
-        for part, obj in (("model", st.model), ("ema", st.ema), ("optimizer", st.opt), ("scheduler", st.sched)):
-            obj.load_state_dict(ckpt[part])
+        for part, obj in (("model", st.model), ("ema", st.ema), ("optimizer", st.opt), ("scheduler", st.sched),
+                          ("scaler", st.scaler)):
+            if obj is not None and ckpt.get(part) is not None:
+                obj.load_state_dict(ckpt[part])
         utils.set_rng_states(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
     else:
         torch.manual_seed(o.seed * 1000 + rank)    # per-rank seed for everything not per-sample
@@ -581,10 +702,10 @@ def restore_stage(o: TrainOptions, ckpt, first: int, cfg_full, dcfg, d: RunData,
 
 
 def start_stage(o: TrainOptions, index: int, cfg_full, dcfg, data_position: dict, rank: int, world: int, device,
-                init=None, previous: Stage | None = None) -> Stage:
-    """A stage ready to train: its model (built, or grown from the previous stage's), and its
-    batches, at its own top resolution, from `data_position` on."""
-    st = build_stage(o, index, cfg_full, dcfg, device, world, init, previous)
+                precision: str, previous: Stage) -> Stage:
+    """A stage ready to train: its model grown from the previous stage's, and its batches, at
+    its own top resolution, from `data_position` on."""
+    st = build_stage(o, index, cfg_full, dcfg, device, world, previous=previous, precision=precision)
     size = parse_sizes(o.res)[index]
     st.batches = data.Batches(load_data(o, size, cfg_full.frames), o.batch[index] // (world * o.accum), rank, world,
                               o.seed, o.workers, **data_position)
@@ -611,7 +732,7 @@ def load_init(o: TrainOptions, resuming: bool):
 
 def main(argv=None):
     # -- the options (a resumed run's own), the model config, their checks, the processes --
-    o, ckpt, run_dir = open_run(parse_args(argv))
+    o, ckpt, run_dir, changes = open_run(argv)
     cfg_full = load_model_config(o.config)         # the whole model; each stage trains a truncation of it
     check_args(o, utils.process_env()[1], cfg_full)
     rank, world, device = utils.setup_processes(o.device)
@@ -623,37 +744,43 @@ def main(argv=None):
     first, step = (ckpt["stage"], ckpt["step"]) if ckpt else (0, 0)
     d = setup_data(o, sizes[first], cfg_full.frames, world, device)
     cfg_full = NestedUNetConfig(**{**cfg_full.to_dict(), "text_channels": d.encoder.dim if d.encoder else 0,
-                                   "num_classes": len(d.class_names) if d.cond_kind == "label" else 0})
+                                   "num_classes": len(d.class_names) if d.cond_kind == "label" else 0,
+                                   "in_channels": getattr(d.full, "channels", 3)})
     # The sampling side of the diffusion config (its thresholding) comes with --init-from's run.
     dcfg = DiffusionConfig(shift_power=o.shift_power, loss_weights=o.loss_weights, loss_levels=o.loss_levels,
                            thresholding=init_meta.get("diffusion_config", {}).get("thresholding", "imagen"))
 
     # -- the run folder, and what sample.py needs besides the weights (checkpoints add the stage's configs) --
-    run_dir = make_run_dir(o, run_dir, ckpt, is_main)
+    run_dir = make_run_dir(o, run_dir, ckpt, changes, is_main)
     meta = {"cond": d.cond_kind, "text_encoder": o.text_encoder if d.encoder else None,
             "class_names": d.class_names, "text_tokenization": o.text_tokenization, "data": o.data, "res": o.res,
             "video": cfg_full.frames > 1, "data_limit": o.data_limit,
             **({"sampling": init_meta["sampling"]} if "sampling" in init_meta else {})}
 
     # -- the model of the current stage (resumed: rebuilt to its stage's shape, then its whole state) --
-    st = restore_stage(o, ckpt, first, cfg_full, dcfg, d, init, rank, world, device)
+    precision = utils.resolve_precision(o.precision, device)      # what "auto" means on this device
+    st = restore_stage(o, ckpt, first, cfg_full, dcfg, d, init, rank, world, device, precision)
 
     # -- precision, sample grids, evaluations, the log, a polite stop (SIGTERM of a cluster) --
-    use_bf16 = o.bf16 == "on" or (o.bf16 == "auto" and device.type == "cuda")
-    autocast = utils.autocast(device, use_bf16)
-    grid = pipeline.SampleGrid(d.cond_kind, getattr(d.full, "captions", None), d.class_names, d.encoder, device,
-                               o.sample_steps, o.sample_guidance) if is_main and not o.no_samples else None
+    autocast = utils.autocast(device, precision)
+    try:
+        grid = pipeline.SampleGrid(d.cond_kind, getattr(d.full, "captions", None), d.class_names, d.encoder, device,
+                                   o.sample_steps, o.sample_guidance, sample_prompts(o)) \
+            if is_main and not o.no_samples else None
+    except ValueError as e:
+        raise SystemExit(f"train.py: --sample-prompts: {e}")
     evaluate = metrics.DuringTraining(o.data, sizes[-1][1], o.eval_real, d.cond_kind, d.class_names,
                                       None if o.streaming else getattr(d.full, "captions", None), d.encoder,
                                       o.eval_samples, o.eval_steps, device) if o.eval_every and is_main else None
     log = Log(run_dir / "log.jsonl", ckpt.get("train_time", 0.0) if ckpt else 0.0, len(st.model.resolutions),
-              device, is_main, stage_start=ckpt is None)
+              device, is_main, stage_start=ckpt is None,
+              tensorboard=utils.tensorboard(run_dir / "tensorboard", step) if o.tensorboard and is_main else None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     if is_main:
         print(utils.summary(st.model, f"{o.config} (stage {first + 1} of {len(sizes)})"))
         print(f"run folder: {run_dir}   data: {o.data} ({d.cond_kind}-conditional)   device: {device} x {world}"
-              f"{'   bf16' if use_bf16 else ''}")
+              f"   precision: {precision}{' (auto)' if o.precision == 'auto' else ''}")
     bar = tqdm(total=stage_ends[-1], initial=step, disable=not is_main, dynamic_ncols=True)
 
     # -- the loop over stages, and in each the loop over steps --
@@ -678,7 +805,7 @@ def main(argv=None):
             if step == stage_ends[stage] and stage < len(sizes) - 1:
                 # Grow the model and its EMA into the next stage's NestedUNet (section 3.3), and
                 # checkpoint the grown model: a run resumed from here starts the new stage.
-                st = start_stage(o, stage + 1, cfg_full, dcfg, st.batches.state(), rank, world, device, previous=st)
+                st = start_stage(o, stage + 1, cfg_full, dcfg, st.batches.state(), rank, world, device, precision, st)
                 log.new_stage(len(st.model.resolutions))
                 if is_main:
                     bar.write(f"stage {stage + 2}: grown to {fmt(fmt_size(s) for s in st.model.config.level_sizes())}"
@@ -703,9 +830,10 @@ def main(argv=None):
     return run_dir
 
 
-def make_run_dir(o: TrainOptions, run_dir, ckpt, is_main: bool) -> Path:
+def make_run_dir(o: TrainOptions, run_dir, ckpt, changes: dict, is_main: bool) -> Path:
     """The run folder, with samples/, options.json, and log.jsonl cut back to the checkpoint
-    when resuming (what was logged after it will be logged again)."""
+    when resuming (what was logged after it will be logged again); the options a resume
+    changed are recorded in the log, and said."""
     run_dir = run_dir or Path(o.out) / (o.name or f"{datetime.now():%Y%m%d-%H%M%S}-{Path(o.data).name}")
     log_path = run_dir / "log.jsonl"
     if is_main:
@@ -714,6 +842,10 @@ def make_run_dir(o: TrainOptions, run_dir, ckpt, is_main: bool) -> Path:
         if ckpt and log_path.exists():
             rows = [r for r in log_path.read_text().splitlines() if r.strip()]
             log_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= ckpt["step"]))
+        if changes:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": ckpt["step"], "resumed_with": changes}) + "\n")
+            print("resumed with " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items()))
     return run_dir
 
 

@@ -175,7 +175,10 @@ def setup_processes(device_arg: str | None, join: bool = True):
     rank, world, local = process_env()
     use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
     if world == 1 and device_arg is not None:
-        device = torch.device(device_arg)
+        device = torch.device(device_arg)          # cpu, cuda:N, or an Apple GPU: mps
+    elif world > 1 and device_arg is not None and device_arg.startswith("mps"):
+        raise SystemExit("--device mps: an Apple GPU is one device; torchrun's processes need one each "
+                         "(run one process, or use CUDA GPUs)")
     else:
         device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if device.type == "cuda":
@@ -195,12 +198,26 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def autocast(device, enabled: bool | None = None):
-    """bf16 autocast for the network on GPUs (appendix B), as in training; off on CPUs unless
-    asked for. The samplers keep their state in float32 either way."""
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_precision(precision: str, device) -> str:
+    """"auto" -> what this device runs best: bf16 (appendix B) on GPUs that have it, fp16 on
+    those that do not (T4, V100: bf16 is emulated there, slowly), fp32 on CPUs and Apple GPUs."""
     device = torch.device(device)
-    on = device.type == "cuda" if enabled is None else enabled
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "fp32"
+
+
+def autocast(device, precision: str = "auto"):
+    """Autocast of the network in `precision` (auto: resolve_precision), as in training. The
+    samplers keep their state in float32 either way."""
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
@@ -284,12 +301,23 @@ def per_sample_randomness(keys: torch.Tensor, step: int, seed: int, shapes: list
     of every level (shapes without the batch), and two uniforms for the conditioning dropout
     and the mixed-resolution draw. Those two stay on the CPU, where the batch is reordered;
     what goes to the device goes without waiting for it (to_device)."""
-    k = torch.as_tensor(keys, dtype=torch.int64).cpu() & M32
-    k = hash32(hash32(hash32(torch.tensor(seed & M32)) ^ (step & M32)) ^ k)
+    k = sample_keys(keys, step, seed)
     t, u_drop, u_high = uniforms(k, 0, 3).unbind(1)
     k = to_device(k, device)
     noises = [normals(k, 1 + i, shape) for i, shape in enumerate(shapes)]
     return to_device(t, device), noises, u_drop, u_high
+
+
+def sample_keys(keys, step: int, seed: int) -> torch.Tensor:
+    """The key of each sample at a step (on the CPU): a hash of (seed, step, its index)."""
+    k = torch.as_tensor(keys, dtype=torch.int64).cpu() & M32
+    return hash32(hash32(hash32(torch.tensor(seed & M32)) ^ (step & M32)) ^ k)
+
+
+def flip_draws(keys, step: int, seed: int) -> torch.Tensor:
+    """A fourth uniform per sample (the first three are per_sample_randomness's, unchanged by
+    it), on the CPU: the random horizontal flip of train.py --hflip."""
+    return uniforms(sample_keys(keys, step, seed), 0, 4)[:, 3]
 
 
 def rng_states() -> dict:
@@ -327,6 +355,30 @@ def atomic_save(obj, path: Path, save_fn=torch.save):
     os.replace(tmp, path)
 
 
+def keep_history(run_dir: Path, step: int, keep_steps: set, keep: int):
+    """checkpoints/step<N>.pt: the checkpoint just written (a hard link to checkpoint.pt, so
+    no copy; a copy where links cannot be made), and of the older ones the last `keep` and
+    those of the steps in keep_steps (each stage's last)."""
+    import shutil
+    history = Path(run_dir) / "checkpoints"
+    history.mkdir(exist_ok=True)
+    target = history / f"step{step:07d}.pt"
+    target.unlink(missing_ok=True)
+    try:
+        os.link(Path(run_dir) / "checkpoint.pt", target)
+    except OSError:
+        shutil.copy2(Path(run_dir) / "checkpoint.pt", target)
+    others = [f for f in sorted(history.glob("step*.pt")) if int(f.stem[4:]) not in keep_steps]
+    for f in others[:len(others) - keep]:
+        f.unlink()
+
+
+def tensorboard(log_dir: Path, step: int):
+    """A TensorBoard writer; a resumed run purges what was written after its checkpoint."""
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(log_dir), purge_step=step or None)
+
+
 def load_torch_file(path, what: str = "checkpoint"):
     """torch.load with weights_only=True: tensors, numbers, strings, lists, tuples and dicts,
     and nothing else. A pickle may name any Python function to call while it is read; a
@@ -348,7 +400,10 @@ def load_torch_file(path, what: str = "checkpoint"):
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3): for saving images."""
+    """(..., C, H, W) in [-1, 1] -> uint8 (..., H, W, 3): for saving images (grey, C = 1, as
+    equal RGB channels)."""
+    if x.shape[-3] == 1:
+        x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
 
 

@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 
 import data
 import utils
-from diffusion import DiffusionConfig, MatryoshkaDiffusion
+from diffusion import SAMPLERS, DiffusionConfig, MatryoshkaDiffusion
 from nested_unet import CPU_KEYS, PAPER, TINY_INNER, NestedUNet, NestedUNetConfig, mdm_s64, zero_init
 from utils import summary
 
@@ -426,7 +426,7 @@ def parse_args(argv):
         c.add_argument("--ckpt", default=None, help="a run folder or ema.safetensors (default: the newest video run)")
         c.add_argument("--num-clips", type=int, default=4)
         c.add_argument("--num-inference-steps", type=int, default=50)
-        c.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
+        c.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
         c.add_argument("--guidance-scale", type=float, default=4.0)
         c.add_argument("--seed", type=int, default=0)
         c.add_argument("--out", default=None)
