@@ -708,7 +708,8 @@ def test_stage_boundary_grows_the_trained_model(tmp_path):
     moved = [k for k, w in small.state_dict().items() if not torch.equal(w, fresh.state_dict()[k])]
     assert len(moved) > len(small.state_dict()) // 2          # trained, not a fresh init
     g = torch.Generator().manual_seed(0)
-    z = [torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 8, 8, generator=g)]
+    c = cfg.in_channels                                   # 1: Fashion-MNIST is grey
+    z = [torch.randn(3, c, 4, 4, generator=g), torch.randn(3, c, 8, 8, generator=g)]
     t, label = torch.rand(3, generator=g), torch.tensor([0, 3, 10])
     with torch.no_grad():
         assert torch.equal(grown(z, t, label=label)[0], small(z[:1], t, label=label)[0])
