@@ -18,7 +18,8 @@ with warm-up steps and the median of several repeats:
                     (MFU) on a GPU whose peak is known, or with --peak-flops
 
 and the memory/speed knobs of train.py: bf16 autocast, channels_last, torch.compile,
-gradient checkpointing of the outer levels, gradient accumulation.
+gradient checkpointing of the outer levels, gradient accumulation; and the same sizes in the
+released models' architecture (release), the one release.py converts their weights into.
 
     python bench.py                                   # the CPU demo's model, batch 32
     python bench.py --config MDM-S64 --batch 64 --text-channels 2048 --knobs base,compile
@@ -40,7 +41,7 @@ import torch
 
 import utils
 from diffusion import MatryoshkaDiffusion, cat_conditions, make_optimizer, training_step
-from nested_unet import GLOBAL_KEYS, PRESETS, NestedUNet, NestedUNetConfig, count_params, preset
+from nested_unet import GLOBAL_KEYS, PRESETS, RELEASE_ARCHITECTURE, NestedUNet, NestedUNetConfig, count_params, preset
 
 # Dense bf16 peak of the GPUs we know, for MFU (FLOP/s), without 2:4 sparsity; others: pass
 # --peak-flops. Matched by substring of the device name, first match first (the PCIe H100
@@ -99,10 +100,15 @@ def harness(spec: dict, kind: str) -> dict:
 
     spec: config (a preset name), batch, device, and optionally text_channels or num_classes
     (the conditioning), truncate (train only the levels up to this resolution), bf16,
-    channels_last, compile, grad_ckpt, accum, sample_steps."""
+    channels_last, compile, grad_ckpt, accum, sample_steps, release."""
     device = torch.device(spec["device"])
     torch.manual_seed(0)                           # the same weights and batch in every process
-    cfg = preset(spec["config"], text_channels=spec.get("text_channels", 0), num_classes=spec.get("num_classes", 0))
+    # The "release" knob: the same sizes in the released models' architecture (strided
+    # downsampling, a second softmax for the text, GroupNorm feed-forward, one time MLP per
+    # level, ...: nested_unet.RELEASE_ARCHITECTURE), the one that release.py converts into.
+    arch = RELEASE_ARCHITECTURE if spec.get("release") else {}
+    cfg = preset(spec["config"], text_channels=spec.get("text_channels", 0), num_classes=spec.get("num_classes", 0),
+                 **arch)
     if spec.get("truncate"):
         cfg = cfg.truncated(spec["truncate"])      # the low-resolution stage of progressive training
     if kind == "plain":
@@ -287,7 +293,8 @@ def paired(spec: dict) -> dict:
 
 KNOBS = {"base": {}, "bf16": {"bf16": True}, "fp32": {"bf16": False}, "channels_last": {"channels_last": True},
          "grad_ckpt": {"grad_ckpt": True, "sampling": False}, "accum2": {"accum": 2, "sampling": False},
-         "compile": {"compile": True}}            # grad_ckpt and accum2 change training only
+         "compile": {"compile": True},            # grad_ckpt and accum2 change training only
+         "release": {"release": True}}
 
 
 def check_args(a):
@@ -301,8 +308,14 @@ def check_args(a):
         ("--peak-flops", utils.positive, "the chip's peak in FLOP/s, e.g. 989e12"),
     ])
     utils.check_device("bench.py", a.device if a.device != "meta" else None)
-    if a.config not in PRESETS:
-        raise SystemExit(f"bench.py: --config {a.config}: not a preset; the presets are {', '.join(PRESETS)}")
+    if a.config.endswith(".json"):
+        try:
+            preset(a.config)
+        except (OSError, ValueError, TypeError) as e:   # unreadable, not JSON, not a config
+            raise SystemExit(f"bench.py: --config {a.config}: not a NestedUNet config file ({e})")
+    elif a.config not in PRESETS:
+        raise SystemExit(f"bench.py: --config {a.config}: not a preset or a JSON config file; the presets are "
+                         f"{', '.join(PRESETS)}")
     unknown = set((a.knobs or "base").split(",")) - set(KNOBS)
     if unknown:
         raise SystemExit(f"bench.py: --knobs {a.knobs}: unknown {', '.join(sorted(unknown))}; "
@@ -311,7 +324,8 @@ def check_args(a):
 
 def main(argv=None):
     p = utils.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="CPU-S16S32")
+    p.add_argument("--config", default="CPU-S16S32", help="a preset of nested_unet.py, or a JSON config file "
+                   "(e.g. docs/official-shape.json, the shape of the comparison with the official code)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--text-channels", type=int, default=384)
@@ -319,7 +333,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--knobs", default=None, help="comma-separated: base, bf16, fp32, channels_last, grad_ckpt, "
-                   "accum2, compile (default: all; on a CPU, whose base is float32, bf16; on a GPU, fp32)")
+                   "accum2, compile, release (the released models' architecture at the same sizes) (default: "
+                   "all; on a CPU, whose base is float32, bf16; on a GPU, fp32)")
     p.add_argument("--peak-flops", type=float, default=None,
                    help="the chip's peak FLOP/s for MFU (known, dense bf16: H100 SXM and H200 989e12, "
                    "H100 NVL 835e12, H100 PCIe 756e12, A100 312e12)")
@@ -333,7 +348,7 @@ def main(argv=None):
     on_gpu = a.device.startswith("cuda")
     base = dict(config=a.config, batch=a.batch, device=a.device, text_channels=a.text_channels, warmup=a.warmup,
                 repeats=a.repeats, sample_steps=a.sample_steps, peak_flops=a.peak_flops, bf16=on_gpu)
-    a.knobs = a.knobs or f"base,{'fp32' if on_gpu else 'bf16'},channels_last,grad_ckpt,accum2,compile"
+    a.knobs = a.knobs or f"base,{'fp32' if on_gpu else 'bf16'},channels_last,grad_ckpt,accum2,compile,release"
     if "accum2" in a.knobs.split(",") and a.batch % 2:
         raise SystemExit(f"bench.py: --batch {a.batch}: the accum2 knob splits the batch in two: expected an even batch")
     if a.count_flops:
@@ -358,13 +373,16 @@ def main(argv=None):
                 print(f"{knob}/{model} failed: {type(e).__name__}: {e}", file=sys.stderr)
                 continue
             print(format_row(rows[-1]), flush=True)
-    # The headline ratio: both models in one process, their steps interleaved. More rounds, as
-    # single steps scatter; an odd number, so that the median is one round's ratio.
-    try:
-        interleaved = in_fresh_process(paired, {**base, "repeats": 2 * a.repeats + 1})
-    except Exception as e:
-        interleaved = None
-        print(f"interleaved measurement failed: {type(e).__name__}: {e}", file=sys.stderr)
+    # The headline ratio: both models in one process, their steps interleaved, for our
+    # architecture and (if asked) the release one. More rounds, as single steps scatter; an odd
+    # number, so that the median is one round's ratio.
+    interleaved = {}
+    for knob in ("base", "release"):
+        if knob in a.knobs.split(","):
+            try:
+                interleaved[knob] = in_fresh_process(paired, {**base, **KNOBS[knob], "repeats": 2 * a.repeats + 1})
+            except Exception as e:
+                print(f"interleaved measurement of {knob} failed: {type(e).__name__}: {e}", file=sys.stderr)
     report(rows, a, interleaved)
 
 
@@ -399,9 +417,9 @@ def report(rows, a, interleaved=None):
     print("\nNestedUNet / plain UNet of the same size (parameters and FLOPs; the paper's Table 2 has 1.04 and 1.03):")
     for knob, v in ratios.items():
         print(f"  {knob:<14} params {v['params']:.3f}  train step {v['train']:.3f}  sampling step {v['sample']:.3f}")
-    if interleaved:
-        print(f"  interleaved in one process (the fair figure): train step {interleaved['train']:.3f}  "
-              f"sampling step {interleaved['sample']:.3f}")
+    for knob, v in (interleaved or {}).items():
+        print(f"  {knob:<14} interleaved in one process (the fair figure): train step {v['train']:.3f}  "
+              f"sampling step {v['sample']:.3f}")
     meta = {"machine": torch.cuda.get_device_name() if a.device.startswith("cuda") else
             f"CPU, {torch.get_num_threads()} threads", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d")}

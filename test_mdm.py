@@ -188,6 +188,33 @@ def test_shapes_and_gradient_reaches_every_parameter(n_levels):
     assert dead == [], f"no gradient reached: {dead}"
 
 
+def test_attention_paths_agree_with_float64_softmax():
+    """nested_unet.attention: the written-out CPU sampling path (no gradients, tiny maps), the
+    scaled_dot_product_attention path (with gradients) and a float64 softmax(q k^T / sqrt(d)) v
+    written here give the same values, masks included; with a whole model: the same outputs."""
+    from nested_unet import attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 16, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    k, v = torch.cat([k, k[:, :, :4] + 1], 2), torch.cat([v, v[:, :, :4] - 1], 2)        # 20 keys
+    mask = torch.rand(3, 1, 1, 20, generator=g) > 0.4
+    mask[..., 0] = True                                                                  # a key for every row
+    w = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+    for m in (None, mask):
+        ref = (w if m is None else w.masked_fill(~m, -math.inf)).softmax(-1) @ v
+        with torch.no_grad():
+            fast = attention(q.float(), k.float(), v.float(), m)
+        slow = attention(q.float().requires_grad_(), k.float(), v.float(), m)
+        assert torch.allclose(fast.double(), ref, atol=1e-5) and torch.allclose(slow.double(), ref, atol=1e-5)
+    torch.manual_seed(0)
+    model = randomize(NestedUNet(tiny_levels(2, text_channels=6)), std=0.1).eval()
+    z, t = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 8, 8)], torch.rand(2)
+    cond = dict(text=torch.randn(2, 4, 6), text_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]).bool())
+    with torch.no_grad():
+        fast = model(z, t, **cond)
+    slow = model(z, t, **cond)
+    assert all(torch.allclose(a, b.detach(), atol=1e-5) for a, b in zip(fast, slow))
+
+
 def test_text_conditioning_reaches_the_output_and_mask_hides_padding():
     torch.manual_seed(0)
     model = randomize(NestedUNet(tiny_levels(2, text_channels=6)), std=0.1).eval()
@@ -549,8 +576,9 @@ def test_guidance_scale_one_is_the_conditional_prediction():
     zs = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 8, 8)]
     cond = dict(label=torch.tensor([1, 2]))
     t = torch.tensor(0.3, dtype=torch.float64)
-    v_cond = model(zs, torch.full((2,), 0.3), **cond)
-    v_null = model(zs, torch.full((2,), 0.3), label=torch.tensor([4, 4]))
+    with torch.no_grad():                         # as sampling runs (the same attention path)
+        v_cond = model(zs, torch.full((2,), 0.3), **cond)
+        v_null = model(zs, torch.full((2,), 0.3), label=torch.tensor([4, 4]))
     for w in (1.0, 0.0, 3.0):
         got = d.predict_v(model, zs, t, cond, guidance_scale=w)
         for g_, c, n in zip(got, v_cond, v_null):
@@ -1357,18 +1385,21 @@ def test_clip_score_with_a_tiny_random_clip(tmp_path):
 # bench.py
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["CPU-S16S32", "CPU-S16S32S64", "CPU-tiny-S16S32", "MDM-S64S256"])
-def test_plain_unet_of_the_benchmark_has_the_size_and_work_of_the_nested_model(name):
+@pytest.mark.parametrize("name,release", [("CPU-S16S32", False), ("CPU-S16S32S64", False), ("CPU-tiny-S16S32", False),
+                                          ("MDM-S64S256", False), ("CPU-S16S32", True), ("MDM-S64S256", True),
+                                          ("docs/official-shape.json", True)])
+def test_plain_unet_of_the_benchmark_has_the_size_and_work_of_the_nested_model(name, release):
     """The paper's Table 2 compares with a plain UNet of the same size: the same resolutions,
     parameters (within 0.5%) and FLOPs of a training step (within 0.5%), counted on the meta
-    device."""
+    device; in our architecture and in the released models' (bench.py's release row)."""
     import bench
-    cfg = preset(name, text_channels=384)
+    cfg = preset(name, text_channels=384, **(N.RELEASE_ARCHITECTURE if release else {}))
     flat = bench.flattened(cfg)
     assert flat.inner_config is None
     assert sorted(set(flat.resolutions)) == sorted({r for c in cfg.levels() for r in c.resolutions})
-    spec = dict(config=name, batch=2, device="meta", text_channels=384)
+    spec = dict(config=name, batch=2, device="meta", text_channels=384, release=release)
     nested, plain = bench.harness(spec, "nested"), bench.harness(spec, "plain")
+    assert nested["model"].config.separate_cross_attention == plain["model"].config.strided_downsample == release
     assert plain["model"].config.to_dict() == flat.to_dict()
     params = N.count_params(nested["model"]) / N.count_params(plain["model"])
     flops = nested["count_flops"]() / plain["count_flops"]()
