@@ -3,8 +3,9 @@ Sample images from a trained Matryoshka Diffusion Model (appendix C).
 
 All resolutions start from their own Gaussian noise and are denoised together by the
 NestedUNet; the paper uses 250 DDPM steps, classifier-free guidance and Imagen's dynamic
-thresholding, and so do we by default (a converted released model brings its own settings,
-those of its authors' demo). Besides a grid of the final images, every run writes a
+thresholding, and so do we by default (a run of data with black or white backgrounds records
+plain clipping instead, see train.py --thresholding; a converted released model brings its own
+settings, those of its authors' demo). Besides a grid of the final images, every run writes a
 "matryoshka" figure with every nested resolution of each sample.
 
     python sample.py "red heart"                            # newest run in runs/, 4 images
@@ -56,7 +57,7 @@ def parse_args(argv=None):
                    "dpm++2m: DPM-Solver++, as good in 25 steps as DDIM in far more")
     p.add_argument("--eta", type=float, default=None, help="DDIM's noise: 0 deterministic, 1 as much as DDPM")
     p.add_argument("--thresholding", choices=list(THRESHOLDING), default=None,
-                   help="of the predicted x at every step (default: the run's, Imagen's dynamic thresholding)")
+                   help="of the predicted x at every step (default: the run's; train.py records it)")
     p.add_argument("--no-dynamic-thresholding", action="store_true", help="the same as --thresholding none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show-steps", action="store_true", help="also draw the denoising of every resolution over time")
@@ -202,9 +203,8 @@ def main(argv=None):
     names = prompts or [pipe.class_names[pipe.label_index(args.label)] if args.label is not None else "unconditional"]
     prefix = Path(args.out or Path("samples") / slug(names[0]))
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    top = levels[-1].shape[-1]
     # The grid: the top resolution, one row per prompt, small images enlarged (integer factor) to ~128 px.
-    utils.save_grid(levels[-1], f"{prefix}.png", nrow=args.num_images, scale=max(1, 128 // top))
+    utils.save_grid(levels[-1], f"{prefix}.png", nrow=args.num_images)
     # The matryoshka figure: a row per resolution (lowest on top), a column per image, all drawn at
     # one size (nearest neighbour: a low resolution's pixels stay visible), captioned with the prompt.
     utils.save_matryoshka(levels, f"{prefix}-matryoshka.png",
