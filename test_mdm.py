@@ -998,6 +998,8 @@ def test_train_flags_out_of_range_end_in_one_line_before_any_work(argv, expected
     ("bench", ["--batch", "0"], "--batch 0"), ("bench", ["--knobs", "turbo"], "unknown turbo"),
     ("bench", ["--config", "nope"], "--config nope"), ("bench", ["--peak-flops", "-1"], "--peak-flops -1.0"),
     ("bench", ["--batch", "3"], "even batch"), ("bench", ["--repeats", "0"], "--repeats 0"),
+    ("bench", ["--config", "{tmp}/none.json"], "not a NestedUNet config file"),
+    ("demo", ["--port", "70000"], "--port 70000"), ("demo", ["--device", "tpu"], "--device tpu"),
 ])
 def test_every_script_refuses_bad_flags_in_one_line(script, argv, expected, tmp_path, capsys, monkeypatch):
     import importlib
@@ -1011,7 +1013,7 @@ def test_every_script_refuses_bad_flags_in_one_line(script, argv, expected, tmp_
 
 @pytest.mark.parametrize("argv", [["train.py"], ["sample.py"], ["video.py"], ["video.py", "sample"],
                                   ["evaluate.py"], ["evaluate.py", "fd"], ["bench.py"],
-                                  ["release.py"]])
+                                  ["release.py"], ["demo.py"]])
 def test_every_scripts_help_works_with_nothing_trained(argv, tmp_path):
     p = subprocess.run([sys.executable, str(HERE / argv[0]), *argv[1:], "--help"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
@@ -2109,3 +2111,203 @@ def test_dpm_solver_follows_its_exact_chain_and_keeps_the_data_std_within_2_perc
     assert d.time_grid(25, "dpm++2m")[0] == 1 and d.time_grid(25, "dpm++2m")[-1] == 0
     lam = d.logsnr(d.time_grid(25, "dpm++2m")[1:-1], 0)            # evenly spaced in log-SNR
     torch.testing.assert_close(lam[1:] - lam[:-1], torch.full((23,), 30 / 25, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------
+# The web demo (demo.py): its HTTP endpoints under bad input and load, and the page in a
+# real browser (Debian's chromium and chromium-driver, which .ci/run installs)
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_server(trained_runs):
+    """demo.py serving the tiny text run on a free loopback port, in a thread of this process."""
+    import threading
+    import demo
+    ready = []
+    thread = threading.Thread(target=demo.serve, kwargs=dict(ckpt=str(trained_runs / "text"), port=0,
+                                                             device="cpu", ready=ready.append), daemon=True)
+    thread.start()
+    deadline = time.time() + 120
+    while not ready and time.time() < deadline:
+        time.sleep(0.05)
+    assert ready, "the demo did not start"
+    return f"http://127.0.0.1:{ready[0]}", demo.Handler.demo
+
+
+def http(url, body=None, raw=None):
+    """(status, JSON or bytes) of a GET, or of a POST of `body` as JSON (or `raw` bytes)."""
+    import urllib.error
+    import urllib.request
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            status, content, kind = r.status, r.read(), r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        status, content, kind = e.code, e.read(), e.headers.get("Content-Type", "")
+    return status, json.loads(content) if "json" in kind else content
+
+
+def wait_done(server, job, seconds=120):
+    deadline = time.time() + seconds
+    while not server.jobs[job].done.is_set() and time.time() < deadline:
+        time.sleep(0.05)
+    return server.jobs[job].done.is_set()
+
+
+def test_demo_endpoints_refuse_bad_input_and_stay_bounded(demo_server):
+    url, server = demo_server
+    assert server.pipe.kind == "text"
+    status, info = http(url + "/api/info")
+    assert status == 200 and info["kind"] == "text" and "dpm++2m" in info["samplers"]
+    assert b"Generate" in http(url + "/")[1]
+    for body, word in (({"num_images": 0}, "num_images"), ({"num_images": 10 ** 6}, "num_images"),
+                       ({"guidance_scale": float("nan")}, "guidance_scale"), ({"seed": -1}, "seed"),
+                       ({"num_inference_steps": "ten"}, "num_inference_steps"), ({"sampler": "euler"}, "sampler"),
+                       ({"prompt": "x" * 5000}, "prompt"), ([1, 2], "JSON object"), ({"seed": 1.5}, "seed")):
+        status, reply = http(url + "/api/generate", body)
+        assert status == 400 and word in reply["error"], (body, reply)
+    assert http(url + "/api/generate", raw=b"{not json")[0] == 400
+    assert http(url + "/api/generate", raw=b"x" * 20000)[0] == 413
+    for path in ("/demo.py", "/../../etc/passwd", "/images/nope/grid.png", "/images/x/../../demo.py", "/api/events/x"):
+        assert http(url + path)[0] == 404, path
+    # An empty prompt is a prompt; a second Generate while one runs is refused; Stop stops it.
+    status, reply = http(url + "/api/generate", {"prompt": "", "num_inference_steps": 400, "num_images": 1})
+    assert status == 202
+    assert http(url + "/api/generate", {"prompt": "a red square"})[0] == 409
+    assert http(url + f"/api/stop/{reply['job']}", {})[0] == 200 and wait_done(server, reply["job"])
+    assert "grid" not in server.jobs[reply["job"]].images               # stopped: no images
+    # A closed tab stops the run: the event stream goes away, the next write fails.
+    from http.client import HTTPConnection
+    status, reply = http(url + "/api/generate", {"prompt": "a red square", "num_inference_steps": 1000,
+                                                  "num_images": 1})
+    host, port = url.split("//")[1].split(":")
+    conn = HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", f"/api/events/{reply['job']}")
+    stream = conn.getresponse()
+    assert stream.status == 200 and stream.fp.readline().startswith(b"data:")   # a first frame
+    stream.close()
+    conn.close()
+    assert wait_done(server, reply["job"], 60) and server.jobs[reply["job"]].cancel.is_set()
+    # Many generations in a row: the server keeps the last few, never more.
+    import demo
+    jobs = []
+    for i in range(demo.KEEP + 2):
+        status, reply = http(url + "/api/generate", {"prompt": "a blue square", "num_inference_steps": 1,
+                                                      "num_images": 1, "seed": i})
+        assert status == 202
+        jobs.append(reply["job"])
+        assert wait_done(server, reply["job"])
+    assert len(server.jobs) <= demo.KEEP and jobs[0] not in server.jobs
+    assert http(url + f"/images/{jobs[-1]}/grid.png")[0] == 200
+    assert http(url + f"/images/{jobs[0]}/grid.png")[0] == 404
+    assert server is not None and url.startswith("http://127.0.0.1:")
+
+
+class WebDriver:
+    """A few commands of the W3C WebDriver protocol, spoken to chromedriver over HTTP."""
+
+    def __init__(self, port):
+        self.base = f"http://127.0.0.1:{port}"
+        args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1100,1500"]
+        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium", "args": args}}}}
+        self.session = self.call("POST", "/session", caps)["sessionId"]
+
+    def call(self, method, path, body=None):
+        import urllib.request
+        request = urllib.request.Request(self.base + path, method=method, data=json.dumps(body or {}).encode()
+                                         if method == "POST" else None, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return json.loads(r.read())["value"]
+
+    def do(self, method, path, body=None):
+        return self.call(method, f"/session/{self.session}{path}", body)
+
+    def find(self, css):
+        found = self.do("POST", "/element", {"using": "css selector", "value": css})
+        return next(iter(found.values()))
+
+    def script(self, js):
+        return self.do("POST", "/execute/sync", {"script": js, "args": []})
+
+
+def test_demo_page_in_headless_chromium_draws_what_sample_py_draws(demo_server, trained_runs, tmp_path):
+    """The page, driven in headless Chromium: type a prompt, press Generate, wait for the
+    images. The intermediate resolutions appeared while it denoised, and the final grid is
+    byte for byte the one sample.py writes for the same settings and seed."""
+    import shutil
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        # .ci/run installs them, and says so: there, a missing browser is a failure, not a skip.
+        if os.environ.get("MATRYOSHKA_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are not on PATH (apt-get install chromium chromium-driver)")
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    url, server = demo_server
+    driver_proc = subprocess.Popen(["chromedriver", "--port=0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)
+    try:
+        line = driver_proc.stdout.readline()             # "... started successfully on port 41234."
+        while line and "successfully on port" not in line:
+            line = driver_proc.stdout.readline()
+        assert line, "chromedriver did not start"
+        browser = WebDriver(int(line.split("on port")[1].split()[0].strip(".")))
+        try:
+            browser.do("POST", "/url", {"url": url + "/"})
+            prompt = browser.find("#prompt")
+            browser.do("POST", f"/element/{prompt}/value", {"text": "a green square"})
+            for css, value in (("#steps", "12"), ("#num", "2"), ("#seed", "5"), ("#guidance", "2")):
+                element = browser.find(css)
+                browser.do("POST", f"/element/{element}/clear")
+                browser.do("POST", f"/element/{element}/value", {"text": value})
+            browser.script("document.getElementById('sampler').value = 'ddim'")
+            browser.do("POST", f"/element/{browser.find('#generate')}/click")
+            deadline = time.time() + 180
+            while time.time() < deadline and "hidden" in browser.script("return document.getElementById('final').className"):
+                time.sleep(0.2)
+            assert "hidden" not in browser.script("return document.getElementById('final').className")
+            assert browser.script("return window.framesSeen") >= 2                  # the resolutions, while denoising
+            grid_src = browser.script("return document.getElementById('grid').src")
+            command = browser.script("return document.getElementById('command').textContent")
+            (tmp_path / "page.png").write_bytes(__import__("base64").b64decode(browser.do("GET", "/screenshot")))
+        finally:
+            browser.do("DELETE", "")
+    finally:
+        driver_proc.terminate()
+    status, grid = http(grid_src)
+    assert status == 200
+    assert "--num-images 2" in command and "--seed 5" in command and "--sampler ddim" in command
+    p = run_sample("--ckpt", str(trained_runs / "text"), "a green square", "--num-images", "2", "--num-inference-steps",
+                   "12", "--seed", "5", "--guidance-scale", "2", "--sampler", "ddim", "--out", str(tmp_path / "cli"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert grid == (tmp_path / "cli.png").read_bytes()
+    assert Image.open(tmp_path / "page.png").size[0] > 500
+
+
+# ---------------------------------------------------------------------------------------
+# The run's thresholding (train.py --thresholding auto)
+# ---------------------------------------------------------------------------------------
+
+def test_thresholding_auto_clips_data_with_black_or_white_backgrounds(trained_runs):
+    """Imagen's dynamic thresholding lets at most 0.5% of a sample's pixels reach -1 or 1:
+    auto chooses it for data with fewer black or white pixels than that, clipping otherwise;
+    an explicit --thresholding and --init-from's run come first."""
+    import train
+    from data import TensorImageDataset
+    rng = np.random.default_rng(0)
+    mid = rng.integers(1, 255, (40, 8, 8, 3), dtype=np.uint8)           # no pixel at 0 or 255
+    few, many = mid.copy(), mid.copy()
+    few.reshape(-1)[:int(0.004 * few.size)] = 0                          # 0.4%: under the 0.5%
+    many.reshape(-1)[:int(0.006 * many.size)] = 255                      # 0.6%: over
+    auto = train.parse_args([])
+    assert auto.thresholding == "auto"
+    chosen = [train.choose_thresholding(auto, TensorImageDataset(x), {}, False) for x in (mid, few, many)]
+    assert chosen == ["imagen", "imagen", "clip"]
+    assert train.choose_thresholding(train.parse_args(["--thresholding", "none"]), TensorImageDataset(many),
+                                     {}, False) == "none"
+    released = {"diffusion_config": {"thresholding": "deepfloyd"}}
+    assert train.choose_thresholding(auto, TensorImageDataset(many), released, False) == "deepfloyd"
+    # what the runs recorded for sample.py: Fashion-MNIST (43% black) clipped, coloured squares not
+    meta = {name: P.read_metadata(trained_runs / name / "ema.safetensors") for name in ("fashion", "text")}
+    assert [meta[n]["diffusion_config"]["thresholding"] for n in ("fashion", "text")] == ["clip", "imagen"]

@@ -411,10 +411,13 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 # Pictures: image grids, and the matryoshka figure of every nested resolution
 # ---------------------------------------------------------------------------------------
 
-def save_grid(images: torch.Tensor, path, nrow: int = 8, captions=None, scale: int = 1):
-    """Images (N, 3, H, W) in [-1, 1] -> one PNG grid, with a caption under each if given."""
+def save_grid(images: torch.Tensor, path, nrow: int = 8, captions=None, scale: int | None = None):
+    """Images (N, C, H, W) in [-1, 1] -> one PNG grid (path None: the picture only), with a
+    caption under each if given, small images enlarged by an integer factor (scale; None:
+    to about 128 pixels)."""
     a = to_uint8(images)
     n, h, w, _ = a.shape
+    scale = max(1, 128 // w) if scale is None else scale
     if scale > 1:
         a = a.repeat(scale, 1).repeat(scale, 2)
         h, w = h * scale, w * scale
@@ -428,7 +431,8 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8, captions=None, scale: i
         grid.paste(Image.fromarray(a[i]), (x, y))
         if captions:
             draw.text((x, y + h), captions[i][: max(3, w // 6)], fill=(0, 0, 0))
-    grid.save(path)
+    if path is not None:
+        grid.save(path)
     return grid
 
 
@@ -453,7 +457,8 @@ def save_matryoshka(levels: list, path, captions=None, min_tile: int = 96):
     if captions:
         for i, c in enumerate(captions):
             draw.text((label_w + i * (tile + 2), rows * (tile + 2)), c[: tile // 6], fill=(0, 0, 0))
-    fig.save(path)
+    if path is not None:
+        fig.save(path)
     return fig
 
 
