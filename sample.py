@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--show-steps", action="store_true", help="also draw the denoising of every resolution over time")
     p.add_argument("--out", default=None, help="output file prefix (default: samples/<prompt>)")
     p.add_argument("--prompts-file", default=None, help="one prompt (or label) per line: many images into --out-dir")
-    p.add_argument("--out-dir", default=None)
+    p.add_argument("--out-dir", default=None, help="the folder of --prompts-file's images (default: generated/)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
     p.add_argument("--text-encoder", default=None, help="a local copy of the run's text encoder "
@@ -86,6 +86,9 @@ def check_args(args):
         ("--batch-size", utils.at_least(1), "at least 1 image per batch"),
     ])
     utils.check_device("sample.py", args.device)
+    if args.out_dir and not args.prompts_file:
+        fail(f"--out-dir {args.out_dir}: a folder for --prompts-file's images; for prompts given here, "
+             f"--out <file prefix>, e.g. --out {Path(args.out_dir) / 'picture'}")
     if args.prompts_file:
         try:
             lines = [l.strip() for l in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()]

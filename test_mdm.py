@@ -986,6 +986,7 @@ def test_train_flags_out_of_range_end_in_one_line_before_any_work(argv, expected
     ("sample", ["--seed", "-1"], "--seed -1"), ("sample", ["--batch-size", "0"], "--batch-size 0"),
     ("sample", ["--num-inference-steps", "-5"], "--num-inference-steps -5"),
     ("sample", ["--prompts-file", "{tmp}/none.txt"], "cannot read it"),
+    ("sample", ["a", "--out-dir", "{tmp}/gen"], "--out-dir"),
     ("sample", ["--prompts-file", "{tmp}/binary.txt"], "not a text file"),
     ("sample", ["--prompts-file", "{tmp}/empty.txt"], "holds no prompt"), ("sample", ["--device", "cuda:3"], "--device cuda:3"),
     ("sample", ["--sampler", "euler"], "argument --sampler: invalid choice"),
