@@ -19,7 +19,6 @@ standard library's HTTP server: no framework, nothing fetched by the page.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import math
@@ -151,12 +150,9 @@ class Demo:
     def run(self, job: Job):
         s, pipe = job.settings, self.pipe
         try:
-            if pipe.kind == "text":
-                cond = pipe.condition(prompts=[s["prompt"]])
-            elif pipe.kind == "label":
-                cond = pipe.condition(labels=[s["label"]])
-            else:
-                cond = pipe.condition()
+            # settings_from gave a prompt to a text model only, a label to a class-conditional one
+            cond = pipe.condition(prompts=[s["prompt"]] if "prompt" in s else None,
+                                  labels=[s["label"]] if "label" in s else None)
             n, last = s["num_images"], [0.0]
             shown = pipe.class_names[pipe.label_index(s["label"])] if "label" in s else s.get("prompt", "")
             captions = [shown] * n                 # under each column: the prompt, or the class's name
@@ -372,7 +368,7 @@ load();
 def serve(ckpt=None, port: int = 8000, device=None, ready=None):
     """Load the run and serve the page on 127.0.0.1:port (0: a free port). `ready(port)` is
     called once it listens (the tests use it)."""
-    rank, world, device = utils.setup_processes(device, join=False)
+    device = utils.setup_processes(device, join=False)[2]
     pipe = Pipeline(ckpt, device)
     if pipe.is_video:
         raise ValueError(f"{pipe.path} is a video model: the demo draws images (python video.py sample)")
@@ -380,7 +376,7 @@ def serve(ckpt=None, port: int = 8000, device=None, ready=None):
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     port = server.server_address[1]
-    print(f"the demo of {html.escape(str(pipe.path.parent))}: open http://127.0.0.1:{port}/ in a browser "
+    print(f"the demo of {pipe.path.parent}: open http://127.0.0.1:{port}/ in a browser "
           f"(on this machine; Ctrl-C stops it)", flush=True)
     if ready is not None:
         ready(port)
