@@ -24,14 +24,11 @@ import json
 import math
 import queue
 import shlex
-import sys
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-import torch
 
 import utils
 from diffusion import SAMPLERS

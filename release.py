@@ -24,7 +24,6 @@ missing (the authors' own loader is not strict and skips what does not fit).
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickletools
 import zipfile

@@ -35,18 +35,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -54,10 +48,12 @@ from tqdm import tqdm
 import data
 import metrics
 import pipeline
+import runs
 import utils
 import video
 from diffusion import DiffusionConfig, MatryoshkaDiffusion, make_optimizer, training_step, CLIP_NORM, THRESHOLDING
 from nested_unet import PRESETS, NestedUNet, NestedUNetConfig, grow, preset
+from runs import Log, fmt, fmt_size, parse_sizes, save_checkpoint, side_work
 from utils import option, to_device
 
 # ---------------------------------------------------------------------------------------
@@ -166,14 +162,6 @@ def parse_args_given(argv=None) -> tuple[TrainOptions, set]:
     return options, set(vars(p.parse_args(argv)))
 
 
-def parse_sizes(s: str) -> list[tuple[int, int]]:
-    """--res "64,256" -> [(1, 64), (1, 256)]; video stages "64,16x64,16x256" -> frames x size."""
-    try:
-        return [tuple(int(u) for u in v.split("x")) if "x" in v else (1, int(v)) for v in s.split(",")]
-    except ValueError:
-        raise SystemExit(f"train.py: --res {s}: expected sizes like 64,256 (or 64,16x64 for video: frames x size)")
-
-
 def sample_prompts(o: TrainOptions) -> list[str] | None:
     """--sample-prompts: a file of prompts, one per line, or prompts separated by |."""
     if o.sample_prompts is None:
@@ -184,15 +172,6 @@ def sample_prompts(o: TrainOptions) -> list[str] | None:
     except (OSError, UnicodeDecodeError):
         return []
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def fmt(values) -> str:
-    return ",".join(str(v) for v in values)
-
-
-def fmt_size(size) -> str:
-    frames, res = size
-    return f"{frames}x{res}" if frames > 1 else str(res)
 
 
 def load_model_config(name: str) -> NestedUNetConfig:
@@ -337,82 +316,6 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, o: Tra
 # ---------------------------------------------------------------------------------------
 # Setting up: the run folder, the data, a stage's model
 # ---------------------------------------------------------------------------------------
-
-# What a resumed run may change: how long its stages are (and more stages of the same
-# config), the learning rate, logging, checkpoints, sample grids and thresholding,
-# evaluations, where and how fast it runs. Everything else (the config, the data, the
-# objective) is the run's.
-MAY_CHANGE = {"steps", "res", "batch", "lr", "warmup", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
-              "sample_steps", "sample_guidance", "sample_prompts", "thresholding", "no_samples", "eval_every",
-              "eval_samples", "eval_real", "eval_steps", "tensorboard", "precision", "compile", "grad_ckpt"}
-WHERE = {"resume", "out", "name"}                  # which run, not how it trains
-HERE = ("device", "workers", "stop_after")         # this machine and this invocation's: never the saved ones
-
-
-def open_run(argv):
-    """-> (options, checkpoint or None, run folder or None, changes made on resume). Resuming,
-    the run's own options hold, except those given that may change (MAY_CHANGE), which are
-    applied; a given option that may not change and differs is refused. --resume auto
-    resumes the run named by --name (or the newest) if it has a checkpoint, and starts it
-    otherwise: the same command launches and restarts a job. A new run never writes into
-    the folder of an existing one."""
-    o, given = parse_args_given(argv)
-    path = None
-    if o.resume == "auto":
-        named = Path(o.out) / o.name / "checkpoint.pt" if o.name else None
-        found = sorted(Path(o.out).glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime) if not o.name else []
-        path = named if named is not None and named.exists() else (found[-1] if found else None)
-    elif o.resume is not None:
-        try:
-            path = pipeline.find_weights(None if o.resume == "latest" else o.resume, o.out, name="checkpoint.pt",
-                                         flag="--resume")
-        except FileNotFoundError as e:
-            raise SystemExit(f"train.py: --resume: {e}")
-    if path is None:                               # a new run
-        run_dir = Path(o.out) / o.name if o.name else None
-        if run_dir is not None and any((run_dir / f).exists() for f in ("checkpoint.pt", "log.jsonl")):
-            raise SystemExit(f"train.py: --name {o.name}: {run_dir} holds a run already; resume it with --resume "
-                             f"{run_dir} (or --resume auto), or choose another --name")
-        return o, None, None, {}
-    try:
-        ckpt = utils.load_torch_file(path)
-    except ValueError as e:
-        raise SystemExit(f"train.py: --resume: {e}")
-    fields = {f.name for f in dataclasses.fields(TrainOptions)}
-    saved = {k: v for k, v in ckpt["args"].items() if k in fields}     # newer options take their defaults
-    base = dataclasses.replace(parse_args([]), **saved)
-    fixed = sorted(k for k in given - MAY_CHANGE - WHERE - set(HERE) if getattr(o, k) != getattr(base, k))
-    if fixed:
-        shown = ", ".join(f"--{k.replace('_', '-')} {getattr(base, k)} (given: {getattr(o, k)})" for k in fixed)
-        raise SystemExit(f"train.py: --resume: a run keeps its {shown}; start a new run (another --name) to change them")
-    changes = {k: [getattr(base, k), getattr(o, k)] for k in sorted(given & MAY_CHANGE) if getattr(o, k) != getattr(base, k)}
-    o = dataclasses.replace(base, **{k: new for k, (_, new) in changes.items()}, resume=o.resume,
-                            **{k: getattr(o, k) for k in HERE})
-    check_extension(base, o, ckpt)
-    # A checkpoint of the history (checkpoints/step*.pt) resumes its run folder, from its step.
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return o, ckpt, run_dir, changes
-
-
-def check_extension(before: TrainOptions, after: TrainOptions, ckpt):
-    """Stages may be added (--res, --steps, --batch one entry longer each) and lengthened, but
-    not changed where the run has been: a finished stage keeps its steps and batch, the
-    current one its batch and at least the steps it has taken."""
-    def fail(msg):
-        raise SystemExit(f"train.py: --resume: {msg}")
-    old, new = parse_sizes(before.res), parse_sizes(after.res)
-    if new[:len(old)] != old:
-        fail(f"--res {after.res}: the run's stages are {before.res}; stages may only be added after them")
-    stage, step = ckpt["stage"], ckpt["step"]
-    done = int(np.sum(before.steps[:stage]))
-    if list(after.steps[:stage]) != list(before.steps[:stage]) or list(after.batch[:stage + 1]) != \
-            list(before.batch[:stage + 1]):
-        fail(f"--steps {fmt(after.steps)} --batch {fmt(after.batch)}: the run has finished its first {stage} "
-             f"stage(s) with steps {fmt(before.steps[:stage])} and is in stage {stage + 1} with batch "
-             f"{before.batch[stage]}; those stay (later stages may change)")
-    if len(after.steps) > stage and done + after.steps[stage] < step:
-        fail(f"--steps {fmt(after.steps)}: stage {stage + 1} has taken {step - done} steps already")
-
 
 @dataclass
 class RunData:
@@ -563,120 +466,6 @@ def build_stage(o: TrainOptions, index: int, cfg_full, dcfg, device, world, init
 
 
 # ---------------------------------------------------------------------------------------
-# Logs, checkpoints, sample grids, evaluations
-# ---------------------------------------------------------------------------------------
-
-class Log:
-    """Losses summed on the device between log rows (reading a loss every step, .item(),
-    would make the CPU wait for the GPU at every step), the time spent training and waiting
-    for data, and the rows of log.jsonl."""
-
-    def __init__(self, path: Path, train_time: float, levels: int, device, is_main: bool, stage_start: bool,
-                 tensorboard=None):
-        self.path, self.train_time, self.is_main, self.tensorboard = path, train_time, is_main, tensorboard
-        self.reset(levels, device)
-        self.stage_start = stage_start
-
-    def reset(self, levels: int, device):
-        self.sums = torch.zeros(levels + 1, device=device)   # per level, then the total
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        self.steps, self.wait, self.t0, self.stage_start = 0, 0.0, time.perf_counter(), False
-
-    def new_stage(self, levels: int):
-        """A grown model: a longer row of losses; the next row marks where the stage began."""
-        self.sums = torch.zeros(levels + 1, device=self.sums.device)
-        self.stage_start = True
-
-    def write(self, row: dict):
-        """A row of log.jsonl (the record), and its numbers in TensorBoard if asked for."""
-        if self.is_main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if self.tensorboard is not None:
-            for k, v in row.items():
-                if k not in ("step", "stage", "stage_start") and isinstance(v, (int, float)):
-                    group = "loss" if k.startswith("loss") or k == "mse_sum" else "eval" if k.startswith("eval") \
-                        else "train"
-                    self.tensorboard.add_scalar(f"{group}/{k}", v, row["step"])
-            self.tensorboard.flush()
-
-    def row(self, step: int, stage: Stage, o: TrainOptions) -> dict:
-        """The mean of the losses since the last row (over ranks: the one sync of a log
-        interval), speed and data wait. Raises FloatingPointError on a NaN or infinity."""
-        *losses, total = (utils.mean_over_ranks(self.sums) / self.steps).tolist()
-        if not all(math.isfinite(v) for v in losses) or self.nonfinite.item():
-            raise FloatingPointError
-        dt = time.perf_counter() - self.t0
-        self.train_time += dt
-        sizes = stage.model.config.level_sizes()
-        row = {"step": step, "stage": stage.index + 1, "time": self.train_time, "mse_sum": sum(losses),
-               "loss": total, "lr": stage.sched.get_last_lr()[0], "steps_per_s": self.steps / dt,
-               "images_per_s": self.steps * o.batch[stage.index] / dt, "data_wait": self.wait / dt,
-               "skipped": stage.batches.skipped, **{f"loss_{fmt_size(z)}": v for z, v in zip(sizes, losses)}}
-        if self.stage_start:
-            row["stage_start"] = step - self.steps  # the step the stage began at
-        self.reset(len(sizes), self.sums.device)
-        self.write(row)
-        return row
-
-    def aside(self, seconds: float):
-        """Time spent on sample grids and evaluations is not training time."""
-        self.t0 += seconds
-
-
-def save_checkpoint(run_dir: Path, st: Stage, step: int, o: TrainOptions, meta: dict, log: Log, world: int):
-    """The whole state (weights, EMA, Adam's moments, the schedule's step, each rank's RNG
-    states, the data position, the options), written atomically to checkpoint.pt and kept in
-    checkpoints/ (the last --keep-checkpoints, and every stage's last), and the EMA weights
-    with what sample.py needs. A diverged model (on any rank) is never saved."""
-    bad = log.nonfinite | ~torch.stack([torch.isfinite(p).all() for p in st.model.parameters()]).all()
-    if utils.mean_over_ranks(bad.float()).item() > 0:
-        raise FloatingPointError
-    states = [utils.rng_states()]
-    if dist.is_initialized():
-        states = [None] * world
-        dist.all_gather_object(states, utils.rng_states())
-    # The model and diffusion configs of this stage: a file saved before the last stage holds
-    # a smaller model's weights, and its metadata says so.
-    stage_meta = {**meta, "model_config": st.ema.config.to_dict(), "diffusion_config": vars(st.diffusion.config)}
-    if log.is_main:
-        utils.atomic_save({"model": st.model.state_dict(), "ema": st.ema.state_dict(), "optimizer": st.opt.state_dict(),
-                           "scheduler": st.sched.state_dict(), "step": step, "stage": st.index, "rng": states,
-                           "data": st.batches.state(), "args": dataclasses.asdict(o), "meta": stage_meta,
-                           "scaler": st.scaler.state_dict() if st.scaler else None,
-                           "train_time": log.train_time}, run_dir / "checkpoint.pt")
-        utils.keep_history(run_dir, step, set(np.cumsum(o.steps).tolist()), o.keep_checkpoints)
-        pipeline.save_weights(run_dir / "ema.safetensors", st.ema.state_dict(), {**stage_meta, "step": step})
-
-
-def side_work(run_dir, st: Stage, step: int, stage_ends, sizes, o: TrainOptions, grid, evaluate, log: Log,
-              autocast, bar, device):
-    """Sample grids (every --sample-every steps and at each stage's end) and evaluations
-    (every --eval-every steps of the final stage). Not training: their time is left out of
-    the logged training time and speed; on a GPU the step's queued work is waited for first,
-    so that it counts as training."""
-    grids = grid is not None and (step % o.sample_every == 0 or step in stage_ends)
-    evals = evaluate is not None and sizes[st.index] == sizes[-1] and \
-        (step % o.eval_every == 0 or step == stage_ends[-1])
-    if not (grids or evals):
-        return
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t_aside = time.perf_counter()
-    if grids:
-        picture = grid.save(st.ema, st.diffusion, run_dir / "samples" / f"step{step:07d}", autocast)
-        if log.tensorboard is not None:
-            log.tensorboard.add_image("samples", np.asarray(Image.open(picture).convert("RGB")), step,
-                                      dataformats="HWC")
-        utils.plot_log(log.path, run_dir / "loss.png")
-    if evals:
-        row = evaluate(st.ema, st.diffusion, step, log.train_time + t_aside - log.t0, autocast)   # seconds so far
-        log.write(row)
-        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("eval_")))
-    log.aside(time.perf_counter() - t_aside)
-
-
-# ---------------------------------------------------------------------------------------
 # A step, and a stage's start
 # ---------------------------------------------------------------------------------------
 
@@ -716,11 +505,7 @@ def restore_stage(o: TrainOptions, ckpt, first: int, cfg_full, dcfg, d: RunData,
     for s in range(1, first + 1):
         st = build_stage(o, s, cfg_full, dcfg, device, world, previous=st, precision=precision)
     if ckpt:
-        for part, obj in (("model", st.model), ("ema", st.ema), ("optimizer", st.opt), ("scheduler", st.sched),
-                          ("scaler", st.scaler)):
-            if obj is not None and ckpt.get(part) is not None:
-                obj.load_state_dict(ckpt[part])
-        utils.set_rng_states(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
+        runs.load_state(st, ckpt, rank)
     else:
         torch.manual_seed(o.seed * 1000 + rank)    # per-rank seed for everything not per-sample
     # --batch is the global batch of a step: world processes x accum micro-batches x micro.
@@ -754,13 +539,44 @@ def load_init(o: TrainOptions, resuming: bool):
     return init, meta
 
 
+def conditioned(cfg: NestedUNetConfig, d: RunData) -> NestedUNetConfig:
+    """The model's inputs as the data sets them: the text encoder's width or the number of
+    classes (section 3.2's conditioning), and the image channels (one for Fashion-MNIST)."""
+    return NestedUNetConfig(**{**cfg.to_dict(), "text_channels": d.encoder.dim if d.encoder else 0,
+                               "num_classes": len(d.class_names) if d.cond_kind == "label" else 0,
+                               "in_channels": getattr(d.full, "channels", 3)})
+
+
+def run_meta(o: TrainOptions, d: RunData, cfg_full: NestedUNetConfig, init_meta: dict) -> dict:
+    """What sample.py needs besides the weights (a checkpoint adds its stage's configs)."""
+    return {"cond": d.cond_kind, "text_encoder": o.text_encoder if d.encoder else None,
+            "class_names": d.class_names, "text_tokenization": o.text_tokenization, "data": o.data, "res": o.res,
+            "video": cfg_full.frames > 1, "data_limit": o.data_limit,
+            **({"sampling": init_meta["sampling"]} if "sampling" in init_meta else {})}
+
+
+def side_tools(o: TrainOptions, d: RunData, top_size, device):
+    """The main process's sample grids (unless --no-samples) and evaluations at the final
+    resolution (--eval-every): (grid or None, evaluate or None)."""
+    try:
+        grid = None if o.no_samples else pipeline.SampleGrid(
+            d.cond_kind, getattr(d.full, "captions", None), d.class_names, d.encoder, device, o.sample_steps,
+            o.sample_guidance, sample_prompts(o))
+    except ValueError as e:
+        raise SystemExit(f"train.py: --sample-prompts: {e}")
+    evaluate = metrics.DuringTraining(o.data, top_size[1], o.eval_real, d.cond_kind, d.class_names,
+                                      None if o.streaming else getattr(d.full, "captions", None), d.encoder,
+                                      o.eval_samples, o.eval_steps, device) if o.eval_every else None
+    return grid, evaluate
+
+
 # ---------------------------------------------------------------------------------------
 # The training story
 # ---------------------------------------------------------------------------------------
 
 def main(argv=None):
     # -- the options (a resumed run's own), the model config, their checks, the processes --
-    o, ckpt, run_dir, changes = open_run(argv)
+    o, ckpt, run_dir, changes = runs.open_run(*parse_args_given(argv), defaults=parse_args([]))
     cfg_full = load_model_config(o.config)         # the whole model; each stage trains a truncation of it
     check_args(o, utils.process_env()[1], cfg_full)
     rank, world, device = utils.setup_processes(o.device)
@@ -771,43 +587,25 @@ def main(argv=None):
     sizes, stage_ends = parse_sizes(o.res), np.cumsum(o.steps).tolist()   # stage s ends at step stage_ends[s]
     first, step = (ckpt["stage"], ckpt["step"]) if ckpt else (0, 0)
     d = setup_data(o, sizes[first], cfg_full.frames, world, device)
-    cfg_full = NestedUNetConfig(**{**cfg_full.to_dict(), "text_channels": d.encoder.dim if d.encoder else 0,
-                                   "num_classes": len(d.class_names) if d.cond_kind == "label" else 0,
-                                   "in_channels": getattr(d.full, "channels", 3)})
+    cfg_full = conditioned(cfg_full, d)
     dcfg = DiffusionConfig(shift_power=o.shift_power, loss_weights=o.loss_weights, loss_levels=o.loss_levels,
                            thresholding=choose_thresholding(o, d.full, init_meta, is_main))
 
-    # -- the run folder, and what sample.py needs besides the weights (checkpoints add the stage's configs) --
-    run_dir = make_run_dir(o, run_dir, ckpt, changes, is_main)
-    meta = {"cond": d.cond_kind, "text_encoder": o.text_encoder if d.encoder else None,
-            "class_names": d.class_names, "text_tokenization": o.text_tokenization, "data": o.data, "res": o.res,
-            "video": cfg_full.frames > 1, "data_limit": o.data_limit,
-            **({"sampling": init_meta["sampling"]} if "sampling" in init_meta else {})}
-
-    # -- the model of the current stage (resumed: rebuilt to its stage's shape, then its whole state) --
+    # -- the run folder, and the model of the current stage (resumed: its whole state) --
+    run_dir = runs.make_run_dir(o, run_dir, ckpt, changes, is_main)
+    meta = run_meta(o, d, cfg_full, init_meta)
     precision = utils.resolve_precision(o.precision, device)      # what "auto" means on this device
     st = restore_stage(o, ckpt, first, cfg_full, dcfg, d, init, rank, world, device, precision)
 
     # -- precision, sample grids, evaluations, the log, a polite stop (SIGTERM of a cluster) --
     autocast = utils.autocast(device, precision)
-    try:
-        grid = pipeline.SampleGrid(d.cond_kind, getattr(d.full, "captions", None), d.class_names, d.encoder, device,
-                                   o.sample_steps, o.sample_guidance, sample_prompts(o)) \
-            if is_main and not o.no_samples else None
-    except ValueError as e:
-        raise SystemExit(f"train.py: --sample-prompts: {e}")
-    evaluate = metrics.DuringTraining(o.data, sizes[-1][1], o.eval_real, d.cond_kind, d.class_names,
-                                      None if o.streaming else getattr(d.full, "captions", None), d.encoder,
-                                      o.eval_samples, o.eval_steps, device) if o.eval_every and is_main else None
-    log = Log(run_dir / "log.jsonl", ckpt.get("train_time", 0.0) if ckpt else 0.0, len(st.model.resolutions),
-              device, is_main, stage_start=ckpt is None,
-              tensorboard=utils.tensorboard(run_dir / "tensorboard", step) if o.tensorboard and is_main else None)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    grid, evaluate = side_tools(o, d, sizes[-1], device) if is_main else (None, None)
+    log = Log(run_dir, ckpt, len(st.model.resolutions), device, is_main, o.tensorboard)
+    stop = runs.stop_on_sigterm()                  # a threading.Event, set by SIGTERM
     if is_main:
-        print(utils.summary(st.model, f"{o.config} (stage {first + 1} of {len(sizes)})"))
-        print(f"run folder: {run_dir}   data: {o.data} ({d.cond_kind}-conditional)   device: {device} x {world}"
-              f"   precision: {precision}{' (auto)' if o.precision == 'auto' else ''}")
+        print(utils.summary(st.model, f"{o.config} (stage {first + 1} of {len(sizes)})") + f"\nrun folder: {run_dir}"
+              f"   data: {o.data} ({d.cond_kind}-conditional)   device: {device} x {world}   precision: {precision}"
+              f"{' (auto)' if o.precision == 'auto' else ''}")
     bar = tqdm(total=stage_ends[-1], initial=step, disable=not is_main, dynamic_ncols=True)
 
     # -- the loop over stages, and in each the loop over steps --
@@ -819,15 +617,13 @@ def main(argv=None):
                 step, steps_run = step + 1, steps_run + 1
                 bar.update(1)
                 if step % o.log_every == 0 or step == stage_ends[stage]:
-                    row = log.row(step, st, o)
-                    bar.set_postfix_str(" ".join(f"{k[5:]}px {v:.4f}" for k, v in row.items() if k.startswith("loss_")))
+                    bar.set_postfix_str(runs.loss_text(log.row(step, st, o)))
                 side_work(run_dir, st, step, stage_ends, sizes, o, grid, evaluate, log, autocast, bar, device)
                 if steps_run == o.stop_after and step < stage_ends[-1]:
                     stop.set()
                 # A checkpoint at --ckpt-every, at the end and when stopping; at a stage's end
                 # the grown model is checkpointed instead (below).
-                if (stage == len(sizes) - 1 or step < stage_ends[stage]) and \
-                        (step % o.ckpt_every == 0 or step == stage_ends[-1] or stop.is_set()):
+                if step < stage_ends[stage] and (step % o.ckpt_every == 0 or stop.is_set()) or step == stage_ends[-1]:
                     save_checkpoint(run_dir, st, step, o, meta, log, world)
             if step == stage_ends[stage] and stage < len(sizes) - 1:
                 # Grow the model and its EMA into the next stage's NestedUNet (section 3.3), and
@@ -835,50 +631,28 @@ def main(argv=None):
                 st = start_stage(o, stage + 1, cfg_full, dcfg, st.batches.state(), rank, world, device, precision, st)
                 log.new_stage(len(st.model.resolutions))
                 if is_main:
-                    bar.write(f"stage {stage + 2}: grown to {fmt(fmt_size(s) for s in st.model.config.level_sizes())}"
-                              f"\n" + utils.summary(st.model))
+                    bar.write(runs.grown_text(st.model, stage + 2))
                 save_checkpoint(run_dir, st, step, o, meta, log, world)
             if stop.is_set():
-                if is_main:
-                    bar.write(f"stopped at step {step}; resume with: python train.py --resume {run_dir}")
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                      # Ctrl-C: saved, like a stop
         save_checkpoint(run_dir, st, step, o, meta, log, world)
-        if is_main:
-            bar.write(f"\ninterrupted at step {step}; saved. Resume with: python train.py --resume {run_dir}")
+        stop.set()
     except FloatingPointError:
-        if is_main:
-            print(f"\ntrain.py: the loss is NaN or infinite at step {step}: stopping. The last good checkpoint "
-                  f"({run_dir / 'checkpoint.pt'}) is kept; try a lower --lr or a smaller --clip.", file=sys.stderr)
-        sys.exit(1)
+        runs.diverged(run_dir, step, is_main)      # says so, and exits with 1: the last good checkpoint stays
     finally:
         bar.close()
-    finish(run_dir, sizes, d.cond_kind, is_main)
+    finish(run_dir, sizes, d.cond_kind, step if stop.is_set() else None, is_main)
     return run_dir
 
 
-def make_run_dir(o: TrainOptions, run_dir, ckpt, changes: dict, is_main: bool) -> Path:
-    """The run folder, with samples/, options.json, and log.jsonl cut back to the checkpoint
-    when resuming (what was logged after it will be logged again); the options a resume
-    changed are recorded in the log, and said."""
-    run_dir = run_dir or Path(o.out) / (o.name or f"{datetime.now():%Y%m%d-%H%M%S}-{Path(o.data).name}")
-    log_path = run_dir / "log.jsonl"
-    if is_main:
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (run_dir / "options.json").write_text(json.dumps(dataclasses.asdict(o), indent=2))
-        if ckpt and log_path.exists():
-            rows = [r for r in log_path.read_text().splitlines() if r.strip()]
-            log_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= ckpt["step"]))
-        if changes:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": ckpt["step"], "resumed_with": changes}) + "\n")
-            print("resumed with " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items()))
-    return run_dir
-
-
-def finish(run_dir: Path, sizes, cond_kind: str, is_main: bool):
+def finish(run_dir: Path, sizes, cond_kind: str, stopped_at: int | None, is_main: bool):
+    """What to do next: resume a stopped run, or sample a finished one."""
     if is_main:
         utils.plot_log(run_dir / "log.jsonl", run_dir / "loss.png")
+    if is_main and stopped_at is not None:
+        print(f"\nstopped at step {stopped_at}; saved. Resume with: python train.py --resume {run_dir}")
+    elif is_main:
         how = (f"python video.py sample --ckpt {run_dir} \"a prompt\"" if sizes[-1][0] > 1 else
                f"python sample.py --ckpt {run_dir} " + ("--label <class>" if cond_kind == "label" else
                                                          "\"a prompt\"" if cond_kind == "text" else ""))

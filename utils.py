@@ -519,7 +519,7 @@ def _size(frames: int, res: int) -> str:
     return f"{frames}x{res}x{res}" if frames > 1 else f"{res}x{res}"
 
 
-def summary(model: NestedUNet, name: str = "") -> str:
+def summary(model: torch.nn.Module, name: str = "") -> str:
     cfg = model.config
     rows = [f"{name or 'NestedUNet'}: {len(cfg.levels())} level(s) at "
             f"{' -> '.join(_size(f, r) for f, r in cfg.level_sizes())}, "

@@ -29,7 +29,6 @@ video folded into the batch.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os

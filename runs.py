@@ -1,0 +1,310 @@
+"""
+A training run's folder and its records, kept out of the training story (train.py): opening
+a run (new, or resumed with what a resume may change), the log of its losses and speed, its
+checkpoints, and the sample grids and evaluations made along the way.
+
+A run folder holds options.json, log.jsonl (a row every --log-every steps), loss.png,
+samples/, checkpoint.pt (the whole state, written atomically), checkpoints/ (the last few and
+every stage's last) and ema.safetensors (the EMA weights with what sample.py needs).
+
+`st` below is train.py's Stage (a stage's model, EMA, optimizer, schedule, diffusion process
+and batches) and `o` its TrainOptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import pipeline
+import utils
+
+# ---------------------------------------------------------------------------------------
+# Stages on the command line: --res 64,256 (video: 64,16x64)
+# ---------------------------------------------------------------------------------------
+
+def parse_sizes(s: str) -> list[tuple[int, int]]:
+    """--res "64,256" -> [(1, 64), (1, 256)]; video stages "64,16x64,16x256" -> frames x size."""
+    try:
+        return [tuple(int(u) for u in v.split("x")) if "x" in v else (1, int(v)) for v in s.split(",")]
+    except ValueError:
+        raise SystemExit(f"train.py: --res {s}: expected sizes like 64,256 (or 64,16x64 for video: frames x size)")
+
+
+def fmt(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def fmt_size(size) -> str:
+    frames, res = size
+    return f"{frames}x{res}" if frames > 1 else str(res)
+
+
+# ---------------------------------------------------------------------------------------
+# Opening a run: a new folder, or a run resumed where it stopped
+# ---------------------------------------------------------------------------------------
+
+# What a resumed run may change: how long its stages are (and more stages of the same
+# config), the learning rate, logging, checkpoints, sample grids and thresholding,
+# evaluations, where and how fast it runs. Everything else (the config, the data, the
+# objective) is the run's.
+MAY_CHANGE = {"steps", "res", "batch", "lr", "warmup", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
+              "sample_steps", "sample_guidance", "sample_prompts", "thresholding", "no_samples", "eval_every",
+              "eval_samples", "eval_real", "eval_steps", "tensorboard", "precision", "compile", "grad_ckpt"}
+
+
+WHERE = {"resume", "out", "name"}                  # which run, not how it trains
+
+
+HERE = ("device", "workers", "stop_after")         # this machine and this invocation's: never the saved ones
+
+
+def open_run(o, given: set, defaults):
+    """The options `o` parsed from a command line that gave the options named in `given`
+    (`defaults`: what an empty command line gives) -> (options, checkpoint or None, run
+    folder or None, changes made on resume). Resuming,
+    the run's own options hold, except those given that may change (MAY_CHANGE), which are
+    applied; a given option that may not change and differs is refused. --resume auto
+    resumes the run named by --name (or the newest) if it has a checkpoint, and starts it
+    otherwise: the same command launches and restarts a job. A new run never writes into
+    the folder of an existing one."""
+    path = None
+    if o.resume == "auto":                         # the named run, or the newest: if it has a checkpoint
+        try:
+            path = pipeline.find_weights(Path(o.out) / o.name if o.name else None, o.out, name="checkpoint.pt")
+        except FileNotFoundError:
+            pass
+    elif o.resume is not None:
+        try:
+            path = pipeline.find_weights(None if o.resume == "latest" else o.resume, o.out, name="checkpoint.pt",
+                                         flag="--resume")
+        except FileNotFoundError as e:
+            raise SystemExit(f"train.py: --resume: {e}")
+    if path is None:                               # a new run
+        run_dir = Path(o.out) / o.name if o.name else None
+        if run_dir is not None and any((run_dir / f).exists() for f in ("checkpoint.pt", "log.jsonl")):
+            raise SystemExit(f"train.py: --name {o.name}: {run_dir} holds a run already; resume it with --resume "
+                             f"{run_dir} (or --resume auto), or choose another --name")
+        return o, None, None, {}
+    try:
+        ckpt = utils.load_torch_file(path)
+    except ValueError as e:
+        raise SystemExit(f"train.py: --resume: {e}")
+    fields = {f.name for f in dataclasses.fields(o)}
+    saved = {k: v for k, v in ckpt["args"].items() if k in fields}     # newer options take their defaults
+    base = dataclasses.replace(defaults, **saved)
+    fixed = sorted(k for k in given - MAY_CHANGE - WHERE - set(HERE) if getattr(o, k) != getattr(base, k))
+    if fixed:
+        shown = ", ".join(f"--{k.replace('_', '-')} {getattr(base, k)} (given: {getattr(o, k)})" for k in fixed)
+        raise SystemExit(f"train.py: --resume: a run keeps its {shown}; start a new run (another --name) to change them")
+    changes = {k: [getattr(base, k), getattr(o, k)] for k in sorted(given & MAY_CHANGE) if getattr(o, k) != getattr(base, k)}
+    o = dataclasses.replace(base, **{k: new for k, (_, new) in changes.items()}, resume=o.resume,
+                            **{k: getattr(o, k) for k in HERE})
+    check_extension(base, o, ckpt)
+    # A checkpoint of the history (checkpoints/step*.pt) resumes its run folder, from its step.
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return o, ckpt, run_dir, changes
+
+
+def check_extension(before, after, ckpt):
+    """Stages may be added (--res, --steps, --batch one entry longer each) and lengthened, but
+    not changed where the run has been: a finished stage keeps its steps and batch, the
+    current one its batch and at least the steps it has taken."""
+    def fail(msg):
+        raise SystemExit(f"train.py: --resume: {msg}")
+    old, new = parse_sizes(before.res), parse_sizes(after.res)
+    if new[:len(old)] != old:
+        fail(f"--res {after.res}: the run's stages are {before.res}; stages may only be added after them")
+    stage, step = ckpt["stage"], ckpt["step"]
+    done = int(np.sum(before.steps[:stage]))
+    if list(after.steps[:stage]) != list(before.steps[:stage]) or list(after.batch[:stage + 1]) != \
+            list(before.batch[:stage + 1]):
+        fail(f"--steps {fmt(after.steps)} --batch {fmt(after.batch)}: the run has finished its first {stage} "
+             f"stage(s) with steps {fmt(before.steps[:stage])} and is in stage {stage + 1} with batch "
+             f"{before.batch[stage]}; those stay (later stages may change)")
+    if len(after.steps) > stage and done + after.steps[stage] < step:
+        fail(f"--steps {fmt(after.steps)}: stage {stage + 1} has taken {step - done} steps already")
+
+
+def make_run_dir(o, run_dir, ckpt, changes: dict, is_main: bool) -> Path:
+    """The run folder, with samples/, options.json, and log.jsonl cut back to the checkpoint
+    when resuming (what was logged after it will be logged again); the options a resume
+    changed are recorded in the log, and said."""
+    run_dir = run_dir or Path(o.out) / (o.name or f"{datetime.now():%Y%m%d-%H%M%S}-{Path(o.data).name}")
+    log_path = run_dir / "log.jsonl"
+    if is_main:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        (run_dir / "options.json").write_text(json.dumps(dataclasses.asdict(o), indent=2))
+        if ckpt and log_path.exists():
+            rows = [r for r in log_path.read_text().splitlines() if r.strip()]
+            log_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= ckpt["step"]))
+        if changes:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": ckpt["step"], "resumed_with": changes}) + "\n")
+            print("resumed with " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items()))
+    return run_dir
+
+
+
+def load_state(st, ckpt: dict, rank: int):
+    """A resumed stage's whole saved state: weights, EMA, Adam's moments, the schedule's step,
+    the gradient scaler, and this rank's RNG states (ranks beyond those saved take the last's)."""
+    for part, obj in (("model", st.model), ("ema", st.ema), ("optimizer", st.opt), ("scheduler", st.sched),
+                      ("scaler", st.scaler)):
+        if obj is not None and ckpt.get(part) is not None:
+            obj.load_state_dict(ckpt[part])
+    utils.set_rng_states(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
+
+
+# ---------------------------------------------------------------------------------------
+# The log, checkpoints, sample grids and evaluations
+# ---------------------------------------------------------------------------------------
+
+class Log:
+    """Losses summed on the device between log rows (reading a loss every step, .item(),
+    would make the CPU wait for the GPU at every step), the time spent training and waiting
+    for data, and the rows of log.jsonl."""
+
+    def __init__(self, run_dir: Path, ckpt: dict | None, levels: int, device, is_main: bool, tensorboard: bool):
+        """A run's log, from its checkpoint's training time on (a new run: from 0, and its
+        first row marks the stage's start); --tensorboard: also in run_dir/tensorboard/."""
+        self.path, self.is_main = run_dir / "log.jsonl", is_main
+        self.train_time = ckpt.get("train_time", 0.0) if ckpt else 0.0
+        self.tensorboard = utils.tensorboard(run_dir / "tensorboard", ckpt["step"] if ckpt else 0) \
+            if tensorboard and is_main else None
+        self.reset(levels, device)
+        self.stage_start = ckpt is None
+
+    def reset(self, levels: int, device):
+        self.sums = torch.zeros(levels + 1, device=device)   # per level, then the total
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.steps, self.wait, self.t0, self.stage_start = 0, 0.0, time.perf_counter(), False
+
+    def new_stage(self, levels: int):
+        """A grown model: a longer row of losses; the next row marks where the stage began."""
+        self.sums = torch.zeros(levels + 1, device=self.sums.device)
+        self.stage_start = True
+
+    def write(self, row: dict):
+        """A row of log.jsonl (the record), and its numbers in TensorBoard if asked for."""
+        if self.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for k, v in row.items():
+                if k not in ("step", "stage", "stage_start") and isinstance(v, (int, float)):
+                    group = "loss" if k.startswith("loss") or k == "mse_sum" else "eval" if k.startswith("eval") \
+                        else "train"
+                    self.tensorboard.add_scalar(f"{group}/{k}", v, row["step"])
+            self.tensorboard.flush()
+
+    def row(self, step: int, stage, o) -> dict:
+        """The mean of the losses since the last row (over ranks: the one sync of a log
+        interval), speed and data wait. Raises FloatingPointError on a NaN or infinity."""
+        *losses, total = (utils.mean_over_ranks(self.sums) / self.steps).tolist()
+        if not all(math.isfinite(v) for v in losses) or self.nonfinite.item():
+            raise FloatingPointError
+        dt = time.perf_counter() - self.t0
+        self.train_time += dt
+        sizes = stage.model.config.level_sizes()
+        row = {"step": step, "stage": stage.index + 1, "time": self.train_time, "mse_sum": sum(losses),
+               "loss": total, "lr": stage.sched.get_last_lr()[0], "steps_per_s": self.steps / dt,
+               "images_per_s": self.steps * o.batch[stage.index] / dt, "data_wait": self.wait / dt,
+               "skipped": stage.batches.skipped, **{f"loss_{fmt_size(z)}": v for z, v in zip(sizes, losses)}}
+        if self.stage_start:
+            row["stage_start"] = step - self.steps  # the step the stage began at
+        self.reset(len(sizes), self.sums.device)
+        self.write(row)
+        return row
+
+    def aside(self, seconds: float):
+        """Time spent on sample grids and evaluations is not training time."""
+        self.t0 += seconds
+
+
+def save_checkpoint(run_dir: Path, st, step: int, o, meta: dict, log: Log, world: int):
+    """The whole state (weights, EMA, Adam's moments, the schedule's step, each rank's RNG
+    states, the data position, the options), written atomically to checkpoint.pt and kept in
+    checkpoints/ (the last --keep-checkpoints, and every stage's last), and the EMA weights
+    with what sample.py needs. A diverged model (on any rank) is never saved."""
+    bad = log.nonfinite | ~torch.stack([torch.isfinite(p).all() for p in st.model.parameters()]).all()
+    if utils.mean_over_ranks(bad.float()).item() > 0:
+        raise FloatingPointError
+    states = [utils.rng_states()]
+    if dist.is_initialized():
+        states = [None] * world
+        dist.all_gather_object(states, utils.rng_states())
+    # The model and diffusion configs of this stage: a file saved before the last stage holds
+    # a smaller model's weights, and its metadata says so.
+    stage_meta = {**meta, "model_config": st.ema.config.to_dict(), "diffusion_config": vars(st.diffusion.config)}
+    if log.is_main:
+        utils.atomic_save({"model": st.model.state_dict(), "ema": st.ema.state_dict(), "optimizer": st.opt.state_dict(),
+                           "scheduler": st.sched.state_dict(), "step": step, "stage": st.index, "rng": states,
+                           "data": st.batches.state(), "args": dataclasses.asdict(o), "meta": stage_meta,
+                           "scaler": st.scaler.state_dict() if st.scaler else None,
+                           "train_time": log.train_time}, run_dir / "checkpoint.pt")
+        utils.keep_history(run_dir, step, set(np.cumsum(o.steps).tolist()), o.keep_checkpoints)
+        pipeline.save_weights(run_dir / "ema.safetensors", st.ema.state_dict(), {**stage_meta, "step": step})
+
+
+def side_work(run_dir, st, step: int, stage_ends, sizes, o, grid, evaluate, log: Log,
+              autocast, bar, device):
+    """Sample grids (every --sample-every steps and at each stage's end) and evaluations
+    (every --eval-every steps of the final stage). Not training: their time is left out of
+    the logged training time and speed; on a GPU the step's queued work is waited for first,
+    so that it counts as training."""
+    grids = grid is not None and (step % o.sample_every == 0 or step in stage_ends)
+    evals = evaluate is not None and sizes[st.index] == sizes[-1] and \
+        (step % o.eval_every == 0 or step == stage_ends[-1])
+    if not (grids or evals):
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t_aside = time.perf_counter()
+    if grids:
+        picture = grid.save(st.ema, st.diffusion, run_dir / "samples" / f"step{step:07d}", autocast)
+        if log.tensorboard is not None:
+            log.tensorboard.add_image("samples", np.asarray(Image.open(picture).convert("RGB")), step,
+                                      dataformats="HWC")
+        utils.plot_log(log.path, run_dir / "loss.png")
+    if evals:
+        row = evaluate(st.ema, st.diffusion, step, log.train_time + t_aside - log.t0, autocast)   # seconds so far
+        log.write(row)
+        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("eval_")))
+    log.aside(time.perf_counter() - t_aside)
+
+
+def loss_text(row: dict) -> str:
+    """A log row's losses for the progress bar: "16px 0.0412 32px 0.0330"."""
+    return " ".join(f"{k[5:]}px {v:.4f}" for k, v in row.items() if k.startswith("loss_"))
+
+
+def diverged(run_dir: Path, step: int, is_main: bool):
+    if is_main:
+        print(f"\ntrain.py: the loss is NaN or infinite at step {step}: stopping. The last good checkpoint "
+              f"({run_dir / 'checkpoint.pt'}) is kept; try a lower --lr or a smaller --clip.", file=sys.stderr)
+    sys.exit(1)
+
+
+def grown_text(model, stage: int) -> str:
+    return f"stage {stage}: grown to {fmt(fmt_size(s) for s in model.config.level_sizes())}\n" + utils.summary(model)
+
+
+def stop_on_sigterm() -> threading.Event:
+    """A polite stop: a cluster's SIGTERM (a job's time is up) sets the event, and the run
+    stops after its step, with a checkpoint."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    return stop
