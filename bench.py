@@ -135,7 +135,7 @@ def harness(spec: dict, kind: str) -> dict:
         cond = {"label": torch.randint(cfg.num_classes, (B,), device=device)}
     else:
         cond = {}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if spec.get("bf16") else nullcontext()
+    autocast = utils.autocast(device, "bf16") if spec.get("bf16") else nullcontext()   # as train.py autocasts
 
     # Gradient accumulation as in train.py: `accum` micro-batches of B / accum.
     micro = [(x[i * B // accum:(i + 1) * B // accum], {k: v[i * B // accum:(i + 1) * B // accum] for k, v in cond.items()},

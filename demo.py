@@ -151,7 +151,7 @@ class Demo:
             cond = pipe.condition(prompts=[s["prompt"]] if "prompt" in s else None,
                                   labels=[s["label"]] if "label" in s else None)
             n, last = s["num_images"], [0.0]
-            shown = pipe.class_names[pipe.label_index(s["label"])] if "label" in s else s.get("prompt", "")
+            shown = pipe.class_name(s["label"]) if "label" in s else s.get("prompt", "")
             captions = [shown] * n                 # under each column: the prompt, or the class's name
 
             def frame(i, t, zs, x_preds):

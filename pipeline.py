@@ -222,6 +222,10 @@ class Pipeline:
     def class_list(self) -> str:
         return ", ".join(f"{i} {n}" for i, n in enumerate(self.class_names or []))
 
+    def class_name(self, value) -> str:
+        """A class given by its name (in any case) or its index -> its name, as the data names it."""
+        return self.class_names[self.label_index(value)]
+
     def label_index(self, value) -> int:
         """A class given by its name (in any case) or its index -> the index."""
         value = str(value).strip()

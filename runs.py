@@ -1,6 +1,7 @@
 """
-A training run's folder and its records, kept out of the training story (train.py): opening
-a run (new, or resumed with what a resume may change), the log of its losses and speed, its
+A training run's plumbing, kept out of the training story (train.py): its options checked
+(each mistake said in one line before any work), its model config found, its folder opened
+(new, or resumed with what a resume may change), the log of its losses and speed, its
 checkpoints, and the sample grids and evaluations made along the way.
 
 A run folder holds options.json, log.jsonl (a row every --log-every steps), loss.png,
@@ -30,9 +31,11 @@ from PIL import Image
 
 import pipeline
 import utils
+import video
+from nested_unet import PRESETS, NestedUNetConfig, preset
 
 # ---------------------------------------------------------------------------------------
-# Stages on the command line: --res 64,256 (video: 64,16x64)
+# The options checked: the stages (--res 64,256; video: 64,16x64), the config, the rest
 # ---------------------------------------------------------------------------------------
 
 def parse_sizes(s: str) -> list[tuple[int, int]]:
@@ -50,6 +53,85 @@ def fmt(values) -> str:
 def fmt_size(size) -> str:
     frames, res = size
     return f"{frames}x{res}" if frames > 1 else str(res)
+
+
+def sample_prompts(o) -> list[str] | None:
+    """--sample-prompts: a file of prompts, one per line, or prompts separated by |."""
+    if o.sample_prompts is None:
+        return None
+    path = Path(o.sample_prompts)
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else o.sample_prompts.replace("|", "\n")
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_model_config(name: str) -> NestedUNetConfig:
+    if name.endswith(".json"):
+        # A config file as `NestedUNetConfig.to_dict()` writes it (inner levels nested).
+        try:
+            return NestedUNetConfig(**json.loads(Path(name).read_text()))
+        except OSError as e:
+            raise SystemExit(f"train.py: --config {name}: cannot read it ({e.strerror})")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SystemExit(f"train.py: --config {name}: not valid JSON ({e})")
+        except (TypeError, ValueError) as e:           # unknown keys, or values the config refuses
+            raise SystemExit(f"train.py: --config {name}: not a NestedUNet config: {e}")
+    if name in video.VIDEO_PRESETS:
+        return video.preset(name)
+    if name not in PRESETS:
+        raise SystemExit(f"train.py: --config {name}: not a JSON file and not a preset; the presets are "
+                         f"{', '.join(list(PRESETS) + list(video.VIDEO_PRESETS))}")
+    return preset(name)
+
+
+def check_args(o, world_size: int, cfg: NestedUNetConfig):
+    """Every mistake we can see before training starts, each said in one line that names the
+    flag, its value and what is expected."""
+    def fail(msg):
+        raise SystemExit(f"train.py: {msg}")
+
+    utils.check_options("train.py", o)
+    utils.check_device("train.py", o.device)
+    if o.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            fail("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if o.sample_prompts is not None and not sample_prompts(o):
+        fail(f"--sample-prompts {o.sample_prompts}: expected prompts separated by |, or a file of them")
+    if o.name is not None and (not o.name.strip() or "/" in o.name or o.name in (".", "..")):
+        fail(f"--name {o.name!r}: expected a folder name (no '/'), e.g. --name my-run")
+    if o.loss_weights is not None and not any(o.loss_weights):
+        fail(f"--loss-weights {fmt(o.loss_weights)}: at least one weight must be > 0")
+    sizes = parse_sizes(o.res)
+    if not (len(sizes) == len(o.steps) == len(o.batch)):
+        fail(f"--res {o.res}, --steps {fmt(o.steps)} and --batch {fmt(o.batch)} must have "
+             f"one entry per stage each (got {len(sizes)}, {len(o.steps)} and {len(o.batch)})")
+    for lo, hi in zip(sizes, sizes[1:]):
+        if hi == lo or any(h < l or h % l for h, l in zip(hi, lo)):
+            fail(f"--res {o.res}: each resolution must be an integer multiple of the previous one, "
+                 f"and larger ({fmt_size(hi)} / {fmt_size(lo)} is not)")
+    levels = cfg.level_sizes()
+    names = fmt(fmt_size(s) for s in levels)
+    if len(sizes) > len(levels):
+        fail(f"--res {o.res} has {len(sizes)} stages, but {o.config} has only {len(levels)} levels ({names})")
+    for s in sizes:
+        if s not in levels:
+            fail(f"--res {o.res}: {o.config} has no level of size {fmt_size(s)}; its levels are {names}")
+    for b in o.batch:
+        if b % (world_size * o.accum):
+            fail(f"--batch {fmt(o.batch)}: each batch must be divisible by the number of processes "
+                 f"({world_size}) times --accum ({o.accum})")
+    if o.loss_weights is not None and len(o.loss_weights) != len(levels):
+        fail(f"--loss-weights {fmt(o.loss_weights)}: expected one weight per level of the model, "
+             f"lowest first ({len(levels)}: {names})")
+    if o.channels_last and cfg.frames > 1:
+        fail("--channels-last is for images (4-D tensors); a video model's inputs are 5-D")
+    if o.eval_every and (o.streaming or cfg.frames > 1):
+        fail("--eval-every measures images against a local data set's real images; for a streamed "
+             "data set or a video model, evaluate the saved model afterwards (evaluate.py, video.py evaluate)")
 
 
 # ---------------------------------------------------------------------------------------

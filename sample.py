@@ -209,7 +209,7 @@ def write_figures(pipe: Pipeline, args, kw: dict):
         if i in marks:
             frames.append((t, [x[:1].float().cpu() for x in x_preds]))
     levels = pipe.generate(expand(cond, args.num_images), n, seed=args.seed, progress=True, callback=keep, **kw)
-    names = prompts or [pipe.class_names[pipe.label_index(args.label)] if args.label is not None else "unconditional"]
+    names = prompts or [pipe.class_name(args.label) if args.label is not None else "unconditional"]
     prefix = Path(args.out or Path("samples") / slug(names[0]))
     prefix.parent.mkdir(parents=True, exist_ok=True)
     # The grid: the top resolution, one row per prompt, small images enlarged (integer factor) to ~128 px.

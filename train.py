@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +51,8 @@ import runs
 import utils
 import video
 from diffusion import DiffusionConfig, MatryoshkaDiffusion, make_optimizer, training_step, CLIP_NORM, THRESHOLDING
-from nested_unet import PRESETS, NestedUNet, NestedUNetConfig, grow, preset
-from runs import Log, fmt, fmt_size, parse_sizes, save_checkpoint, side_work
+from nested_unet import NestedUNet, NestedUNetConfig, grow
+from runs import Log, check_args, load_model_config, parse_sizes, sample_prompts, save_checkpoint, side_work
 from utils import option, to_device
 
 # ---------------------------------------------------------------------------------------
@@ -160,85 +159,6 @@ def parse_args_given(argv=None) -> tuple[TrainOptions, set]:
     for action in p._actions:                      # parsed again, with no defaults: only what was given
         action.default = argparse.SUPPRESS
     return options, set(vars(p.parse_args(argv)))
-
-
-def sample_prompts(o: TrainOptions) -> list[str] | None:
-    """--sample-prompts: a file of prompts, one per line, or prompts separated by |."""
-    if o.sample_prompts is None:
-        return None
-    path = Path(o.sample_prompts)
-    try:
-        text = path.read_text(encoding="utf-8") if path.is_file() else o.sample_prompts.replace("|", "\n")
-    except (OSError, UnicodeDecodeError):
-        return []
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def load_model_config(name: str) -> NestedUNetConfig:
-    if name.endswith(".json"):
-        # A config file as `NestedUNetConfig.to_dict()` writes it (inner levels nested).
-        try:
-            return NestedUNetConfig(**json.loads(Path(name).read_text()))
-        except OSError as e:
-            raise SystemExit(f"train.py: --config {name}: cannot read it ({e.strerror})")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SystemExit(f"train.py: --config {name}: not valid JSON ({e})")
-        except (TypeError, ValueError) as e:           # unknown keys, or values the config refuses
-            raise SystemExit(f"train.py: --config {name}: not a NestedUNet config: {e}")
-    if name in video.VIDEO_PRESETS:
-        return video.preset(name)
-    if name not in PRESETS:
-        raise SystemExit(f"train.py: --config {name}: not a JSON file and not a preset; the presets are "
-                         f"{', '.join(list(PRESETS) + list(video.VIDEO_PRESETS))}")
-    return preset(name)
-
-
-def check_args(o: TrainOptions, world_size: int, cfg: NestedUNetConfig):
-    """Every mistake we can see before training starts, each said in one line that names the
-    flag, its value and what is expected."""
-    def fail(msg):
-        raise SystemExit(f"train.py: {msg}")
-
-    utils.check_options("train.py", o)
-    utils.check_device("train.py", o.device)
-    if o.tensorboard:
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError:
-            fail("--tensorboard needs the tensorboard package: pip install tensorboard")
-    if o.sample_prompts is not None and not sample_prompts(o):
-        fail(f"--sample-prompts {o.sample_prompts}: expected prompts separated by |, or a file of them")
-    if o.name is not None and (not o.name.strip() or "/" in o.name or o.name in (".", "..")):
-        fail(f"--name {o.name!r}: expected a folder name (no '/'), e.g. --name my-run")
-    if o.loss_weights is not None and not any(o.loss_weights):
-        fail(f"--loss-weights {fmt(o.loss_weights)}: at least one weight must be > 0")
-    sizes = parse_sizes(o.res)
-    if not (len(sizes) == len(o.steps) == len(o.batch)):
-        fail(f"--res {o.res}, --steps {fmt(o.steps)} and --batch {fmt(o.batch)} must have "
-             f"one entry per stage each (got {len(sizes)}, {len(o.steps)} and {len(o.batch)})")
-    for lo, hi in zip(sizes, sizes[1:]):
-        if hi == lo or any(h < l or h % l for h, l in zip(hi, lo)):
-            fail(f"--res {o.res}: each resolution must be an integer multiple of the previous one, "
-                 f"and larger ({fmt_size(hi)} / {fmt_size(lo)} is not)")
-    levels = cfg.level_sizes()
-    names = fmt(fmt_size(s) for s in levels)
-    if len(sizes) > len(levels):
-        fail(f"--res {o.res} has {len(sizes)} stages, but {o.config} has only {len(levels)} levels ({names})")
-    for s in sizes:
-        if s not in levels:
-            fail(f"--res {o.res}: {o.config} has no level of size {fmt_size(s)}; its levels are {names}")
-    for b in o.batch:
-        if b % (world_size * o.accum):
-            fail(f"--batch {fmt(o.batch)}: each batch must be divisible by the number of processes "
-                 f"({world_size}) times --accum ({o.accum})")
-    if o.loss_weights is not None and len(o.loss_weights) != len(levels):
-        fail(f"--loss-weights {fmt(o.loss_weights)}: expected one weight per level of the model, "
-             f"lowest first ({len(levels)}: {names})")
-    if o.channels_last and cfg.frames > 1:
-        fail("--channels-last is for images (4-D tensors); a video model's inputs are 5-D")
-    if o.eval_every and (o.streaming or cfg.frames > 1):
-        fail("--eval-every measures images against a local data set's real images; for a streamed "
-             "data set or a video model, evaluate the saved model afterwards (evaluate.py, video.py evaluate)")
 
 
 # ---------------------------------------------------------------------------------------
