@@ -234,7 +234,7 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, o: Tra
 
 
 # ---------------------------------------------------------------------------------------
-# Setting up: the run folder, the data, a stage's model
+# Setting up: the data, the thresholding it asks for, a stage's model (the run folder: runs.py)
 # ---------------------------------------------------------------------------------------
 
 @dataclass
