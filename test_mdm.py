@@ -921,6 +921,18 @@ def test_a_checkpoint_saved_before_the_last_stage_samples(tmp_path):
     assert P.load_weights(tmp_path / "mid" / "ema.safetensors")[0].resolutions == [4, 8]
 
 
+def test_a_run_stopped_before_its_first_log_row_says_how_to_resume(tmp_path):
+    """--stop-after before the first --log-every row: no log.jsonl yet, and still a clean
+    stop (exit 0, a checkpoint, the command that resumes it), not a traceback."""
+    p = run_train(tmp_path, "--res", "8", "--steps", "4", "--batch", "8", "--name", "early", "--stop-after", "2",
+                  "--log-every", "10")
+    assert not (tmp_path / "early" / "log.jsonl").exists()
+    assert f"stopped at step 2; saved. Resume with: python train.py --resume {tmp_path / 'early'}" in p.stdout
+    assert torch.load(tmp_path / "early" / "checkpoint.pt", weights_only=True)["step"] == 2
+    run_train(tmp_path, "--resume", str(tmp_path / "early"))
+    assert torch.load(tmp_path / "early" / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
 def test_checkpoints_load_without_running_code_and_a_pickle_that_would_is_refused(tmp_path):
     """checkpoint.pt holds tensors, numbers, strings, lists and dicts only (the RNG states
     too), so it loads with weights_only=True; a file whose pickle would call a function is

@@ -473,6 +473,8 @@ def plot_log(log_path: Path, out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not Path(log_path).exists():                # stopped before its first log row: nothing to draw
+        return
     rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
     if not rows:
         return
