@@ -29,7 +29,7 @@ import torch
 import metrics
 import pipeline
 import utils
-from diffusion import SAMPLERS, MatryoshkaDiffusion, make_optimizer, training_step
+from diffusion import SAMPLERS, THRESHOLDING, MatryoshkaDiffusion, make_optimizer, training_step
 from nested_unet import NestedUNet, preset
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -275,6 +275,8 @@ def main(argv=None):
     f.add_argument("--steps", type=int, default=50)
     f.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
     f.add_argument("--guidance-scale", type=float, default=1.0)
+    f.add_argument("--thresholding", choices=list(THRESHOLDING), default=None,
+                   help="of the predicted x while sampling (default: the one the run records)")
     f.add_argument("--clip", default=None, help="a CLIP model (local folder or cache) for the CLIP score")
     f.add_argument("--device", default=DEVICE)
     a = p.parse_args(argv)
@@ -291,10 +293,12 @@ def main(argv=None):
         caps = metrics.dataset_captions(meta["data"], res, a.num) if meta["cond"] == "text" else None
         with utils.autocast(a.device):
             imgs, conds = metrics.generate_set(model, diffusion, meta["cond"], a.num, meta.get("class_names"), caps,
-                                               encoder, guidance=a.guidance_scale, steps=a.steps, sampler=a.sampler)
+                                               encoder, guidance=a.guidance_scale, steps=a.steps, sampler=a.sampler,
+                                               thresholding=a.thresholding)
         feats = metrics.EffNetFeatures(a.device)
         result = {"fd_effnet": metrics.fd_effnet(imgs, metrics.real_stats(meta["data"], res, 1000, feats), feats),
-                  "n": a.num, "sampler": a.sampler, "steps": a.steps, "guidance_scale": a.guidance_scale}
+                  "n": a.num, "sampler": a.sampler, "steps": a.steps, "guidance_scale": a.guidance_scale,
+                  "thresholding": a.thresholding or diffusion.config.thresholding}
         if meta["cond"] == "label":
             result["class_acc"] = metrics.accuracy(metrics.train_classifier(meta["data"], res)[0], imgs, conds)
         if a.clip and meta["cond"] == "text":      # conds: the captions the images were drawn for

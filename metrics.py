@@ -250,9 +250,10 @@ class ClipScore:
 # ---------------------------------------------------------------------------------------
 
 def generate_set(model, diffusion, kind, n, class_names=None, captions=None, encoder=None, guidance=1.0,
-                 steps=25, sampler="ddim", batch=64, seed=0):
+                 steps=25, sampler="ddim", batch=64, seed=0, thresholding=None):
     """n images of a trained model (lowest-first levels -> the top one), with the conditions
-    cycled: every class in turn, or the given captions. Returns (images, labels or captions)."""
+    cycled: every class in turn, or the given captions; thresholding: None, the run's own.
+    Returns (images, labels or captions)."""
     device = next(model.parameters()).device
     # One seeded generator for the whole set: the same arguments, batch included, give the same
     # images. Defaults: unguided, as the paper's Fig. 4 evaluates during training, and 25 DDIM
@@ -274,7 +275,8 @@ def generate_set(model, diffusion, kind, n, class_names=None, captions=None, enc
             cond = {}
         # [-1]: the highest resolution only, (b, 3, R, R), in [-1, 1] (dynamic thresholding).
         images.append(pipeline.generate(model, diffusion, cond, b, sampler=sampler, num_inference_steps=steps,
-                                        guidance_scale=guidance, generator=g)[-1].float().cpu())
+                                        guidance_scale=guidance, thresholding=thresholding,
+                                        generator=g)[-1].float().cpu())
     # (n, 3, R, R) on the CPU, and labels (n,), or n captions, or [] for an unconditional model
     return torch.cat(images), (torch.cat(conds) if kind == "label" else conds)
 

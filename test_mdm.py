@@ -842,6 +842,14 @@ def test_evaluation_during_training_is_logged_and_changes_no_training_step(tmp_p
     assert fd == pytest.approx(evals[-1]["eval_fd_effnet"], rel=1e-4)
     classifier = M.train_classifier("fashion-mnist", 8)[0]
     assert M.accuracy(classifier, images, labels) == pytest.approx(evals[-1]["eval_class_acc"])
+    # Another thresholding than the run's (evaluate.py fd --thresholding): the set is what
+    # pipeline.generate draws with it from the same generator, and not the run's own.
+    assert diffusion.config.thresholding == "clip"  # Fashion-MNIST's black: chosen from the data
+    unclipped, _ = M.generate_set(model, diffusion, "label", 10, class_names=meta["class_names"], guidance=1.0,
+                                  steps=3, seed=1234, thresholding="none")
+    direct = P.generate(model, diffusion, {"label": torch.arange(10) % 10}, 10, sampler="ddim", num_inference_steps=3,
+                        guidance_scale=1.0, thresholding="none", generator=torch.Generator().manual_seed(1234))[-1]
+    assert torch.equal(unclipped, direct) and not torch.equal(unclipped, images)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -1005,7 +1013,7 @@ def test_train_flags_out_of_range_end_in_one_line_before_any_work(argv, expected
     ("video", ["sample", "--num-clips", "0"], "--num-clips 0"), ("video", ["evaluate", "--guidance-scale", "nan"], "nan"),
     ("video", ["sample", "--bogus"], "unrecognized arguments: --bogus"), ("video", ["play"], "invalid choice"),
     ("evaluate", ["compare", "--data", "cifar"], "--data cifar"), ("evaluate", ["compare", "--res", "32,16"], "--res 32,16"),
-    ("evaluate", ["compare", "--seeds", ""], "--seeds"), ("evaluate", ["fd", "--num", "1"], "--num 1"),
+    ("evaluate", ["compare", "--seeds", ""], "--seeds"), ("evaluate", ["fd", "--num", "1"], "--num 1"), ("evaluate", ["fd", "--thresholding", "x"], "--thresholding"),
     ("evaluate", ["sweep", "--ckpt", "x", "--scales", "1,nan"], "--scales 1.0,nan"),
     ("evaluate", ["fd", "--device", "tpu"], "--device tpu"), ("evaluate", ["compare", "--steps", "1"], "--steps 1"),
     ("bench", ["--batch", "0"], "--batch 0"), ("bench", ["--knobs", "turbo"], "unknown turbo"),
