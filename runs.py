@@ -145,20 +145,16 @@ def check_args(o, world_size: int, cfg: NestedUNetConfig):
 MAY_CHANGE = {"steps", "res", "batch", "lr", "warmup", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
               "sample_steps", "sample_guidance", "sample_prompts", "thresholding", "no_samples", "eval_every",
               "eval_samples", "eval_real", "eval_steps", "tensorboard", "precision", "compile", "grad_ckpt"}
-
-
 WHERE = {"resume", "out", "name"}                  # which run, not how it trains
-
-
 HERE = ("device", "workers", "stop_after")         # this machine and this invocation's: never the saved ones
 
 
 def open_run(o, given: set, defaults):
     """The options `o` parsed from a command line that gave the options named in `given`
     (`defaults`: what an empty command line gives) -> (options, checkpoint or None, run
-    folder or None, changes made on resume). Resuming,
-    the run's own options hold, except those given that may change (MAY_CHANGE), which are
-    applied; a given option that may not change and differs is refused. --resume auto
+    folder or None, changes made on resume). Resuming, the run's own options hold, except
+    those given that may change (MAY_CHANGE), which are applied; a given option that may not
+    change and differs is refused. --resume auto
     resumes the run named by --name (or the newest) if it has a checkpoint, and starts it
     otherwise: the same command launches and restarts a job. A new run never writes into
     the folder of an existing one."""
@@ -237,7 +233,6 @@ def make_run_dir(o, run_dir, ckpt, changes: dict, is_main: bool) -> Path:
                 f.write(json.dumps({"step": ckpt["step"], "resumed_with": changes}) + "\n")
             print("resumed with " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items()))
     return run_dir
-
 
 
 def load_state(st, ckpt: dict, rank: int):

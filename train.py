@@ -557,26 +557,25 @@ def main(argv=None):
                 break
     except KeyboardInterrupt:                      # Ctrl-C: saved, like a stop
         save_checkpoint(run_dir, st, step, o, meta, log, world)
-        stop.set()
     except FloatingPointError:
         runs.diverged(run_dir, step, is_main)      # says so, and exits with 1: the last good checkpoint stays
     finally:
         bar.close()
-    finish(run_dir, sizes, d.cond_kind, step if stop.is_set() else None, is_main)
+    finish(run_dir, sizes, d.cond_kind, step, stage_ends[-1], is_main)
     return run_dir
 
 
-def finish(run_dir: Path, sizes, cond_kind: str, stopped_at: int | None, is_main: bool):
-    """What to do next: resume a stopped run, or sample a finished one."""
+def finish(run_dir: Path, sizes, cond_kind: str, step: int, last_step: int, is_main: bool):
+    """What to do next: resume a run that stopped before its last step, or sample it."""
     if is_main:
         utils.plot_log(run_dir / "log.jsonl", run_dir / "loss.png")
-    if is_main and stopped_at is not None:
-        print(f"\nstopped at step {stopped_at}; saved. Resume with: python train.py --resume {run_dir}")
-    elif is_main:
-        how = (f"python video.py sample --ckpt {run_dir} \"a prompt\"" if sizes[-1][0] > 1 else
-               f"python sample.py --ckpt {run_dir} " + ("--label <class>" if cond_kind == "label" else
-                                                         "\"a prompt\"" if cond_kind == "text" else ""))
-        print(f"done: {run_dir}/ema.safetensors (sample with: {how.strip()})")
+        if step < last_step:
+            print(f"\nstopped at step {step}; saved. Resume with: python train.py --resume {run_dir}")
+        else:
+            how = (f"python video.py sample --ckpt {run_dir} \"a prompt\"" if sizes[-1][0] > 1 else
+                   f"python sample.py --ckpt {run_dir} " + ("--label <class>" if cond_kind == "label" else
+                                                             "\"a prompt\"" if cond_kind == "text" else ""))
+            print(f"done: {run_dir}/ema.safetensors (sample with: {how.strip()})")
     if dist.is_initialized():
         dist.destroy_process_group()
 
