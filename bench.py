@@ -17,7 +17,8 @@ with warm-up steps and the median of several repeats:
                     meta device): TFLOP/s on every device, and model FLOPs utilisation
                     (MFU) on a GPU whose peak is known, or with --peak-flops
 
-and the memory/speed knobs of train.py: bf16 autocast, channels_last, torch.compile,
+and the memory/speed knobs of train.py: bf16 autocast, the memory format (channels_last; nchw:
+the default layout, which a CPU's base leaves for channels-last), torch.compile,
 gradient checkpointing of the outer levels, gradient accumulation; and the same sizes in the
 released models' architecture (release), the one release.py converts their weights into.
 
@@ -120,7 +121,7 @@ def harness(spec: dict, kind: str) -> dict:
         for level in model.levels()[1:]:
             level.gradient_checkpointing = True
     B, accum = spec["batch"], spec.get("accum", 1)
-    cl = torch.channels_last if spec.get("channels_last") else torch.contiguous_format
+    cl = utils.memory_format(spec.get("channels_last", "auto"), device)    # train.py's --channels-last
     model = model.to(memory_format=cl)
     # `run` is what is timed (compiled or not); `model` stays eager, for FLOPs and parameters.
     run = torch.compile(model) if spec.get("compile") else model
@@ -291,7 +292,8 @@ def paired(spec: dict) -> dict:
 # The script: one fresh process per measurement, then the table and bench.json
 # ---------------------------------------------------------------------------------------
 
-KNOBS = {"base": {}, "bf16": {"bf16": True}, "fp32": {"bf16": False}, "channels_last": {"channels_last": True},
+KNOBS = {"base": {}, "bf16": {"bf16": True}, "fp32": {"bf16": False}, "channels_last": {"channels_last": "on"},
+         "nchw": {"channels_last": "off"},
          "grad_ckpt": {"grad_ckpt": True, "sampling": False}, "accum2": {"accum": 2, "sampling": False},
          "compile": {"compile": True},            # grad_ckpt and accum2 change training only
          "release": {"release": True}}
@@ -332,9 +334,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--sample-steps", type=int, default=20)
-    p.add_argument("--knobs", default=None, help="comma-separated: base, bf16, fp32, channels_last, grad_ckpt, "
+    p.add_argument("--knobs", default=None, help="comma-separated: base, bf16, fp32, channels_last, nchw, grad_ckpt, "
                    "accum2, compile, release (the released models' architecture at the same sizes) (default: "
-                   "all; on a CPU, whose base is float32, bf16; on a GPU, fp32)")
+                   "all; on a CPU, whose base is float32 and channels-last, bf16 and nchw; on a GPU, fp32 and "
+                   "channels_last)")
     p.add_argument("--peak-flops", type=float, default=None,
                    help="the chip's peak FLOP/s for MFU (known, dense bf16: H100 SXM and H200 989e12, "
                    "H100 NVL 835e12, H100 PCIe 756e12, A100 312e12)")
@@ -348,7 +351,8 @@ def main(argv=None):
     on_gpu = a.device.startswith("cuda")
     base = dict(config=a.config, batch=a.batch, device=a.device, text_channels=a.text_channels, warmup=a.warmup,
                 repeats=a.repeats, sample_steps=a.sample_steps, peak_flops=a.peak_flops, bf16=on_gpu)
-    a.knobs = a.knobs or f"base,{'fp32' if on_gpu else 'bf16'},channels_last,grad_ckpt,accum2,compile,release"
+    a.knobs = a.knobs or (f"base,{'fp32' if on_gpu else 'bf16'},{'channels_last' if on_gpu else 'nchw'},grad_ckpt,"
+                          "accum2,compile,release")
     if "accum2" in a.knobs.split(",") and a.batch % 2:
         raise SystemExit(f"bench.py: --batch {a.batch}: the accum2 knob splits the batch in two: expected an even batch")
     if a.count_flops:

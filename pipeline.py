@@ -91,7 +91,7 @@ def load_weights(path, model_class=None, device="cpu"):
                          f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
                          f"(e.g. {unexpected[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]})")
     model.load_state_dict(state)
-    return model.to(device).eval(), meta
+    return model.to(device, memory_format=utils.memory_format("auto", device, config.frames)).eval(), meta
 
 
 # ---------------------------------------------------------------------------------------

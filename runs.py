@@ -127,8 +127,8 @@ def check_args(o, world_size: int, cfg: NestedUNetConfig):
     if o.loss_weights is not None and len(o.loss_weights) != len(levels):
         fail(f"--loss-weights {fmt(o.loss_weights)}: expected one weight per level of the model, "
              f"lowest first ({len(levels)}: {names})")
-    if o.channels_last and cfg.frames > 1:
-        fail("--channels-last is for images (4-D tensors); a video model's inputs are 5-D")
+    if o.channels_last in (True, "on") and cfg.frames > 1:
+        fail("--channels-last on is for images (4-D tensors); a video model's inputs are 5-D")
     if o.eval_every and (o.streaming or cfg.frames > 1):
         fail("--eval-every measures images against a local data set's real images; for a streamed "
              "data set or a video model, evaluate the saved model afterwards (evaluate.py, video.py evaluate)")

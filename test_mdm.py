@@ -215,6 +215,46 @@ def test_attention_paths_agree_with_float64_softmax():
     assert all(torch.allclose(a, b.detach(), atol=1e-5) for a, b in zip(fast, slow))
 
 
+def test_channels_last_model_computes_what_the_default_layout_computes(monkeypatch):
+    """A model moved to channels-last (the CPU's layout: utils.memory_format) keeps its maps in
+    that layout from input to output, runs its attention's Linear layers as 1x1 convolutions
+    (nested_unet.pointwise), and gives the outputs and gradients of the same model in the
+    default layout, which runs them as Linear layers; in both architectures."""
+    CL = torch.channels_last
+    for arch in ({}, N.RELEASE_ARCHITECTURE):
+        torch.manual_seed(0)
+        base = randomize(NestedUNet(tiny_levels(2, text_channels=6, **arch)), std=0.1)
+        cl = randomize(NestedUNet(tiny_levels(2, text_channels=6, **arch)), std=0.1).to(memory_format=CL)
+        z, t = [torch.randn(3, 3, 4, 4), torch.randn(3, 3, 8, 8)], torch.rand(3)
+        cond = dict(text=torch.randn(3, 4, 6))
+        if not arch:
+            cond["text_mask"] = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]]).bool()
+        convs = []
+        real = N.pointwise
+        monkeypatch.setattr(N, "pointwise", lambda layer, m, conv: convs.append(conv) or real(layer, m, conv))
+        outs = [model(z, t, **cond) for model in (base, cl)]
+        monkeypatch.setattr(N, "pointwise", real)
+        n = len(convs) // 2
+        assert n > 0 and not any(convs[:n]) and all(convs[n:])     # Linear layers, then 1x1 convolutions
+        assert all(o.is_contiguous(memory_format=CL) and not o.is_contiguous() for o in outs[1])
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        weights = [torch.randn(o.shape) for o in outs[0]]
+        for model, out in zip((base, cl), outs):
+            sum((o * w).sum() for o, w in zip(out, weights)).backward()
+        for (name, p), q in zip(base.named_parameters(), cl.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_memory_format_is_channels_last_for_images_on_a_cpu_only():
+    CL, DEFAULT = torch.channels_last, torch.contiguous_format
+    cases = [("auto", "cpu", 1, CL), ("auto", "cuda", 1, DEFAULT), ("auto", "cuda:1", 1, DEFAULT),
+             ("auto", "cpu", 16, DEFAULT), ("on", "cuda", 1, CL), ("on", "cpu", 16, DEFAULT),
+             ("off", "cpu", 1, DEFAULT), (True, "cuda", 1, CL), (False, "cpu", 1, DEFAULT)]
+    for setting, device, frames, want in cases:
+        assert utils.memory_format(setting, device, frames) == want, (setting, device, frames)
+
+
 def test_text_conditioning_reaches_the_output_and_mask_hides_padding():
     torch.manual_seed(0)
     model = randomize(NestedUNet(tiny_levels(2, text_channels=6)), std=0.1).eval()
@@ -716,6 +756,39 @@ def test_training_batch_drops_conditions_and_puts_the_high_resolution_samples_fi
     else:                                          # no text token is visible to a dropped sample
         assert torch.equal(cond["text"], feats[order])
         assert torch.equal(cond["text_mask"], ~dropped[:, None].expand(-1, 3))
+
+
+def test_a_cpu_stage_is_channels_last_and_its_adam_is_appendix_b():
+    """train.build_stage on a CPU: model and EMA channels-last by default (--channels-last auto),
+    in the default layout with "off"; its optimizer (fused Adam) takes appendix B's steps, as a
+    float64 Adam written here computes them."""
+    import train
+    CL = torch.channels_last
+    cfg = tiny_levels(2)
+    for setting, want in (("auto", True), ("off", False)):
+        o = train.TrainOptions(res="4,8", steps=[2, 2], batch=[4, 4], channels_last=setting)
+        st = train.build_stage(o, 1, cfg, DiffusionConfig(), torch.device("cpu"), 1,
+                               previous=train.build_stage(o, 0, cfg, DiffusionConfig(), torch.device("cpu"), 1))
+        for model in (st.model, st.ema):
+            assert all(m.weight.is_contiguous(memory_format=CL) == want for m in model.modules()
+                       if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    w = torch.nn.Linear(3, 4)
+    opt = D.make_optimizer(w, 1e-2)
+    p0 = [q.detach().double().clone() for q in w.parameters()]
+    m = [torch.zeros_like(q) for q in p0]
+    v = [torch.zeros_like(q) for q in p0]
+    g = torch.Generator().manual_seed(0)
+    for step in (1, 2, 3):
+        grads = [torch.randn(q.shape, generator=g) for q in p0]
+        for q, gr in zip(w.parameters(), grads):
+            q.grad = gr.clone()
+        opt.step()
+        for i, gr in enumerate(grads):
+            m[i] = 0.9 * m[i] + 0.1 * gr.double()
+            v[i] = 0.99 * v[i] + 0.01 * gr.double() ** 2
+            p0[i] = p0[i] - 1e-2 * (m[i] / (1 - 0.9 ** step)) / ((v[i] / (1 - 0.99 ** step)).sqrt() + 1e-8)
+        for q, ref in zip(w.parameters(), p0):
+            torch.testing.assert_close(q.detach().double(), ref, rtol=0, atol=1e-6)
 
 
 def test_stage_boundary_grows_the_trained_model(tmp_path):
@@ -1478,7 +1551,16 @@ def test_benchmark_counts_the_flops_of_a_training_step_from_the_layer_shapes(con
         ref.append((2 * q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1]), True))
         return sdpa(q, k, v, **kw)
 
+    pointwise = N.pointwise
+
+    def pointwise_conv(layer, m, conv):              # a Linear run as a 1x1 convolution (channels-last)
+        out = pointwise(layer, m, conv)
+        if conv:
+            ref.append((2 * out.numel() * layer.in_features, m.requires_grad))
+        return out
+
     monkeypatch.setattr(F, "scaled_dot_product_attention", attention)
+    monkeypatch.setattr(N, "pointwise", pointwise_conv)
     got = h["count_flops"]()
     assert len(ref) > 20                             # every layer was seen
     assert got == sum(3 * f if needs_grad else 2 * f for f, needs_grad in ref)

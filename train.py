@@ -116,7 +116,8 @@ class TrainOptions:
                             choices=["auto", "bf16", "fp16", "fp32"], group=SPEED)
     compile: bool = option(False, "torch.compile the model", group=SPEED)
     grad_ckpt: bool = option(False, "gradient checkpointing of the outer levels", group=SPEED)
-    channels_last: bool = option(False, "channels-last memory format (images only)", group=SPEED)
+    channels_last: str = option("auto", "channels-last memory format of images: on, off, or auto: on a CPU (its "
+                                "convolutions are faster so), not on a GPU", choices=["auto", "on", "off"], group=SPEED)
     out: str = option("runs", "folder of the run folders", group=RUN)
     name: str = option(None, "run name (default: date-time and data)", group=RUN)
     resume: str = option(None, "resume the newest run, or the run folder given", nargs="?", const="latest", group=RUN)
@@ -189,8 +190,8 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, o: Tra
     # (B, 3, T, R, R). An image stage of a video run takes the clips' first frames (video.py's
     # temporal D^r). B here is one process's micro-batch.
     x = to_device(batch["image"], device)          # (the loader pins it on a GPU machine)
-    if o.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    if x.dim() == 4:                               # images, not clips: the model's memory format
+        x = x.contiguous(memory_format=utils.memory_format(o.channels_last, device))
     # A sample's key: its index in the data set (in a stream, its position in the stream of its
     # rank and loader worker, made unique over them: data.HFStream).
     keys = batch["index"]
@@ -362,8 +363,8 @@ def build_stage(o: TrainOptions, index: int, cfg_full, dcfg, device, world, init
     if o.grad_ckpt:
         for level in model.levels()[1:]:
             level.gradient_checkpointing = True
-    if o.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    layout = utils.memory_format(o.channels_last, device, cfg.frames)
+    model, ema = model.to(memory_format=layout), ema.to(memory_format=layout)
     # A fresh optimizer per stage (the grown model has new parameters), with its own
     # warm-up: appendix B's 30k steps, or a tenth of a short stage.
     opt = make_optimizer(model, o.lr)
