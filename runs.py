@@ -269,10 +269,14 @@ class Log:
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.steps, self.wait, self.t0, self.stage_start = 0, 0.0, time.perf_counter(), False
 
-    def new_stage(self, levels: int):
-        """A grown model: a longer row of losses; the next row marks where the stage began."""
-        self.sums = torch.zeros(levels + 1, device=self.sums.device)
+    def new_stage(self, model, stage: int, bar):
+        """A grown model (stage `stage`, from 1): a longer row of losses, and the next row marks
+        where the stage began; the main process says what grew, above the progress bar."""
+        self.sums = torch.zeros(len(model.resolutions) + 1, device=self.sums.device)
         self.stage_start = True
+        if self.is_main:
+            bar.write(f"stage {stage}: grown to {fmt(fmt_size(s) for s in model.config.level_sizes())}\n"
+                      + utils.summary(model))
 
     def write(self, row: dict):
         """A row of log.jsonl (the record), and its numbers in TensorBoard if asked for."""
@@ -363,6 +367,20 @@ def side_work(run_dir, st, step: int, stage_ends, sizes, o, grid, evaluate, log:
     log.aside(time.perf_counter() - t_aside)
 
 
+def start_text(model, o, first: int, stages: int, run_dir: Path, cond_kind: str, device, world: int,
+               precision: str) -> str:
+    """What a run prints when it starts: its model, folder, data, devices and precision."""
+    return (utils.summary(model, f"{o.config} (stage {first + 1} of {stages})") + f"\nrun folder: {run_dir}   data: "
+            f"{o.data} ({cond_kind}-conditional)   device: {device} x {world}   precision: {precision}"
+            f"{' (auto)' if o.precision == 'auto' else ''}")
+
+
+def checkpoint_due(step: int, stage_end: int, last_step: int, every: int, stopping: bool) -> bool:
+    """After step `step`: a checkpoint at every `every` steps, when stopping, and at the run's
+    end; not at the end of an earlier stage, where the grown model is checkpointed instead."""
+    return step < stage_end and (step % every == 0 or stopping) or step == last_step
+
+
 def loss_text(row: dict) -> str:
     """A log row's losses for the progress bar: "16px 0.0412 32px 0.0330"."""
     return " ".join(f"{k[5:]}px {v:.4f}" for k, v in row.items() if k.startswith("loss_"))
@@ -373,10 +391,6 @@ def diverged(run_dir: Path, step: int, is_main: bool):
         print(f"\ntrain.py: the loss is NaN or infinite at step {step}: stopping. The last good checkpoint "
               f"({run_dir / 'checkpoint.pt'}) is kept; try a lower --lr or a smaller --clip.", file=sys.stderr)
     sys.exit(1)
-
-
-def grown_text(model, stage: int) -> str:
-    return f"stage {stage}: grown to {fmt(fmt_size(s) for s in model.config.level_sizes())}\n" + utils.summary(model)
 
 
 def stop_on_sigterm() -> threading.Event:

@@ -524,9 +524,7 @@ def main(argv=None):
     log = Log(run_dir, ckpt, len(st.model.resolutions), device, is_main, o.tensorboard)
     stop = runs.stop_on_sigterm()                  # a threading.Event, set by SIGTERM
     if is_main:
-        print(utils.summary(st.model, f"{o.config} (stage {first + 1} of {len(sizes)})") + f"\nrun folder: {run_dir}"
-              f"   data: {o.data} ({d.cond_kind}-conditional)   device: {device} x {world}   precision: {precision}"
-              f"{' (auto)' if o.precision == 'auto' else ''}")
+        print(runs.start_text(st.model, o, first, len(sizes), run_dir, d.cond_kind, device, world, precision))
     bar = tqdm(total=stage_ends[-1], initial=step, disable=not is_main, dynamic_ncols=True)
 
     # -- the loop over stages, and in each the loop over steps --
@@ -542,17 +540,13 @@ def main(argv=None):
                 side_work(run_dir, st, step, stage_ends, sizes, o, grid, evaluate, log, autocast, bar, device)
                 if steps_run == o.stop_after and step < stage_ends[-1]:
                     stop.set()
-                # A checkpoint at --ckpt-every, at the end and when stopping; at a stage's end
-                # the grown model is checkpointed instead (below).
-                if step < stage_ends[stage] and (step % o.ckpt_every == 0 or stop.is_set()) or step == stage_ends[-1]:
+                if runs.checkpoint_due(step, stage_ends[stage], stage_ends[-1], o.ckpt_every, stop.is_set()):
                     save_checkpoint(run_dir, st, step, o, meta, log, world)
             if step == stage_ends[stage] and stage < len(sizes) - 1:
                 # Grow the model and its EMA into the next stage's NestedUNet (section 3.3), and
                 # checkpoint the grown model: a run resumed from here starts the new stage.
                 st = start_stage(o, stage + 1, cfg_full, dcfg, st.batches.state(), rank, world, device, precision, st)
-                log.new_stage(len(st.model.resolutions))
-                if is_main:
-                    bar.write(runs.grown_text(st.model, stage + 2))
+                log.new_stage(st.model, stage + 2, bar)
                 save_checkpoint(run_dir, st, step, o, meta, log, world)
             if stop.is_set():
                 break
