@@ -479,7 +479,7 @@ def training_step(diffusion, model, opt, micro_batches, train_model=None, clip: 
 
     Returns (loss per level and total, summed over micro-batches, on the device; whether any
     loss was not finite, on the device): nothing here waits for the GPU."""
-    train_model = train_model or model
+    train_model = model if train_model is None else train_model   # (a compiled module has no truth value)
     n = len(micro_batches)
     sums, bad = 0, None
     for i, (x, cond, t, noises, n_high) in enumerate(micro_batches):

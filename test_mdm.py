@@ -791,6 +791,28 @@ def test_a_cpu_stage_is_channels_last_and_its_adam_is_appendix_b():
             torch.testing.assert_close(q.detach().double(), ref, rtol=0, atol=1e-6)
 
 
+def test_a_training_step_through_a_compiled_module_equals_the_plain_one():
+    """diffusion.training_step with train_model = torch.compile(model) (train.py --compile,
+    bench.py's compile knob; the "eager" backend traces without generating code, in seconds):
+    the same losses and the same weights as through the plain module."""
+    cfg = tiny_levels(2, text_channels=6)
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    cond = {"text": torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(1))}
+    t, noises = torch.rand(4), [torch.randn(4, 3, 4, 4), torch.randn(4, 3, 8, 8)]
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = randomize(NestedUNet(cfg), std=0.1)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = D.make_optimizer(model, 1e-3)
+        run = torch.compile(model, backend="eager") if compiled else None
+        sums, bad = D.training_step(MatryoshkaDiffusion.for_model(model), model, opt, [(x, cond, t, noises, None)], run)
+        results.append((sums, [p.detach().clone() for p in model.parameters()]))
+    assert not bad and torch.allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-7)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(results[0][1], results[1][1]))
+    assert not all(torch.equal(a, b) for a, b in zip(results[1][1], before))          # it stepped
+
+
 def test_stage_boundary_grows_the_trained_model(tmp_path):
     """Stage 1 alone (run A) and a two-stage run stopped right at its stage boundary (run B)
     train the same 4x4 model. B's checkpoint then holds the grown model: its 4x4 weights are
