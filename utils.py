@@ -221,7 +221,9 @@ def memory_format(setting, device, frames: int = 1) -> torch.memory_format:
     and the sampling forward of the README's comparison with the official code take 11-15%
     less. GPUs keep the default layout (not measured there: `bench.py --device cuda --knobs
     channels_last` does). Videos (5-D) never."""
-    on = frames == 1 and setting not in (False, "off") and (setting in (True, "on") or torch.device(device).type == "cpu")
+    if frames > 1 or setting in (False, "off"):
+        return torch.contiguous_format
+    on = setting in (True, "on") or torch.device(device).type == "cpu"      # "auto": a CPU
     return torch.channels_last if on else torch.contiguous_format
 
 
