@@ -233,18 +233,24 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.conv2(self.dropout(h))
 
 
+SMALL_ATTENTION = 8192      # query-key pairs up to which a CPU attends with a plain matmul and softmax
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) queries and (B, heads, M, d) keys and
     values; `mask` (broadcast to (B, heads, N, M), True = may attend) hides keys.
 
     This is F.scaled_dot_product_attention, whose flash and memory-efficient kernels are the
-    fastest on a GPU and, with gradients or at 16x16 positions and more, on a CPU too. One case
-    is written out: sampling on a CPU at small maps (N * M <= 8192: up to 8x8 positions and 64
-    keys more), where the CPU flash kernel's fixed cost dominates and a plain matmul and softmax
-    (the mask added in place as a 0 / -inf bias) are faster: with batch 64 and 8 heads, 0.8 ms
-    against 2.1 ms at 4x4 positions and 32 keys, 5.9 against 8.1 ms at 8x8 and 80 masked keys,
-    on the 2-core CI machine. Both give the same values to float rounding (the tests check it)."""
-    if q.device.type == "cpu" and not torch.is_grad_enabled() and q.shape[-2] * k.shape[-2] <= 8192:
+    fastest on a GPU and, at 16x16 positions and more, on a CPU too. One case is written out:
+    a CPU at small maps (N * M <= SMALL_ATTENTION: up to 8x8 positions and 64 keys more), where
+    the CPU flash kernel's fixed cost dominates and a plain matmul and softmax (the mask added
+    as a 0 / -inf bias), with autograd's backward through them, are faster. Forward and backward,
+    batch 32, 8 heads, on the 2-core CI machine (torch 2.13.0): 0.67 against 1.73 ms at 4x4
+    positions and 32 keys, 4.5 against 7.1 ms at 8x8 and 80 keys; at 16x16 and 272 keys the
+    kernel wins, 69 against 129 ms. Sampling alone (batch 64, no gradients): 0.8 against 2.1 ms
+    at 4x4, 5.9 against 8.1 ms at 8x8 (masked). Both give the same values to float rounding
+    (the tests check it, gradients included)."""
+    if q.device.type == "cpu" and q.shape[-2] * k.shape[-2] <= SMALL_ATTENTION:
         weights = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
         if mask is not None:
             weights += torch.zeros(mask.shape, dtype=weights.dtype, device=mask.device).masked_fill_(~mask, -math.inf)

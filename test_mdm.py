@@ -188,31 +188,47 @@ def test_shapes_and_gradient_reaches_every_parameter(n_levels):
     assert dead == [], f"no gradient reached: {dead}"
 
 
-def test_attention_paths_agree_with_float64_softmax():
-    """nested_unet.attention: the written-out CPU sampling path (no gradients, tiny maps), the
-    scaled_dot_product_attention path (with gradients) and a float64 softmax(q k^T / sqrt(d)) v
-    written here give the same values, masks included; with a whole model: the same outputs."""
+def test_attention_paths_agree_with_float64_softmax(monkeypatch):
+    """nested_unet.attention: the written-out CPU path (small maps) and the
+    scaled_dot_product_attention path (larger ones) give the values and the gradients of a
+    float64 softmax(q k^T / sqrt(d)) v written here, masks included; with a whole model, the
+    written-out path gives the outputs and gradients of the kernel's (forced everywhere)."""
     from nested_unet import attention
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 2, 16, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    k, v = torch.cat([k, k[:, :, :4] + 1], 2), torch.cat([v, v[:, :, :4] - 1], 2)        # 20 keys
-    mask = torch.rand(3, 1, 1, 20, generator=g) > 0.4
-    mask[..., 0] = True                                                                  # a key for every row
-    w = (q @ k.transpose(-1, -2)) / math.sqrt(8)
-    for m in (None, mask):
-        ref = (w if m is None else w.masked_fill(~m, -math.inf)).softmax(-1) @ v
-        with torch.no_grad():
-            fast = attention(q.float(), k.float(), v.float(), m)
-        slow = attention(q.float().requires_grad_(), k.float(), v.float(), m)
-        assert torch.allclose(fast.double(), ref, atol=1e-5) and torch.allclose(slow.double(), ref, atol=1e-5)
+    for queries in (16, 160):                        # 16 x 20 pairs: written out; 160 x 164: the kernel
+        q, k, v = (torch.randn(3, 2, queries, 8, generator=g, dtype=torch.float64) for _ in range(3))
+        k, v = torch.cat([k, k[:, :, :4] + 1], 2), torch.cat([v, v[:, :, :4] - 1], 2)    # 4 keys more
+        mask = torch.rand(3, 1, 1, queries + 4, generator=g) > 0.4
+        mask[..., 0] = True                                                              # a key for every row
+        assert (queries * (queries + 4) <= N.SMALL_ATTENTION) == (queries == 16)
+        dout = torch.randn(3, 2, queries, 8, generator=g, dtype=torch.float64)
+        for m in (None, mask):
+            qkv = [a.clone().requires_grad_() for a in (q, k, v)]
+            w = (qkv[0] @ qkv[1].transpose(-1, -2)) / math.sqrt(8)
+            ref = (w if m is None else w.masked_fill(~m, -math.inf)).softmax(-1) @ qkv[2]
+            ref_grads = torch.autograd.grad(ref, qkv, dout)
+            qkv32 = [a.float().requires_grad_() for a in (q, k, v)]
+            out = attention(*qkv32, m)
+            grads = torch.autograd.grad(out, qkv32, dout.float())
+            with torch.no_grad():
+                assert torch.allclose(attention(q.float(), k.float(), v.float(), m).double(), ref, atol=1e-5)
+            assert torch.allclose(out.double(), ref, atol=1e-5)
+            assert all(torch.allclose(a.double(), b, atol=1e-5) for a, b in zip(grads, ref_grads))
     torch.manual_seed(0)
-    model = randomize(NestedUNet(tiny_levels(2, text_channels=6)), std=0.1).eval()
+    model = randomize(NestedUNet(tiny_levels(2, text_channels=6)), std=0.1)
     z, t = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 8, 8)], torch.rand(2)
     cond = dict(text=torch.randn(2, 4, 6), text_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]).bool())
-    with torch.no_grad():
-        fast = model(z, t, **cond)
-    slow = model(z, t, **cond)
-    assert all(torch.allclose(a, b.detach(), atol=1e-5) for a, b in zip(fast, slow))
+
+    def outputs_and_grads():
+        model.zero_grad()
+        out = model(z, t, **cond)
+        sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in out).backward()
+        return [o.detach() for o in out] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    written = outputs_and_grads()
+    monkeypatch.setattr(N, "SMALL_ATTENTION", 0)
+    kernel = outputs_and_grads()
+    assert len(written) == len(kernel) > 2
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(written, kernel))
 
 
 def test_channels_last_model_computes_what_the_default_layout_computes(monkeypatch):
@@ -253,6 +269,26 @@ def test_memory_format_is_channels_last_for_images_on_a_cpu_only():
              ("off", "cpu", 1, DEFAULT), (True, "cuda", 1, CL), (False, "cpu", 1, DEFAULT)]
     for setting, device, frames, want in cases:
         assert utils.memory_format(setting, device, frames) == want, (setting, device, frames)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="glibc's allocator only")
+def test_a_cpu_process_keeps_the_memory_that_freed_tensors_leave():
+    """utils.reuse_freed_memory (setup_processes calls it on a CPU): a freed 256 MB tensor's
+    pages stay with the process for the next tensors; without it glibc unmaps them at once.
+    Measured in fresh processes, as the resident set size before, with and after the tensor."""
+    probe = ("import os, sys, torch, utils\n"
+             "if sys.argv[1] == 'on': assert utils.reuse_freed_memory()\n"
+             "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20\n"
+             "before = rss(); x = torch.ones(64 << 20); during = rss(); del x\n"
+             "print(during - before, rss() - before)")
+    grown = {}
+    for mode in ("on", "off"):
+        p = subprocess.run([sys.executable, "-c", probe, mode], cwd=HERE, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        grown[mode] = [float(v) for v in p.stdout.split()]
+    assert all(during > 250 for during, _ in grown.values()), grown        # the tensor was resident
+    assert grown["on"][1] > 250 and grown["off"][1] < 25, grown             # kept / given back
 
 
 def test_text_conditioning_reaches_the_output_and_mask_hides_padding():
@@ -1553,7 +1589,6 @@ def test_benchmark_counts_the_flops_of_a_training_step_from_the_layer_shapes(con
     twice that (gradients of input and weights), or once where the input needs no gradient
     (the noisy images, the text features, the sinusoidal time features)."""
     import bench
-    import torch.nn.functional as F
     spec = dict(config="CPU-tiny-S16S32", batch=2, device="cpu", **cond)
     h = bench.harness(spec, "nested")
     ref = []
@@ -1567,11 +1602,11 @@ def test_benchmark_counts_the_flops_of_a_training_step_from_the_layer_shapes(con
     for m in h["model"].modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
             m.register_forward_hook(conv if isinstance(m, torch.nn.Conv2d) else linear)
-    sdpa = F.scaled_dot_product_attention
+    real_attention = N.attention                  # the kernel or, on tiny CPU maps, matmuls
 
-    def attention(q, k, v, **kw):                    # q K^T and (softmax) V: (B, heads, Nq, Nk)
+    def attention(q, k, v, mask=None):             # q K^T and (softmax) V: (B, heads, Nq, Nk)
         ref.append((2 * q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1]), True))
-        return sdpa(q, k, v, **kw)
+        return real_attention(q, k, v, mask)
 
     pointwise = N.pointwise
 
@@ -1581,7 +1616,7 @@ def test_benchmark_counts_the_flops_of_a_training_step_from_the_layer_shapes(con
             ref.append((2 * out.numel() * layer.in_features, m.requires_grad))
         return out
 
-    monkeypatch.setattr(F, "scaled_dot_product_attention", attention)
+    monkeypatch.setattr(N, "attention", attention)
     monkeypatch.setattr(N, "pointwise", pointwise_conv)
     got = h["count_flops"]()
     assert len(ref) > 20                             # every layer was seen
