@@ -103,6 +103,8 @@ def harness(spec: dict, kind: str) -> dict:
     (the conditioning), truncate (train only the levels up to this resolution), bf16,
     channels_last, compile, grad_ckpt, accum, sample_steps, release."""
     device = torch.device(spec["device"])
+    if device.type == "cpu":
+        utils.reuse_freed_memory()                 # as train.py's set-up does on a CPU
     torch.manual_seed(0)                           # the same weights and batch in every process
     # The "release" knob: the same sizes in the released models' architecture (strided
     # downsampling, a second softmax for the text, GroupNorm feed-forward, one time MLP per

@@ -11,6 +11,7 @@ training are in nested_unet.py, diffusion.py, data.py and train.py.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import functools
 import json
@@ -183,11 +184,35 @@ def setup_processes(device_arg: str | None, join: bool = True):
         device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif device.type == "cpu":
+        reuse_freed_memory()
     if world > 1 and join:
         dist.init_process_group("nccl" if use_cuda else "gloo")
         if not use_cuda:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     return rank, world, device
+
+
+def reuse_freed_memory() -> bool:
+    """Let the C allocator keep the memory that freed tensors leave, for the next ones, instead
+    of handing it back to the kernel (Linux with glibc; elsewhere nothing changes: -> False).
+
+    A CPU training step allocates and frees hundreds of MB of activations. By default glibc
+    maps big blocks straight from the kernel and unmaps them when they are freed, and gives the
+    free top of its heap back too; the next step then touches new pages, and every first touch
+    of a page is a page fault. Raising both thresholds to 1 GB keeps those pages. The demo's
+    model (CPU-S16S32, batch 32) on the 2-core CI machine, 2026-12-02: 66,700 page faults per
+    training step (260 MB of new pages) and 25,300 per guided sampling forward, against 1,000
+    and 0 with this; the training step took 0.93x the time (median of 12 pairs of fresh
+    processes, the demo's and the official-comparison shape; single pairs scatter from 0.85 to
+    1.09), the sampling forward the same time. Peak memory: 1.12 GB either way (within 1.5%);
+    the process stays at its peak between steps instead of going down and up again."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                       # from <malloc.h>
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):           # no glibc: macOS, Windows, musl
+        return False
 
 
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
