@@ -36,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import utils
+import kernels
+from kernels import as_map, as_tokens
 from utils import to_device
 
 # ---------------------------------------------------------------------------------------
@@ -202,17 +203,10 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (the same parameters and state dict), run by utils.group_norm: on a CPU's
-    channels-last maps it is computed faster than by PyTorch's kernel."""
-
-    def forward(self, x):
-        return utils.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-
-
 def group_norm(channels: int) -> nn.GroupNorm:
-    # 32 groups as usual; fewer for the thin channels of tiny CPU models.
-    return GroupNorm(math.gcd(32, channels), channels)
+    # 32 groups as usual; fewer for the thin channels of tiny CPU models. (kernels.GroupNorm is
+    # nn.GroupNorm, computed faster on a CPU's channels-last maps.)
+    return kernels.GroupNorm(math.gcd(32, channels), channels)
 
 
 def per_frame(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -242,31 +236,6 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.conv2(self.dropout(h))
 
 
-SMALL_ATTENTION = 8192      # query-key pairs up to which a CPU attends with a plain matmul and softmax
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) queries and (B, heads, M, d) keys and
-    values; `mask` (broadcast to (B, heads, N, M), True = may attend) hides keys.
-
-    This is F.scaled_dot_product_attention, whose flash and memory-efficient kernels are the
-    fastest on a GPU and, at 16x16 positions and more, on a CPU too. One case is written out:
-    a CPU at small maps (N * M <= SMALL_ATTENTION: up to 8x8 positions and 64 keys more), where
-    the CPU flash kernel's fixed cost dominates and a plain matmul and softmax (the mask added
-    as a 0 / -inf bias), with autograd's backward through them, are faster. Forward and backward,
-    batch 32, 8 heads, on the 2-core CI machine (torch 2.13.0): 0.67 against 1.73 ms at 4x4
-    positions and 32 keys, 4.5 against 7.1 ms at 8x8 and 80 keys; at 16x16 and 272 keys the
-    kernel wins, 69 against 129 ms. Sampling alone (batch 64, no gradients): 0.8 against 2.1 ms
-    at 4x4, 5.9 against 8.1 ms at 8x8 (masked). Both give the same values to float rounding
-    (the tests check it, gradients included)."""
-    if q.device.type == "cpu" and q.shape[-2] * k.shape[-2] <= SMALL_ATTENTION:
-        weights = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
-        if mask is not None:
-            weights += torch.zeros(mask.shape, dtype=weights.dtype, device=mask.device).masked_fill_(~mask, -math.inf)
-        return torch.matmul(weights.softmax(-1), v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 class AttentionBlock(nn.Module):
     """Self-attention over the H*W positions, plus cross-attention to the text tokens when the
     model has text, then a feed-forward layer, as in a transformer block.
@@ -281,7 +250,7 @@ class AttentionBlock(nn.Module):
     The feed-forward layer (`attention_ffn`): ours normalises each position with a LayerNorm;
     the releases' with a GroupNorm(32) over the feature map; "none": no feed-forward layer.
     The 1x1 convolutions of the releases are the Linear layers here (the same weights; on a
-    CPU they run as 1x1 convolutions again: pointwise)."""
+    CPU they run as 1x1 convolutions again: kernels.pointwise)."""
 
     def __init__(self, channels: int, num_heads: int, cond_ch: int = 0, separate_cross: bool = False,
                  mask_cross: bool = True, ffn: str = "layernorm"):
@@ -301,15 +270,15 @@ class AttentionBlock(nn.Module):
                                      zero_init(nn.Linear(4 * channels, channels)))
 
     def heads(self, a):
-        # (B, N, C) -> (B, heads, N, C / heads) for attention()
+        # (B, N, C) -> (B, heads, N, C / heads) for kernels.attention
         return a.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def forward(self, x, emb=None, tokens=None, mask=None):
         B, C, H, W = x.shape                    # x: (B, C, H, W), one token per position
         # A channels-last model (the CPU's, utils.memory_format) runs its Linear layers as 1x1
-        # convolutions: oneDNN's are faster than its matmuls (pointwise).
+        # convolutions: oneDNN's are faster than its matmuls (kernels.pointwise).
         conv = x.is_contiguous(memory_format=torch.channels_last)
-        q, k, v = (self.heads(as_tokens(a)) for a in pointwise(self.qkv, self.norm(x), conv).chunk(3, dim=1))
+        q, k, v = (self.heads(as_tokens(a)) for a in kernels.pointwise(self.qkv, self.norm(x), conv).chunk(3, dim=1))
         k_txt = v_txt = key_mask = None
         if tokens is not None:                  # tokens: (B, L, D), mask: (B, L) bool or None
             k_txt, v_txt = (self.heads(a) for a in
@@ -317,50 +286,28 @@ class AttentionBlock(nn.Module):
             if mask is not None and self.mask_cross:
                 key_mask = per_frame(mask, x)[:, None, None, :]      # (B, 1, 1, L)
         if tokens is None:
-            out = attention(q, k, v)
+            out = kernels.attention(q, k, v)
         elif self.separate_cross:
             # softmax(q k^T) v + softmax(q k_txt^T) v_txt. A sample without any visible token
             # (the null condition) gets nothing from the text, not the NaN of an empty softmax.
-            out = attention(q, k, v)
+            out = kernels.attention(q, k, v)
             if key_mask is None:
-                out = out + attention(q, k_txt, v_txt)
+                out = out + kernels.attention(q, k_txt, v_txt)
             else:
                 seen = key_mask.any(-1, keepdim=True)                 # (B, 1, 1, 1)
-                cross = attention(q, k_txt, v_txt, key_mask | ~seen)
+                cross = kernels.attention(q, k_txt, v_txt, key_mask | ~seen)
                 out = out + cross * seen
         else:
             # One softmax over pixels and tokens: pixels are always visible, padding never is.
             attn_mask = None if key_mask is None else torch.cat(
                 [key_mask.new_ones(B, 1, 1, H * W), key_mask], -1)
-            out = attention(q, torch.cat([k, k_txt], 2), torch.cat([v, v_txt], 2), attn_mask)
-        x = x + pointwise(self.proj_out, as_map(out.transpose(1, 2).flatten(2), H, W), conv)
+            out = kernels.attention(q, torch.cat([k, k_txt], 2), torch.cat([v, v_txt], 2), attn_mask)
+        x = x + kernels.pointwise(self.proj_out, as_map(out.transpose(1, 2).flatten(2), H, W), conv)
         if self.ffn_norm == "none":
             return x
         # The feed-forward layer: a GroupNorm over the map, or a LayerNorm over each position.
         h = self.ffn[0](x) if self.ffn_norm == "groupnorm" else as_map(self.ffn[0](as_tokens(x)), H, W)
-        return x + pointwise(self.ffn[3], self.ffn[2](pointwise(self.ffn[1], h, conv)), conv)
-
-
-def as_tokens(m: torch.Tensor) -> torch.Tensor:
-    """A map (B, C, H, W) as its positions' tokens (B, HW, C): a view (of a channels-last map, a
-    contiguous one)."""
-    return m.flatten(2).transpose(1, 2)
-
-
-def as_map(tokens: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """Tokens (B, HW, C) as the map (B, C, H, W) they came from: a view."""
-    return tokens.transpose(1, 2).unflatten(2, (H, W))
-
-
-def pointwise(layer: nn.Linear, m: torch.Tensor, conv: bool) -> torch.Tensor:
-    """A Linear layer applied at every position of a map (B, C, H, W): as a 1x1 convolution
-    with the Linear's weights (conv=True: for channels-last models, on a CPU, where oneDNN runs
-    it faster than the matmul: an attention block's forward and backward take 16-27% less at
-    the CPU demo's sizes, on the 2-core CI machine), or as the Linear on the map's tokens
-    (the default layout, GPUs)."""
-    if conv:
-        return F.conv2d(m, layer.weight[:, :, None, None], layer.bias)
-    return as_map(layer(as_tokens(m)), *m.shape[-2:])
+        return x + kernels.pointwise(self.ffn[3], self.ffn[2](kernels.pointwise(self.ffn[1], h, conv)), conv)
 
 
 class TokenAttention(nn.Module):
@@ -385,7 +332,7 @@ class TokenAttention(nn.Module):
             # tokens are masked everywhere downstream, so what they compute is never used.
             eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
             attn_mask = (mask[:, None, :] | eye)[:, None]
-        out = attention(q, k, v, attn_mask)
+        out = kernels.attention(q, k, v, attn_mask)
         x = x + self.proj_out(out.transpose(1, 2).flatten(2))
         return x + self.ffn(x)
 

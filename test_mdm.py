@@ -21,6 +21,7 @@ from PIL import Image
 import data
 import diffusion as D
 import evaluate as E
+import kernels as K
 import metrics as M
 import nested_unet as N
 import pipeline as P
@@ -189,18 +190,18 @@ def test_shapes_and_gradient_reaches_every_parameter(n_levels):
 
 
 def test_attention_paths_agree_with_float64_softmax(monkeypatch):
-    """nested_unet.attention: the written-out CPU path (small maps) and the
+    """kernels.attention: the written-out CPU path (small maps) and the
     scaled_dot_product_attention path (larger ones) give the values and the gradients of a
     float64 softmax(q k^T / sqrt(d)) v written here, masks included; with a whole model, the
     written-out path gives the outputs and gradients of the kernel's (forced everywhere)."""
-    from nested_unet import attention
+    from kernels import attention
     g = torch.Generator().manual_seed(0)
     for queries in (16, 160):                        # 16 x 20 pairs: written out; 160 x 164: the kernel
         q, k, v = (torch.randn(3, 2, queries, 8, generator=g, dtype=torch.float64) for _ in range(3))
         k, v = torch.cat([k, k[:, :, :4] + 1], 2), torch.cat([v, v[:, :, :4] - 1], 2)    # 4 keys more
         mask = torch.rand(3, 1, 1, queries + 4, generator=g) > 0.4
         mask[..., 0] = True                                                              # a key for every row
-        assert (queries * (queries + 4) <= N.SMALL_ATTENTION) == (queries == 16)
+        assert (queries * (queries + 4) <= K.SMALL_ATTENTION) == (queries == 16)
         dout = torch.randn(3, 2, queries, 8, generator=g, dtype=torch.float64)
         for m in (None, mask):
             qkv = [a.clone().requires_grad_() for a in (q, k, v)]
@@ -225,7 +226,7 @@ def test_attention_paths_agree_with_float64_softmax(monkeypatch):
         sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in out).backward()
         return [o.detach() for o in out] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
     written = outputs_and_grads()
-    monkeypatch.setattr(N, "SMALL_ATTENTION", 0)
+    monkeypatch.setattr(K, "SMALL_ATTENTION", 0)
     kernel = outputs_and_grads()
     assert len(written) == len(kernel) > 2
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(written, kernel))
@@ -234,7 +235,7 @@ def test_attention_paths_agree_with_float64_softmax(monkeypatch):
 def test_channels_last_model_computes_what_the_default_layout_computes(monkeypatch):
     """A model moved to channels-last (the CPU's layout: utils.memory_format) keeps its maps in
     that layout from input to output, runs its attention's Linear layers as 1x1 convolutions
-    (nested_unet.pointwise), and gives the outputs and gradients of the same model in the
+    (kernels.pointwise), and gives the outputs and gradients of the same model in the
     default layout, which runs them as Linear layers; in both architectures."""
     CL = torch.channels_last
     for arch in ({}, N.RELEASE_ARCHITECTURE):
@@ -246,10 +247,10 @@ def test_channels_last_model_computes_what_the_default_layout_computes(monkeypat
         if not arch:
             cond["text_mask"] = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]]).bool()
         convs = []
-        real = N.pointwise
-        monkeypatch.setattr(N, "pointwise", lambda layer, m, conv: convs.append(conv) or real(layer, m, conv))
+        real = K.pointwise
+        monkeypatch.setattr(K, "pointwise", lambda layer, m, conv: convs.append(conv) or real(layer, m, conv))
         outs = [model(z, t, **cond) for model in (base, cl)]
-        monkeypatch.setattr(N, "pointwise", real)
+        monkeypatch.setattr(K, "pointwise", real)
         n = len(convs) // 2
         assert n > 0 and not any(convs[:n]) and all(convs[n:])     # Linear layers, then 1x1 convolutions
         assert all(o.is_contiguous(memory_format=CL) and not o.is_contiguous() for o in outs[1])
@@ -263,14 +264,14 @@ def test_channels_last_model_computes_what_the_default_layout_computes(monkeypat
 
 
 def test_channels_last_group_norm_matches_float64_and_runs_only_where_it_should(monkeypatch):
-    """utils.group_norm: on float32 channels-last CPU maps larger than 4x4 it runs
+    """kernels.group_norm: on float32 channels-last CPU maps larger than 4x4 it runs
     ChannelsLastGroupNorm, whose output and gradients (input, weight, bias) are those of a float64
     F.group_norm, with 1, 3 and 4 channels per group, an offset mean and an upstream gradient in
     either layout; small maps, the default layout and autocast keep PyTorch's kernel."""
     CL = torch.channels_last
     taken = []
-    real = utils.ChannelsLastGroupNorm.apply
-    monkeypatch.setattr(utils.ChannelsLastGroupNorm, "apply", lambda *a: taken.append(1) or real(*a))
+    real = K.ChannelsLastGroupNorm.apply
+    monkeypatch.setattr(K.ChannelsLastGroupNorm, "apply", lambda *a: taken.append(1) or real(*a))
     g = torch.Generator().manual_seed(0)
     for C, G, H, W in [(8, 8, 5, 5), (12, 4, 8, 6), (32, 8, 16, 16)]:
         x = (torch.randn(3, C, H, W, generator=g, dtype=torch.float64) * 2 + 5).contiguous(memory_format=CL)
@@ -282,7 +283,7 @@ def test_channels_last_group_norm_matches_float64_and_runs_only_where_it_should(
         for upstream in (dy, dy.contiguous(memory_format=CL)):
             leaves32 = [a.float().requires_grad_() for a in (x, w, b)]         # x stays channels-last
             taken.clear()
-            out = utils.group_norm(leaves32[0], G, leaves32[1], leaves32[2], 1e-5)
+            out = K.group_norm(leaves32[0], G, leaves32[1], leaves32[2], 1e-5)
             grads = torch.autograd.grad(out, leaves32, upstream.float())
             assert taken == [1] and out.is_contiguous(memory_format=CL) and grads[0].is_contiguous(memory_format=CL)
             torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
@@ -290,10 +291,10 @@ def test_channels_last_group_norm_matches_float64_and_runs_only_where_it_should(
                 torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-4)
     x = torch.randn(2, 8, 4, 4).contiguous(memory_format=CL)           # 4x4, default layout, autocast
     taken.clear()
-    utils.group_norm(x, 4, torch.ones(8), torch.zeros(8), 1e-5)
-    utils.group_norm(torch.randn(2, 8, 6, 6), 4, torch.ones(8), torch.zeros(8), 1e-5)
+    K.group_norm(x, 4, torch.ones(8), torch.zeros(8), 1e-5)
+    K.group_norm(torch.randn(2, 8, 6, 6), 4, torch.ones(8), torch.zeros(8), 1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        utils.group_norm(torch.randn(2, 8, 6, 6).contiguous(memory_format=CL), 4, torch.ones(8), torch.zeros(8), 1e-5)
+        K.group_norm(torch.randn(2, 8, 6, 6).contiguous(memory_format=CL), 4, torch.ones(8), torch.zeros(8), 1e-5)
     assert taken == []
     assert isinstance(N.group_norm(64), torch.nn.GroupNorm)          # same module type and state dict
 
@@ -1638,13 +1639,13 @@ def test_benchmark_counts_the_flops_of_a_training_step_from_the_layer_shapes(con
     for m in h["model"].modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
             m.register_forward_hook(conv if isinstance(m, torch.nn.Conv2d) else linear)
-    real_attention = N.attention                  # the kernel or, on tiny CPU maps, matmuls
+    real_attention = K.attention                  # the kernel or, on tiny CPU maps, matmuls
 
     def attention(q, k, v, mask=None):             # q K^T and (softmax) V: (B, heads, Nq, Nk)
         ref.append((2 * q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1]), True))
         return real_attention(q, k, v, mask)
 
-    pointwise = N.pointwise
+    pointwise = K.pointwise
 
     def pointwise_conv(layer, m, conv):              # a Linear run as a 1x1 convolution (channels-last)
         out = pointwise(layer, m, conv)
@@ -1652,8 +1653,8 @@ def test_benchmark_counts_the_flops_of_a_training_step_from_the_layer_shapes(con
             ref.append((2 * out.numel() * layer.in_features, m.requires_grad))
         return out
 
-    monkeypatch.setattr(N, "attention", attention)
-    monkeypatch.setattr(N, "pointwise", pointwise_conv)
+    monkeypatch.setattr(K, "attention", attention)
+    monkeypatch.setattr(K, "pointwise", pointwise_conv)
     got = h["count_flops"]()
     assert len(ref) > 20                             # every layer was seen
     assert got == sum(3 * f if needs_grad else 2 * f for f, needs_grad in ref)

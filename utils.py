@@ -242,7 +242,7 @@ def memory_format(setting, device, frames: int = 1) -> torch.memory_format:
     (True in runs from before "auto"), never if "off" (False), and with "auto" on a CPU. There
     oneDNN's 3x3 convolutions take 10-30% less time on channels-last maps at 16x16 and 32x32
     than on the default layout, the attention's (B, HW, C) tokens of such a map are a view, and
-    its Linear layers run as faster 1x1 convolutions (nested_unet.pointwise): the training step
+    its Linear layers run as faster 1x1 convolutions (kernels.pointwise): the training step
     and the sampling forward of the README's comparison with the official code took 11-15% less
     (on a later host of the same 2-core kind, the demo's model only 1% less). GPUs keep the
     default layout (not measured there: `bench.py --device cuda --knobs channels_last` does).
@@ -286,77 +286,6 @@ def timed(fn, n: int, device) -> list[float]:
         sync()
         out.append(time.perf_counter() - t0)
     return out
-
-
-# ---------------------------------------------------------------------------------------
-# A group norm for channels-last maps on a CPU
-# ---------------------------------------------------------------------------------------
-
-def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float) -> torch.Tensor:
-    """F.group_norm(x, groups, weight, bias, eps), computed another way for float32
-    channels-last CPU maps larger than 4x4 (the CPU's layout: memory_format).
-
-    PyTorch's CPU kernel is slow on channels-last maps wherever a group holds more than one
-    channel, and its backward on them is slow at every size; ChannelsLastGroupNorm, made of
-    sums over positions and fused multiply-adds on the map's (B, HW, C) view, took 41-44 ms
-    per training step of the official-comparison shape where the kernel took 78-93 ms
-    (forward and backward of its 54 norms at their 16 shapes, two runs; forward alone 14
-    against 21-32 ms; 2-core CI machine, 2026-12-02), and is as exact (1e-7 against float64).
-    At 4x4 its fixed cost of a dozen small operations loses to the kernel, which stays there,
-    under autocast and everywhere else."""
-    if (x.device.type == "cpu" and x.dim() == 4 and x.shape[2] * x.shape[3] > 16 and x.dtype == torch.float32
-            and weight is not None and not torch.is_autocast_enabled("cpu")
-            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
-        return ChannelsLastGroupNorm.apply(x, weight, bias, groups, eps)
-    return torch.nn.functional.group_norm(x, groups, weight, bias, eps)
-
-
-class ChannelsLastGroupNorm(torch.autograd.Function):
-    """Group norm of a channels-last map x (B, C, H, W), whose memory is (B, HW, C): each
-    group of D = C / G channels is normalised over its D * HW values, y = (x - mean) * rstd *
-    w + b. Statistics per channel first (a sum over positions, then the squared deviations
-    from the channel's mean: the two-pass variance), combined into the group's by the law of
-    total variance; then y = x * scale + shift with per-(sample, channel) scale and shift.
-
-    Backward, with x_hat = (x - mean) * rstd and sums over a group's values: dx = rstd * (w dy
-    - mean(w dy) - x_hat * mean(w dy x_hat)), dw = sum over samples and positions of dy x_hat,
-    db = of dy; with a = sum dy and s = sum dy x per (sample, channel), sum dy x_hat = rstd
-    (s - mean a), so dx = A dy + Bx x + Bc, again per-(sample, channel) coefficients."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, groups: int, eps: float):
-        B, C, H, W = x.shape
-        t = x.permute(0, 2, 3, 1).reshape(B, H * W, C)                     # a view of x's memory
-        mean_c = t.sum(1, keepdim=True) / (H * W)                           # (B, 1, C)
-        dev = t - mean_c
-        var_c = (dev * dev).sum(1).view(B, groups, -1) / (H * W)            # (B, G, D)
-        mean_c = mean_c.view(B, groups, -1)
-        mean = mean_c.mean(2, keepdim=True)                                  # (B, G, 1)
-        rstd = ((var_c + (mean_c - mean) ** 2).mean(2, keepdim=True) + eps).rsqrt()
-        w = weight.view(1, groups, -1)
-        scale = (rstd * w).view(B, 1, C)
-        shift = bias.view(1, 1, C) - (mean * rstd * w).view(B, 1, C)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.groups = groups
-        return torch.addcmul(shift, t, scale).view(B, H, W, C).permute(0, 3, 1, 2)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        B, C, H, W = x.shape
-        G, n = ctx.groups, C // ctx.groups * H * W                         # values per group
-        t = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
-        g = dy.permute(0, 2, 3, 1).reshape(B, H * W, C)                    # a copy only if dy is not channels-last
-        a = g.sum(1).view(B, G, -1)                                         # sum dy       (B, G, D)
-        dy_xhat = rstd * ((g * t).sum(1).view(B, G, -1) - mean * a)         # sum dy x_hat (B, G, D)
-        w = weight.view(1, G, -1)
-        m1 = (w * a).sum(2, keepdim=True) / n                               # mean(w dy)
-        m2 = (w * dy_xhat).sum(2, keepdim=True) / n                         # mean(w dy x_hat)
-        A = (rstd * w).view(B, 1, C)
-        Bx = (-rstd * rstd * m2).expand(B, G, C // G).reshape(B, 1, C)
-        Bc = (rstd * (rstd * mean * m2 - m1)).expand(B, G, C // G).reshape(B, 1, C)
-        dx = torch.addcmul(Bc, t, Bx).addcmul_(g, A)
-        return dx.view(B, H, W, C).permute(0, 3, 1, 2), dy_xhat.sum(0).reshape(C), a.sum(0).reshape(C), None, None
 
 
 # ---------------------------------------------------------------------------------------

@@ -43,9 +43,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import data
+import kernels
 import utils
 from diffusion import SAMPLERS, DiffusionConfig, MatryoshkaDiffusion
-from nested_unet import CPU_KEYS, PAPER, TINY_INNER, NestedUNet, NestedUNetConfig, attention, mdm_s64, zero_init
+from nested_unet import CPU_KEYS, PAPER, TINY_INNER, NestedUNet, NestedUNetConfig, mdm_s64, zero_init
 from utils import summary
 
 # ---------------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ class TemporalAttention(nn.Module):
         seq = x.reshape(BT // T, T, C, H * W).permute(0, 3, 1, 2).reshape(-1, T, C)   # (B*H*W, T, C)
         h = self.norm(seq) + frame_position_embedding(T, self.stride, C, x.device).to(seq.dtype)
         q, k, v = (a.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for a in self.qkv(h).chunk(3, dim=-1))
-        seq = seq + self.proj_out(attention(q, k, v).transpose(1, 2).flatten(2))
+        seq = seq + self.proj_out(kernels.attention(q, k, v).transpose(1, 2).flatten(2))
         seq = seq + self.ffn(seq)
         return seq.reshape(BT // T, H * W, T, C).permute(0, 2, 3, 1).reshape(BT, C, H, W)
 
