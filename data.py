@@ -11,8 +11,9 @@ data sets that ship as Debian/PyPI packages stand in for them by default:
 
 and any Hugging Face `datasets` source works the same way: a local folder of images
 (`imagefolder`, captions from metadata.jsonl, labels from sub-folders) or a hub data set by
-name, streamed when it is large. CC12M as in the paper (appendix F: all pairs, center crop,
-resize):
+name, streamed when it is large (a training run reads a stream, and any data set, through
+runs.py's Batches: one rank's share, resumable where it stopped). CC12M as in the paper
+(appendix F: all pairs, center crop, resize):
 
     python train.py --data pixparse/cc12m-wds --image-column jpg --caption-column txt \\
         --streaming --text-encoder google/flan-t5-xl --config MDM-S64S256 --res 64,256
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import itertools
 import os
 import sys
 from pathlib import Path
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from utils import to_device, to_uint8
 
@@ -215,7 +215,7 @@ def pick_columns(columns, image_column: str, caption_column: str | None):
 
 class HFImageDataset(Dataset):
     """A Hugging Face data set (map-style), opened by open_hf. Images are decoded here, not
-    by `datasets`, so that a broken file becomes a skipped sample (counted by `collate`)
+    by `datasets`, so that a broken file becomes a skipped sample (counted by `runs.collate`)
     instead of an exception in the middle of a run."""
 
     def __init__(self, source: str, size: int, split: str = "train", image_column: str = "image",
@@ -238,7 +238,7 @@ class HFImageDataset(Dataset):
         row = self.ds[i]
         image = decode_image(row[self.image_column], self.size)
         if image is None:
-            return None                            # dropped and counted by collate()
+            return None                            # dropped and counted by runs.collate()
         item = {"image": image, "index": i}
         if self.caption_column:
             item["caption"] = str(row[self.caption_column])
@@ -264,64 +264,6 @@ def decode_image(value, size: int):
         return None
 
 
-class HFStream(torch.utils.data.IterableDataset):
-    """A data set too large to download first (CC12M), read as a stream: shuffled in a buffer,
-    split over ranks (split_dataset_by_node: each rank its own shards, where there are enough)
-    and, within a rank, over its loader workers by `datasets` itself (each worker its own
-    shards, decoding its own images). Resumed by skipping what each worker had read. Batches
-    sets where it starts (`start`); every item gets an index unique over ranks and workers,
-    the key of its per-sample random numbers."""
-
-    def __init__(self, source: str, size: int, image_column: str = "jpg", caption_column: str = "txt"):
-        self.source, self.size, self.image_column, self.caption_column = source, size, image_column, caption_column
-        self.rank, self.world, self.seed, self.batch, self.batches_read = 0, 1, 0, 1, 0
-
-    def open(self, rank: int, world: int, seed: int):
-        """This rank's part of the stream, shuffled; and the columns of images and captions."""
-        import datasets
-        from datasets.distributed import split_dataset_by_node
-        ds = open_hf(self.source, streaming=True)
-        image_column, caption_column = pick_columns(ds.column_names or [self.image_column, self.caption_column],
-                                                    self.image_column, self.caption_column)
-        ds = ds.cast_column(image_column, datasets.Image(decode=False)).shuffle(seed=seed, buffer_size=10_000)
-        return split_dataset_by_node(ds, rank=rank, world_size=world), image_column, caption_column
-
-    def workers(self, wanted: int, rank: int, world: int) -> int:
-        """Loader workers for this rank: `datasets` gives each worker whole shards, and stops
-        those beyond the number of shards; the workers that read must be all there are."""
-        return min(wanted, self.open(rank, world, 0)[0].num_shards) if wanted else 0
-
-    def start(self, rank: int, world: int, seed: int, batch: int, batches_read: int):
-        self.rank, self.world, self.seed, self.batch, self.batches_read = rank, world, seed, batch, batches_read
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        w, W = (info.id, info.num_workers) if info is not None else (0, 1)
-        # The loader takes whole batches from its workers in turn: worker w made every W-th.
-        skip = max(0, (self.batches_read - w + W - 1) // W) * self.batch
-        ds, image_column, caption_column = self.open(self.rank, self.world, self.seed)
-        part, parts = self.rank * W + w, self.world * W
-        for i, row in enumerate(itertools.islice(ds, skip, None), start=skip):   # read again, not decoded
-            image = decode_image(row[image_column], self.size)
-            yield None if image is None else {"image": image, "index": i * parts + part,
-                                              "caption": str(row[caption_column])}
-
-
-def collate(items: list) -> dict:
-    """Stack a batch; samples that failed to decode (None) are dropped and counted."""
-    good = [it for it in items if it is not None]
-    batch = {"skipped": len(items) - len(good)}
-    if not good:
-        return batch
-    batch["image"] = torch.stack([it["image"] for it in good])
-    batch["index"] = torch.tensor([it["index"] for it in good])
-    if "caption" in good[0]:
-        batch["caption"] = [it["caption"] for it in good]
-    if "label" in good[0]:
-        batch["label"] = torch.tensor([it["label"] for it in good])
-    return batch
-
-
 def load_dataset(name: str, size: int, frames: int = 1, **kw) -> Dataset:
     """'emoji', 'fashion-mnist', 'emoji-motion' (video.py's clips of `frames` frames), a folder
     of images, or a Hugging Face data set name; kw: its columns."""
@@ -333,69 +275,6 @@ def load_dataset(name: str, size: int, frames: int = 1, **kw) -> Dataset:
         import video
         return video.EmojiMotion(size=size, frames=frames)
     return HFImageDataset(name, size, **kw)
-
-
-class ResumableSampler(DistributedSampler):
-    """torch's DistributedSampler (a shuffled, disjoint share of the data set per rank, a new
-    order every epoch), which can also start in the middle of an epoch: the data position of
-    a resumed run."""
-
-    def __init__(self, dataset, num_replicas=1, rank=0, seed=0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.start = 0
-
-    def set_position(self, epoch: int, start: int):
-        self.set_epoch(epoch)
-        self.start = start
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
-
-    def __len__(self):
-        return self.num_samples - self.start
-
-
-class Batches:
-    """An endless stream of one rank's batches (of `batch` samples), whose position (epoch,
-    samples seen in it) is saved in checkpoints and restored on resume: a map-style data set
-    in a shuffled, disjoint share per rank (ResumableSampler), or an HFStream split over ranks.
-    `skipped` counts the images that could not be decoded."""
-
-    def __init__(self, dataset, batch: int, rank: int = 0, world: int = 1, seed: int = 0, workers: int = 0,
-                 epoch: int = 0, pos: int = 0):
-        self.dataset, self.batch, self.rank, self.world = dataset, batch, rank, world
-        self.seed, self.workers = seed, workers
-        self.epoch, self.pos, self.skipped = epoch, pos, 0
-        self._start()
-
-    def _start(self):
-        workers = self.workers
-        if isinstance(self.dataset, HFStream):     # decoded in the loader's workers, like the rest
-            self.dataset.start(self.rank, self.world, self.seed + self.epoch, self.batch, self.pos // self.batch)
-            workers, sampler = self.dataset.workers(self.workers, self.rank, self.world), None
-        else:
-            sampler = ResumableSampler(self.dataset, self.world, self.rank, self.seed)
-            sampler.set_position(self.epoch, self.pos)
-        loader = DataLoader(self.dataset, batch_size=self.batch, sampler=sampler, drop_last=True,
-                            collate_fn=collate, num_workers=workers,
-                            persistent_workers=False, pin_memory=torch.cuda.is_available())
-        self.it = iter(loader)
-
-    def __next__(self):
-        while True:
-            try:
-                b = next(self.it)
-            except StopIteration:                  # end of an epoch (or of the stream)
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._start()
-                continue
-            self.pos += self.batch
-            self.skipped += b["skipped"]
-            if "image" in b:
-                return b
-
-    def state(self):
-        return {"epoch": self.epoch, "pos": self.pos}
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """
 A training run's plumbing, kept out of the training story (train.py): its options checked
 (each mistake said in one line before any work), its model config found, its folder opened
-(new, or resumed with what a resume may change), the log of its losses and speed, its
-checkpoints, and the sample grids and evaluations made along the way.
+(new, or resumed with what a resume may change), its batches (each rank's share of the data,
+resumed at the sample where it stopped; a stream split over ranks and loader workers), the log
+of its losses and speed, its checkpoints, and the sample grids and evaluations made along the
+way.
 
 A run folder holds options.json, log.jsonl (a row every --log-every steps), loss.png,
 samples/, checkpoint.pt (the whole state, written atomically), checkpoints/ (the last few and
@@ -15,6 +17,7 @@ and batches) and `o` its TrainOptions.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import signal
@@ -28,7 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler
 
+import data
 import pipeline
 import utils
 import video
@@ -243,6 +248,131 @@ def load_state(st, ckpt: dict, rank: int):
         if obj is not None and ckpt.get(part) is not None:
             obj.load_state_dict(ckpt[part])
     utils.set_rng_states(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
+
+
+# ---------------------------------------------------------------------------------------
+# The batches of a run: one rank's share of the data, resumable where it stopped, or a stream
+# ---------------------------------------------------------------------------------------
+
+class ResumableSampler(DistributedSampler):
+    """torch's DistributedSampler (a shuffled, disjoint share of the data set per rank, a new
+    order every epoch), which can also start in the middle of an epoch: the data position of
+    a resumed run."""
+
+    def __init__(self, dataset, num_replicas=1, rank=0, seed=0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int):
+        self.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+class Batches:
+    """An endless stream of one rank's batches (of `batch` samples), whose position (epoch,
+    samples seen in it) is saved in checkpoints and restored on resume: a map-style data set
+    in a shuffled, disjoint share per rank (ResumableSampler), or an HFStream split over ranks.
+    `skipped` counts the images that could not be decoded."""
+
+    def __init__(self, dataset, batch: int, rank: int = 0, world: int = 1, seed: int = 0, workers: int = 0,
+                 epoch: int = 0, pos: int = 0):
+        self.dataset, self.batch, self.rank, self.world = dataset, batch, rank, world
+        self.seed, self.workers = seed, workers
+        self.epoch, self.pos, self.skipped = epoch, pos, 0
+        self._start()
+
+    def _start(self):
+        workers = self.workers
+        if isinstance(self.dataset, HFStream):     # decoded in the loader's workers, like the rest
+            self.dataset.start(self.rank, self.world, self.seed + self.epoch, self.batch, self.pos // self.batch)
+            workers, sampler = self.dataset.workers(self.workers, self.rank, self.world), None
+        else:
+            sampler = ResumableSampler(self.dataset, self.world, self.rank, self.seed)
+            sampler.set_position(self.epoch, self.pos)
+        loader = DataLoader(self.dataset, batch_size=self.batch, sampler=sampler, drop_last=True,
+                            collate_fn=collate, num_workers=workers,
+                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+        self.it = iter(loader)
+
+    def __next__(self):
+        while True:
+            try:
+                b = next(self.it)
+            except StopIteration:                  # end of an epoch (or of the stream)
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._start()
+                continue
+            self.pos += self.batch
+            self.skipped += b["skipped"]
+            if "image" in b:
+                return b
+
+    def state(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
+class HFStream(torch.utils.data.IterableDataset):
+    """A data set too large to download first (CC12M), read as a stream: shuffled in a buffer,
+    split over ranks (split_dataset_by_node: each rank its own shards, where there are enough)
+    and, within a rank, over its loader workers by `datasets` itself (each worker its own
+    shards, decoding its own images). Resumed by skipping what each worker had read. Batches
+    sets where it starts (`start`); every item gets an index unique over ranks and workers,
+    the key of its per-sample random numbers."""
+
+    def __init__(self, source: str, size: int, image_column: str = "jpg", caption_column: str = "txt"):
+        self.source, self.size, self.image_column, self.caption_column = source, size, image_column, caption_column
+        self.rank, self.world, self.seed, self.batch, self.batches_read = 0, 1, 0, 1, 0
+
+    def open(self, rank: int, world: int, seed: int):
+        """This rank's part of the stream, shuffled; and the columns of images and captions."""
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+        ds = data.open_hf(self.source, streaming=True)
+        columns = ds.column_names or [self.image_column, self.caption_column]
+        image_column, caption_column = data.pick_columns(columns, self.image_column, self.caption_column)
+        ds = ds.cast_column(image_column, datasets.Image(decode=False)).shuffle(seed=seed, buffer_size=10_000)
+        return split_dataset_by_node(ds, rank=rank, world_size=world), image_column, caption_column
+
+    def workers(self, wanted: int, rank: int, world: int) -> int:
+        """Loader workers for this rank: `datasets` gives each worker whole shards, and stops
+        those beyond the number of shards; the workers that read must be all there are."""
+        return min(wanted, self.open(rank, world, 0)[0].num_shards) if wanted else 0
+
+    def start(self, rank: int, world: int, seed: int, batch: int, batches_read: int):
+        self.rank, self.world, self.seed, self.batch, self.batches_read = rank, world, seed, batch, batches_read
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The loader takes whole batches from its workers in turn: worker w made every W-th.
+        skip = max(0, (self.batches_read - w + W - 1) // W) * self.batch
+        ds, image_column, caption_column = self.open(self.rank, self.world, self.seed)
+        part, parts = self.rank * W + w, self.world * W
+        for i, row in enumerate(itertools.islice(ds, skip, None), start=skip):   # read again, not decoded
+            image = data.decode_image(row[image_column], self.size)
+            yield None if image is None else {"image": image, "index": i * parts + part,
+                                              "caption": str(row[caption_column])}
+
+
+def collate(items: list) -> dict:
+    """Stack a batch; samples that failed to decode (None) are dropped and counted."""
+    good = [it for it in items if it is not None]
+    batch = {"skipped": len(items) - len(good)}
+    if not good:
+        return batch
+    batch["image"] = torch.stack([it["image"] for it in good])
+    batch["index"] = torch.tensor([it["index"] for it in good])
+    if "caption" in good[0]:
+        batch["caption"] = [it["caption"] for it in good]
+    if "label" in good[0]:
+        batch["label"] = torch.tensor([it["label"] for it in good])
+    return batch
 
 
 # ---------------------------------------------------------------------------------------

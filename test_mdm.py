@@ -25,6 +25,7 @@ import kernels as K
 import metrics as M
 import nested_unet as N
 import pipeline as P
+import runs
 import utils
 import sample as S
 import video as V
@@ -2266,7 +2267,7 @@ def test_webdataset_shards_train_and_streams_decode_in_workers_and_resume_exactl
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     # the workers' items: unique keys, every one of the 12 images once per epoch
-    batches = data.Batches(data.HFStream(str(shards), 8), 2, workers=2)
+    batches = runs.Batches(runs.HFStream(str(shards), 8), 2, workers=2)
     keys = [k for _ in range(6) for k in next(batches)["index"].tolist()]
     assert len(set(keys)) == 12 and batches.state() == {"epoch": 0, "pos": 12}
 

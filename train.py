@@ -193,7 +193,7 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, o: Tra
     if x.dim() == 4:                               # images, not clips: the model's memory format
         x = x.contiguous(memory_format=utils.memory_format(o.channels_last, device))
     # A sample's key: its index in the data set (in a stream, its position in the stream of its
-    # rank and loader worker, made unique over them: data.HFStream).
+    # rank and loader worker, made unique over them: runs.HFStream).
     keys = batch["index"]
     shapes = [s[1:] for s in model.input_shapes(1)]
     t, noises, u_drop, u_high = utils.per_sample_randomness(keys, step, o.seed, shapes, device)
@@ -253,7 +253,7 @@ def load_data(o: TrainOptions, size, frames: int):
     """The data set of a stage, at its own top resolution (the paper's 64x64 stage is a 64x64
     training run): a map-style data set (first --data-limit images), or a stream."""
     if o.streaming:
-        return data.HFStream(o.data, size[1], o.image_column, o.caption_column)
+        return runs.HFStream(o.data, size[1], o.image_column, o.caption_column)
     try:
         ds = data.load_dataset(o.data, size[1], frames=frames, image_column=o.image_column,
                                caption_column=o.caption_column, label_column=o.label_column)
@@ -328,7 +328,7 @@ class Stage:
     train_model: torch.nn.Module
     diffusion: MatryoshkaDiffusion
     scaler: torch.amp.GradScaler | None
-    batches: data.Batches | None = None
+    batches: runs.Batches | None = None
 
 
 def build_stage(o: TrainOptions, index: int, cfg_full, dcfg, device, world, init=None, previous: Stage = None,
@@ -430,7 +430,7 @@ def restore_stage(o: TrainOptions, ckpt, first: int, cfg_full, dcfg, d: RunData,
     else:
         torch.manual_seed(o.seed * 1000 + rank)    # per-rank seed for everything not per-sample
     # --batch is the global batch of a step: world processes x accum micro-batches x micro.
-    st.batches = data.Batches(d.dataset, o.batch[first] // (world * o.accum), rank, world, o.seed, o.workers,
+    st.batches = runs.Batches(d.dataset, o.batch[first] // (world * o.accum), rank, world, o.seed, o.workers,
                               **(ckpt["data"] if ckpt else {}))
     return st
 
@@ -441,7 +441,7 @@ def start_stage(o: TrainOptions, index: int, cfg_full, dcfg, data_position: dict
     its own top resolution, from `data_position` on."""
     st = build_stage(o, index, cfg_full, dcfg, device, world, previous=previous, precision=precision)
     size = parse_sizes(o.res)[index]
-    st.batches = data.Batches(load_data(o, size, cfg_full.frames), o.batch[index] // (world * o.accum), rank, world,
+    st.batches = runs.Batches(load_data(o, size, cfg_full.frames), o.batch[index] // (world * o.accum), rank, world,
                               o.seed, o.workers, **data_position)
     return st
 
