@@ -34,9 +34,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
+import metrics
 import pipeline
 import utils
 import video
+from diffusion import THRESHOLDING
 from nested_unet import PRESETS, NestedUNetConfig, preset
 
 # ---------------------------------------------------------------------------------------
@@ -248,6 +250,110 @@ def load_state(st, ckpt: dict, rank: int):
         if obj is not None and ckpt.get(part) is not None:
             obj.load_state_dict(ckpt[part])
     utils.set_rng_states(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
+
+
+# ---------------------------------------------------------------------------------------
+# A run's data, what --init-from brings, and what the run records for sampling
+# ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunData:
+    """What the data brings to a run: the data set of the current stage (and without
+    --data-limit), what it is conditioned on, the class names, the frozen text encoder."""
+    dataset: object
+    full: object
+    cond_kind: str
+    class_names: list | None
+    encoder: data.TextEncoder | None
+
+
+def load_data(o, size, frames: int):
+    """The data set of a stage, at its own top resolution (the paper's 64x64 stage is a 64x64
+    training run): a map-style data set (first --data-limit images), or a stream."""
+    if o.streaming:
+        return HFStream(o.data, size[1], o.image_column, o.caption_column)
+    try:
+        ds = data.load_dataset(o.data, size[1], frames=frames, image_column=o.image_column,
+                               caption_column=o.caption_column, label_column=o.label_column)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"train.py: {e}")
+    return torch.utils.data.Subset(ds, range(min(o.data_limit, len(ds)))) if o.data_limit else ds
+
+
+def setup_data(o, size, frames: int, world: int, device) -> RunData:
+    dataset = load_data(o, size, frames)
+    full = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    if o.streaming:
+        has_text, class_names = True, None
+    else:
+        has_text = getattr(full, "captions", None) is not None or getattr(full, "caption_column", None)
+        class_names = getattr(full, "class_names", None)
+        if len(dataset) < o.batch[0] // world:
+            raise SystemExit(f"train.py: --data {o.data} has {len(dataset)} images, fewer than one "
+                             f"batch per process ({o.batch[0] // world})")
+    cond_kind = o.cond if o.cond != "auto" else ("text" if has_text else "label" if class_names else "none")
+    if cond_kind == "label" and not class_names:
+        raise SystemExit(f"train.py: --cond label: {o.data} has no class labels")
+    if cond_kind == "text" and not has_text:
+        raise SystemExit(f"train.py: --cond text: {o.data} has no captions (--caption-column {o.caption_column})")
+    # The text encoder is frozen (FLAN-T5 XL in the paper; MiniLM offline here): it runs
+    # without gradients, and only the model's own projection of its features trains.
+    encoder = None
+    if cond_kind == "text":                        # a stream's captions do not come back: no cache
+        try:
+            encoder = data.TextEncoder(o.text_encoder, device=device, tokenization=o.text_tokenization,
+                                       **({"cache_size": 0} if o.streaming else {}))
+        except ValueError as e:
+            raise SystemExit(f"train.py: {e}")
+        if not o.streaming and full.captions is not None:
+            encoder(list(dict.fromkeys(full.captions)))   # a fixed caption set: encode it once, now
+    return RunData(dataset, full, cond_kind, class_names, encoder)
+
+
+def choose_thresholding(o, full, init_meta: dict, is_main: bool) -> str:
+    """The thresholding that the run records for sampling: the one asked for, else --init-from's
+    run's, else chosen from the data. Imagen's dynamic thresholding (the paper's, appendix C)
+    divides a sample by the 99.5th percentile of |x| whenever it exceeds 1, so at most 0.5% of
+    its pixels can reach -1 or 1: data with black or white backgrounds (Fashion-MNIST's are
+    black, the emoji's white) comes out grey: the guided Fashion-MNIST demo's samples are read as
+    their class 96% of the time when clipped, 64% when so thresholded. Such data is clipped."""
+    if o.thresholding != "auto":
+        return o.thresholding
+    if "diffusion_config" in init_meta:
+        return init_meta["diffusion_config"].get("thresholding", "imagen")
+    images = getattr(full, "images", None)         # the data held in memory as uint8 (N, H, W, C)
+    if images is None:                             # a stream, or a folder read lazily: the paper's
+        return "imagen"
+    sample = images[:: max(1, len(images) // 1000)]
+    saturated = float(((sample == 0) | (sample == 255)).mean())
+    reachable = 1 - THRESHOLDING["imagen"][0]     # the share of pixels above Imagen's percentile
+    mode = "clip" if saturated > reachable else "imagen"
+    if is_main:
+        print(f"thresholding: {mode} ({saturated:.0%} of the data's pixels are black or white; Imagen's "
+              f"dynamic thresholding lets {reachable:.1%} reach them; --thresholding chooses)")
+    return mode
+
+
+def load_init(o, resuming: bool):
+    """--init-from's model and metadata (a converted released model, or one of our runs);
+    its text encoder and tokenisation become the run's, unless given."""
+    init, meta = None, {}
+    if o.init_from is not None and not resuming:
+        try:
+            init, meta = pipeline.load_weights(pipeline.find_weights(o.init_from))
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"train.py: --init-from: {e}")
+    o.text_encoder = o.text_encoder or meta.get("text_encoder") or "minilm"   # resolved once, and saved
+    o.text_tokenization = o.text_tokenization or meta.get("text_tokenization", "hf")
+    return init, meta
+
+
+def run_meta(o, d: RunData, cfg_full: NestedUNetConfig, init_meta: dict) -> dict:
+    """What sample.py needs besides the weights (a checkpoint adds its stage's configs)."""
+    return {"cond": d.cond_kind, "text_encoder": o.text_encoder if d.encoder else None,
+            "class_names": d.class_names, "text_tokenization": o.text_tokenization, "data": o.data, "res": o.res,
+            "video": cfg_full.frames > 1, "data_limit": o.data_limit,
+            **({"sampling": init_meta["sampling"]} if "sampling" in init_meta else {})}
 
 
 # ---------------------------------------------------------------------------------------
@@ -470,6 +576,21 @@ def save_checkpoint(run_dir: Path, st, step: int, o, meta: dict, log: Log, world
         pipeline.save_weights(run_dir / "ema.safetensors", st.ema.state_dict(), {**stage_meta, "step": step})
 
 
+def side_tools(o, d: RunData, top_size, device):
+    """The main process's sample grids (unless --no-samples) and evaluations at the final
+    resolution (--eval-every): (grid or None, evaluate or None)."""
+    try:
+        grid = None if o.no_samples else pipeline.SampleGrid(
+            d.cond_kind, getattr(d.full, "captions", None), d.class_names, d.encoder, device, o.sample_steps,
+            o.sample_guidance, sample_prompts(o))
+    except ValueError as e:
+        raise SystemExit(f"train.py: --sample-prompts: {e}")
+    evaluate = metrics.DuringTraining(o.data, top_size[1], o.eval_real, d.cond_kind, d.class_names,
+                                      None if o.streaming else getattr(d.full, "captions", None), d.encoder,
+                                      o.eval_samples, o.eval_steps, device) if o.eval_every else None
+    return grid, evaluate
+
+
 def side_work(run_dir, st, step: int, stage_ends, sizes, o, grid, evaluate, log: Log,
               autocast, bar, device):
     """Sample grids (every --sample-every steps and at each stage's end) and evaluations
@@ -529,3 +650,18 @@ def stop_on_sigterm() -> threading.Event:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     return stop
+
+
+def finish(run_dir: Path, sizes, cond_kind: str, step: int, last_step: int, is_main: bool):
+    """What to do next: resume a run that stopped before its last step, or sample it."""
+    if is_main:
+        utils.plot_log(run_dir / "log.jsonl", run_dir / "loss.png")
+        if step < last_step:
+            print(f"\nstopped at step {step}; saved. Resume with: python train.py --resume {run_dir}")
+        else:
+            how = (f"python video.py sample --ckpt {run_dir} \"a prompt\"" if sizes[-1][0] > 1 else
+                   f"python sample.py --ckpt {run_dir} " + ("--label <class>" if cond_kind == "label" else
+                                                             "\"a prompt\"" if cond_kind == "text" else ""))
+            print(f"done: {run_dir}/ema.safetensors (sample with: {how.strip()})")
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -2501,12 +2501,12 @@ def test_thresholding_auto_clips_data_with_black_or_white_backgrounds(trained_ru
     many.reshape(-1)[:int(0.006 * many.size)] = 255                      # 0.6%: over
     auto = train.parse_args([])
     assert auto.thresholding == "auto"
-    chosen = [train.choose_thresholding(auto, TensorImageDataset(x), {}, False) for x in (mid, few, many)]
+    chosen = [runs.choose_thresholding(auto, TensorImageDataset(x), {}, False) for x in (mid, few, many)]
     assert chosen == ["imagen", "imagen", "clip"]
-    assert train.choose_thresholding(train.parse_args(["--thresholding", "none"]), TensorImageDataset(many),
+    assert runs.choose_thresholding(train.parse_args(["--thresholding", "none"]), TensorImageDataset(many),
                                      {}, False) == "none"
     released = {"diffusion_config": {"thresholding": "deepfloyd"}}
-    assert train.choose_thresholding(auto, TensorImageDataset(many), released, False) == "deepfloyd"
+    assert runs.choose_thresholding(auto, TensorImageDataset(many), released, False) == "deepfloyd"
     # what the runs recorded for sample.py: Fashion-MNIST (43% black) clipped, coloured squares not
     meta = {name: P.read_metadata(trained_runs / name / "ema.safetensors") for name in ("fashion", "text")}
     assert [meta[n]["diffusion_config"]["thresholding"] for n in ("fashion", "text")] == ["clip", "imagen"]

@@ -36,23 +36,18 @@ import argparse
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import data
-import metrics
-import pipeline
 import runs
 import utils
 import video
 from diffusion import DiffusionConfig, MatryoshkaDiffusion, make_optimizer, training_step, CLIP_NORM, THRESHOLDING
 from nested_unet import NestedUNet, NestedUNetConfig, grow
-from runs import Log, check_args, load_model_config, parse_sizes, sample_prompts, save_checkpoint, side_work
+from runs import Log, check_args, load_model_config, parse_sizes, save_checkpoint, side_work
 from utils import option, to_device
 
 # ---------------------------------------------------------------------------------------
@@ -235,86 +230,8 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, o: Tra
 
 
 # ---------------------------------------------------------------------------------------
-# Setting up: the data, the thresholding it asks for, a stage's model (the run folder: runs.py)
+# A stage's model: built, or grown from the previous stage's (the run's data and folder: runs.py)
 # ---------------------------------------------------------------------------------------
-
-@dataclass
-class RunData:
-    """What the data brings to a run: the data set of the current stage (and without
-    --data-limit), what it is conditioned on, the class names, the frozen text encoder."""
-    dataset: object
-    full: object
-    cond_kind: str
-    class_names: list | None
-    encoder: data.TextEncoder | None
-
-
-def load_data(o: TrainOptions, size, frames: int):
-    """The data set of a stage, at its own top resolution (the paper's 64x64 stage is a 64x64
-    training run): a map-style data set (first --data-limit images), or a stream."""
-    if o.streaming:
-        return runs.HFStream(o.data, size[1], o.image_column, o.caption_column)
-    try:
-        ds = data.load_dataset(o.data, size[1], frames=frames, image_column=o.image_column,
-                               caption_column=o.caption_column, label_column=o.label_column)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"train.py: {e}")
-    return torch.utils.data.Subset(ds, range(min(o.data_limit, len(ds)))) if o.data_limit else ds
-
-
-def setup_data(o: TrainOptions, size, frames: int, world: int, device) -> RunData:
-    dataset = load_data(o, size, frames)
-    full = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
-    if o.streaming:
-        has_text, class_names = True, None
-    else:
-        has_text = getattr(full, "captions", None) is not None or getattr(full, "caption_column", None)
-        class_names = getattr(full, "class_names", None)
-        if len(dataset) < o.batch[0] // world:
-            raise SystemExit(f"train.py: --data {o.data} has {len(dataset)} images, fewer than one "
-                             f"batch per process ({o.batch[0] // world})")
-    cond_kind = o.cond if o.cond != "auto" else ("text" if has_text else "label" if class_names else "none")
-    if cond_kind == "label" and not class_names:
-        raise SystemExit(f"train.py: --cond label: {o.data} has no class labels")
-    if cond_kind == "text" and not has_text:
-        raise SystemExit(f"train.py: --cond text: {o.data} has no captions (--caption-column {o.caption_column})")
-    # The text encoder is frozen (FLAN-T5 XL in the paper; MiniLM offline here): it runs
-    # without gradients, and only the model's own projection of its features trains.
-    encoder = None
-    if cond_kind == "text":                        # a stream's captions do not come back: no cache
-        try:
-            encoder = data.TextEncoder(o.text_encoder, device=device, tokenization=o.text_tokenization,
-                                       **({"cache_size": 0} if o.streaming else {}))
-        except ValueError as e:
-            raise SystemExit(f"train.py: {e}")
-        if not o.streaming and full.captions is not None:
-            encoder(list(dict.fromkeys(full.captions)))   # a fixed caption set: encode it once, now
-    return RunData(dataset, full, cond_kind, class_names, encoder)
-
-
-def choose_thresholding(o: TrainOptions, full, init_meta: dict, is_main: bool) -> str:
-    """The thresholding that the run records for sampling: the one asked for, else --init-from's
-    run's, else chosen from the data. Imagen's dynamic thresholding (the paper's, appendix C)
-    divides a sample by the 99.5th percentile of |x| whenever it exceeds 1, so at most 0.5% of
-    its pixels can reach -1 or 1: data with black or white backgrounds (Fashion-MNIST's are
-    black, the emoji's white) comes out grey: the guided Fashion-MNIST demo's samples are read as
-    their class 96% of the time when clipped, 64% when so thresholded. Such data is clipped."""
-    if o.thresholding != "auto":
-        return o.thresholding
-    if "diffusion_config" in init_meta:
-        return init_meta["diffusion_config"].get("thresholding", "imagen")
-    images = getattr(full, "images", None)         # the data held in memory as uint8 (N, H, W, C)
-    if images is None:                             # a stream, or a folder read lazily: the paper's
-        return "imagen"
-    sample = images[:: max(1, len(images) // 1000)]
-    saturated = float(((sample == 0) | (sample == 255)).mean())
-    reachable = 1 - THRESHOLDING["imagen"][0]     # the share of pixels above Imagen's percentile
-    mode = "clip" if saturated > reachable else "imagen"
-    if is_main:
-        print(f"thresholding: {mode} ({saturated:.0%} of the data's pixels are black or white; Imagen's "
-              f"dynamic thresholding lets {reachable:.1%} reach them; --thresholding chooses)")
-    return mode
-
 
 @dataclass
 class Stage:
@@ -390,7 +307,7 @@ def build_stage(o: TrainOptions, index: int, cfg_full, dcfg, device, world, init
 # A step, and a stage's start
 # ---------------------------------------------------------------------------------------
 
-def optimizer_step(st: Stage, d: RunData, o: TrainOptions, step: int, rank: int, world: int, device, autocast,
+def optimizer_step(st: Stage, d: runs.RunData, o: TrainOptions, step: int, rank: int, world: int, device, autocast,
                    log: Log):
     """Step number `step` (from 0): --accum micro-batches (the time spent waiting for the
     loader is logged as data_wait: workers decode the next batches while the model runs),
@@ -416,7 +333,7 @@ def optimizer_step(st: Stage, d: RunData, o: TrainOptions, step: int, rank: int,
     log.steps += 1
 
 
-def restore_stage(o: TrainOptions, ckpt, first: int, cfg_full, dcfg, d: RunData, init, rank: int, world: int,
+def restore_stage(o: TrainOptions, ckpt, first: int, cfg_full, dcfg, d: runs.RunData, init, rank: int, world: int,
                   device, precision: str) -> Stage:
     """The stage a run starts at: stage 0's model (or --init-from's), or for a resumed run its
     stage's shape grown step by step, then the whole saved state (weights, EMA, Adam's
@@ -441,54 +358,18 @@ def start_stage(o: TrainOptions, index: int, cfg_full, dcfg, data_position: dict
     its own top resolution, from `data_position` on."""
     st = build_stage(o, index, cfg_full, dcfg, device, world, previous=previous, precision=precision)
     size = parse_sizes(o.res)[index]
-    st.batches = runs.Batches(load_data(o, size, cfg_full.frames), o.batch[index] // (world * o.accum), rank, world,
-                              o.seed, o.workers, **data_position)
+    dataset = runs.load_data(o, size, cfg_full.frames)
+    st.batches = runs.Batches(dataset, o.batch[index] // (world * o.accum), rank, world, o.seed, o.workers,
+                              **data_position)
     return st
 
 
-def load_init(o: TrainOptions, resuming: bool):
-    """--init-from's model and metadata (a converted released model, or one of our runs);
-    its text encoder and tokenisation become the run's, unless given."""
-    init, meta = None, {}
-    if o.init_from is not None and not resuming:
-        try:
-            init, meta = pipeline.load_weights(pipeline.find_weights(o.init_from))
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"train.py: --init-from: {e}")
-    o.text_encoder = o.text_encoder or meta.get("text_encoder") or "minilm"   # resolved once, and saved
-    o.text_tokenization = o.text_tokenization or meta.get("text_tokenization", "hf")
-    return init, meta
-
-
-def conditioned(cfg: NestedUNetConfig, d: RunData) -> NestedUNetConfig:
+def conditioned(cfg: NestedUNetConfig, d: runs.RunData) -> NestedUNetConfig:
     """The model's inputs as the data sets them: the text encoder's width or the number of
     classes (section 3.2's conditioning), and the image channels (one for Fashion-MNIST)."""
     return NestedUNetConfig(**{**cfg.to_dict(), "text_channels": d.encoder.dim if d.encoder else 0,
                                "num_classes": len(d.class_names) if d.cond_kind == "label" else 0,
                                "in_channels": getattr(d.full, "channels", 3)})
-
-
-def run_meta(o: TrainOptions, d: RunData, cfg_full: NestedUNetConfig, init_meta: dict) -> dict:
-    """What sample.py needs besides the weights (a checkpoint adds its stage's configs)."""
-    return {"cond": d.cond_kind, "text_encoder": o.text_encoder if d.encoder else None,
-            "class_names": d.class_names, "text_tokenization": o.text_tokenization, "data": o.data, "res": o.res,
-            "video": cfg_full.frames > 1, "data_limit": o.data_limit,
-            **({"sampling": init_meta["sampling"]} if "sampling" in init_meta else {})}
-
-
-def side_tools(o: TrainOptions, d: RunData, top_size, device):
-    """The main process's sample grids (unless --no-samples) and evaluations at the final
-    resolution (--eval-every): (grid or None, evaluate or None)."""
-    try:
-        grid = None if o.no_samples else pipeline.SampleGrid(
-            d.cond_kind, getattr(d.full, "captions", None), d.class_names, d.encoder, device, o.sample_steps,
-            o.sample_guidance, sample_prompts(o))
-    except ValueError as e:
-        raise SystemExit(f"train.py: --sample-prompts: {e}")
-    evaluate = metrics.DuringTraining(o.data, top_size[1], o.eval_real, d.cond_kind, d.class_names,
-                                      None if o.streaming else getattr(d.full, "captions", None), d.encoder,
-                                      o.eval_samples, o.eval_steps, device) if o.eval_every else None
-    return grid, evaluate
 
 
 # ---------------------------------------------------------------------------------------
@@ -502,25 +383,25 @@ def main(argv=None):
     check_args(o, utils.process_env()[1], cfg_full)
     rank, world, device = utils.setup_processes(o.device)
     is_main = rank == 0
-    init, init_meta = load_init(o, ckpt is not None)
+    init, init_meta = runs.load_init(o, ckpt is not None)
 
     # -- the data, and the conditioning inputs it sets: the encoder's width, or the classes --
     sizes, stage_ends = parse_sizes(o.res), np.cumsum(o.steps).tolist()   # stage s ends at step stage_ends[s]
     first, step = (ckpt["stage"], ckpt["step"]) if ckpt else (0, 0)
-    d = setup_data(o, sizes[first], cfg_full.frames, world, device)
+    d = runs.setup_data(o, sizes[first], cfg_full.frames, world, device)
     cfg_full = conditioned(cfg_full, d)
     dcfg = DiffusionConfig(shift_power=o.shift_power, loss_weights=o.loss_weights, loss_levels=o.loss_levels,
-                           thresholding=choose_thresholding(o, d.full, init_meta, is_main))
+                           thresholding=runs.choose_thresholding(o, d.full, init_meta, is_main))
 
     # -- the run folder, and the model of the current stage (resumed: its whole state) --
     run_dir = runs.make_run_dir(o, run_dir, ckpt, changes, is_main)
-    meta = run_meta(o, d, cfg_full, init_meta)
+    meta = runs.run_meta(o, d, cfg_full, init_meta)
     precision = utils.resolve_precision(o.precision, device)      # what "auto" means on this device
     st = restore_stage(o, ckpt, first, cfg_full, dcfg, d, init, rank, world, device, precision)
 
     # -- precision, sample grids, evaluations, the log, a polite stop (SIGTERM of a cluster) --
     autocast = utils.autocast(device, precision)
-    grid, evaluate = side_tools(o, d, sizes[-1], device) if is_main else (None, None)
+    grid, evaluate = runs.side_tools(o, d, sizes[-1], device) if is_main else (None, None)
     log = Log(run_dir, ckpt, len(st.model.resolutions), device, is_main, o.tensorboard)
     stop = runs.stop_on_sigterm()                  # a threading.Event, set by SIGTERM
     if is_main:
@@ -556,23 +437,8 @@ def main(argv=None):
         runs.diverged(run_dir, step, is_main)      # says so, and exits with 1: the last good checkpoint stays
     finally:
         bar.close()
-    finish(run_dir, sizes, d.cond_kind, step, stage_ends[-1], is_main)
+    runs.finish(run_dir, sizes, d.cond_kind, step, stage_ends[-1], is_main)
     return run_dir
-
-
-def finish(run_dir: Path, sizes, cond_kind: str, step: int, last_step: int, is_main: bool):
-    """What to do next: resume a run that stopped before its last step, or sample it."""
-    if is_main:
-        utils.plot_log(run_dir / "log.jsonl", run_dir / "loss.png")
-        if step < last_step:
-            print(f"\nstopped at step {step}; saved. Resume with: python train.py --resume {run_dir}")
-        else:
-            how = (f"python video.py sample --ckpt {run_dir} \"a prompt\"" if sizes[-1][0] > 1 else
-                   f"python sample.py --ckpt {run_dir} " + ("--label <class>" if cond_kind == "label" else
-                                                             "\"a prompt\"" if cond_kind == "text" else ""))
-            print(f"done: {run_dir}/ema.safetensors (sample with: {how.strip()})")
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
