@@ -1,7 +1,7 @@
 """
 A trained model, ready to draw: the one place where a run is found, its weights are read and
 written, its model, diffusion process and text encoder are rebuilt from the metadata, and
-images are generated from it. sample.py, evaluate.py, video.py, train.py's sample grids and
+images are generated from it (also many, into a folder: write_folder). sample.py, evaluate.py, video.py, train.py's sample grids and
 the web demo all go through here.
 
 A run folder (train.py's, or a released model converted by release.py) holds
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -306,3 +307,33 @@ class SampleGrid:
         else:
             utils.save_matryoshka(levels, path.with_suffix(".png"), captions=self.captions)
         return path.with_suffix(".png")
+
+
+def write_folder(pipe: Pipeline, lines: list[str], out: Path, num_images: int, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1, **kw):
+    """Many images into a folder (for evaluation, sample.py --prompts-file), and a captions
+    file: the lines (labels, prompts, or anything for an unconditional model) cycled to
+    `num_images` images, each used at least once, drawn in batches of `batch_size`. Each of
+    `world` processes draws its own whole batches; kw: generate's sampling settings. A line
+    that is no condition of this model raises ValueError."""
+    items = [lines[i % len(lines)] for i in range(max(num_images, len(lines)))]
+    out.mkdir(parents=True, exist_ok=True)
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    mine = list(range(rank, len(batches), world))   # whole batches per process: same images for any world size
+    # One captions file per process (no two write to one file), begun afresh by each run.
+    with open(out / f"captions-{rank}.jsonl", "w") as captions:
+        for b in tqdm(mine, disable=rank != 0, desc="batches"):
+            texts = batches[b]
+            # A line is a label (index or name) or a prompt; an unconditional model ignores
+            # it but still draws an image for it.
+            cond = pipe.condition(**({"labels": texts} if pipe.kind == "label" else
+                                     {"prompts": texts} if pipe.kind == "text" else {}))
+            # Batch b's seed comes from the seed and b alone (1_000_003 exceeds any batch
+            # count, so no two (seed, b) collide): an image never depends on the number
+            # of processes.
+            imgs = pipe.generate(cond, len(texts), seed=seed * 1_000_003 + b, **kw)[-1]   # the top level
+            for j, (img, text) in enumerate(zip(utils.to_uint8(imgs), texts)):   # uint8 (H, W, 3) each
+                i = b * batch_size + j         # the image's index in `items`: file names never collide
+                Image.fromarray(img).save(out / f"{i:06d}.png")
+                captions.write(json.dumps({"file": f"{i:06d}.png", "prompt": text}) + "\n")
+    return items

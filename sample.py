@@ -22,18 +22,15 @@ Many images for evaluation, into a folder, in batches (one process, or one per G
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from PIL import Image
-from tqdm import tqdm
 
 import utils
 from diffusion import SAMPLERS, THRESHOLDING
-from pipeline import Pipeline, expand
+from pipeline import Pipeline, expand, write_folder
 
 # No flags describe the model: its config, diffusion config and text encoder come from the
 # checkpoint's metadata. The flags only say what to draw and how; those left out take the
@@ -135,10 +132,8 @@ def main(argv=None):
     # torchrun, the others stop here. For many (--prompts-file) the processes share nothing
     # while sampling; their group is only for the barrier at the end.
     rank, world, device = utils.setup_processes(args.device, join=bool(args.prompts_file))
-    if not args.prompts_file:
-        if rank != 0:
-            return
-        world = 1
+    if not args.prompts_file and rank != 0:
+        return
     try:
         pipe = Pipeline(args.ckpt, device, text_encoder=args.text_encoder)
     except (FileNotFoundError, ValueError) as e:
@@ -150,39 +145,15 @@ def main(argv=None):
               eta=args.eta, thresholding=args.thresholding, negative_prompt=args.negative_prompt)
     if args.negative_prompt is not None and pipe.kind != "text":
         fail("--negative-prompt needs a text-conditional model")
-    if args.prompts_file:
-        write_folder(pipe, args, lines, rank, world, kw)
-    elif rank == 0:
+    if not args.prompts_file:
         write_figures(pipe, args, kw)
-
-
-def write_folder(pipe: Pipeline, args, lines: list[str], rank: int, world: int, kw: dict):
-    """--prompts-file: many images into a folder (for evaluation), and a captions file.
-    Here --num-images counts all images: lines are cycled to that many, each used at least once."""
-    items = [lines[i % len(lines)] for i in range(max(args.num_images, len(lines)))]
+        return
+    # --prompts-file: many images into a folder, for evaluation; --num-images counts them all.
     out = Path(args.out_dir or "generated")
-    out.mkdir(parents=True, exist_ok=True)
-    batches = [items[i:i + args.batch_size] for i in range(0, len(items), args.batch_size)]
-    mine = list(range(rank, len(batches), world))   # whole batches per process: same images for any world size
-    # One captions file per process (no two write to one file), begun afresh by each run.
-    with open(out / f"captions-{rank}.jsonl", "w") as captions:
-        for b in tqdm(mine, disable=rank != 0, desc="batches"):
-            texts = batches[b]
-            # A line is a label (index or name) or a prompt; an unconditional model ignores
-            # it but still draws an image for it.
-            try:
-                cond = pipe.condition(**({"labels": texts} if pipe.kind == "label" else
-                                         {"prompts": texts} if pipe.kind == "text" else {}))
-            except ValueError as e:
-                fail(f"--prompts-file {args.prompts_file}: {e}")
-            # Batch b's seed comes from --seed and b alone (1_000_003 exceeds any batch
-            # count, so no two (seed, b) collide): an image never depends on the number
-            # of processes.
-            imgs = pipe.generate(cond, len(texts), seed=args.seed * 1_000_003 + b, **kw)[-1]   # the top level
-            for j, (img, text) in enumerate(zip(utils.to_uint8(imgs), texts)):   # uint8 (H, W, 3) each
-                i = b * args.batch_size + j    # the image's index in `items`: file names never collide
-                Image.fromarray(img).save(out / f"{i:06d}.png")
-                captions.write(json.dumps({"file": f"{i:06d}.png", "prompt": text}) + "\n")
+    try:
+        items = write_folder(pipe, lines, out, args.num_images, args.batch_size, args.seed, rank, world, **kw)
+    except ValueError as e:
+        fail(f"--prompts-file {args.prompts_file}: {e}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -1310,6 +1310,8 @@ def test_sample_many_images_into_a_folder(trained_runs, tmp_path):
     (["a cat", "--ckpt", "{text}", "--num-inference-steps", "0"], "at least 1 step"),
     (["a cat", "--ckpt", "{bad}"], "do not match this version"),
     (["a cat", "--ckpt", "{missing}"], "no such file"),
+    (["--prompts-file", "{labels}", "--ckpt", "{fashion}", "--num-inference-steps", "1"],
+     "labels.txt: --label 'spaceship' is not a class"),
 ])
 def test_sample_errors(trained_runs, tmp_path, args, message):
     from safetensors.torch import load_file, save_file
@@ -1320,8 +1322,9 @@ def test_sample_errors(trained_runs, tmp_path, args, message):
     state = load_file(str(good))
     state.pop(next(iter(state)))                  # one tensor missing
     save_file(state, str(tmp_path / "bad.safetensors"), metadata=meta)
+    (tmp_path / "labels.txt").write_text("sandal\nspaceship\n")    # a line that is no class
     paths = dict(fashion=trained_runs / "fashion", text=trained_runs / "text",
-                 bad=tmp_path / "bad.safetensors", missing=tmp_path / "nothing")
+                 bad=tmp_path / "bad.safetensors", missing=tmp_path / "nothing", labels=tmp_path / "labels.txt")
     p = run_sample(*[a.format(**paths) for a in args])
     assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
