@@ -423,9 +423,7 @@ def main(argv=None):
                     stop.set()
                 if runs.checkpoint_due(step, stage_ends[stage], stage_ends[-1], o.ckpt_every, stop.is_set()):
                     save_checkpoint(run_dir, st, step, o, meta, log, world)
-            if step == stage_ends[stage] and stage < len(sizes) - 1:
-                # Grow the model and its EMA into the next stage's NestedUNet (section 3.3), and
-                # checkpoint the grown model: a run resumed from here starts the new stage.
+            if step == stage_ends[stage] and stage < len(sizes) - 1:   # grow (section 3.3); a resume starts here
                 st = start_stage(o, stage + 1, cfg_full, dcfg, st.batches.state(), rank, world, device, precision, st)
                 log.new_stage(st.model, stage + 2, bar)
                 save_checkpoint(run_dir, st, step, o, meta, log, world)
