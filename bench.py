@@ -42,7 +42,7 @@ import torch
 
 import utils
 from diffusion import MatryoshkaDiffusion, cat_conditions, make_optimizer, training_step
-from nested_unet import GLOBAL_KEYS, PRESETS, RELEASE_ARCHITECTURE, NestedUNet, NestedUNetConfig, count_params, preset
+from nested_unet import GLOBAL_KEYS, PRESETS, RELEASE_ARCHITECTURE, NestedUNet, NestedUNetConfig, preset
 
 # Dense bf16 peak of the GPUs we know, for MFU (FLOP/s), without 2:4 sparsity; others: pass
 # --peak-flops. Matched by substring of the device name, first match first (the PCIe H100
@@ -228,7 +228,7 @@ def measure(spec: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     h = harness(spec, spec["model"])
-    result = {**spec, "params": count_params(h["model"])}
+    result = {**spec, "params": utils.sum_params(h["model"])}
     # Warm-up steps are thrown away: the first ones pay for memory allocation, kernel
     # selection and torch.compile's compilation. The median ignores a step slowed by the machine.
     utils.timed(h["train_step"], spec["warmup"], device)
@@ -363,7 +363,7 @@ def main(argv=None):
         for model in ("nested", "plain"):
             h = harness({**base, "device": "meta", "bf16": False}, model)
             per_image = h["count_flops"]() / a.batch
-            print(f"{a.config} {model:<6}  {count_params(h['model']) / 1e6:7.1f}M params  "
+            print(f"{a.config} {model:<6}  {utils.sum_params(h['model']) / 1e6:7.1f}M params  "
                   f"{per_image / 1e12:.3f} TFLOP per image per training step (forward + backward); "
                   f"40% MFU on an H100 (989 TFLOP/s bf16) = {0.4 * 989e12 / per_image:,.0f} images/s")
         return

@@ -817,10 +817,6 @@ def grow(model: NestedUNet, config: NestedUNetConfig, build=None) -> NestedUNet:
     return new
 
 
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         print(__doc__.strip().splitlines()[-1])

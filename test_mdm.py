@@ -465,7 +465,7 @@ def test_paper_presets_parameter_counts_on_meta_device():
     counts = {}
     for name in ("MDM-S64", "MDM-S64S256", "MDM-S64S128S256", "MDM-S64S256S1024", "MDM-S64S128S256S512S1024"):
         with torch.device("meta"):
-            counts[name] = N.count_params(NestedUNet(preset(name, text_channels=2048)))
+            counts[name] = utils.sum_params(NestedUNet(preset(name, text_channels=2048)))
     # Section 4.1: "resulting in total 450M parameters for the inner UNet"
     assert abs(counts["MDM-S64"] - 450e6) / 450e6 < 0.10, counts
     # "the high-resolution part of the model can be easily attached ... with a minimal increase"
@@ -1597,7 +1597,7 @@ def test_plain_unet_of_the_benchmark_has_the_size_and_work_of_the_nested_model(n
     nested, plain = bench.harness(spec, "nested"), bench.harness(spec, "plain")
     assert nested["model"].config.separate_cross_attention == plain["model"].config.strided_downsample == release
     assert plain["model"].config.to_dict() == flat.to_dict()
-    params = N.count_params(nested["model"]) / N.count_params(plain["model"])
+    params = utils.sum_params(nested["model"]) / utils.sum_params(plain["model"])
     flops = nested["count_flops"]() / plain["count_flops"]()
     assert abs(params - 1) < 0.005 and abs(flops - 1) < 0.005, (params, flops)
 
@@ -1620,7 +1620,7 @@ def test_benchmark_harness_builds_the_stage_one_model_for_the_comparisons_budget
     full, low = bench.harness(spec, "nested"), bench.harness({**spec, "truncate": 16}, "nested")
     reference = NestedUNet(preset("CPU-tiny-S16S32", num_classes=10).truncated(16))
     assert low["model"].resolutions == [16] and full["model"].resolutions == [16, 32]
-    assert N.count_params(low["model"]) == N.count_params(reference) < N.count_params(full["model"])
+    assert utils.sum_params(low["model"]) == utils.sum_params(reference) < utils.sum_params(full["model"])
 
 
 @pytest.mark.parametrize("cond", [{"text_channels": 8}, {"num_classes": 10}, {}])
@@ -1806,7 +1806,7 @@ def test_release_presets_have_the_official_parameter_counts_on_meta_device():
                                    ("MDM-flickr1024", 480_970_057, 3)):
         with torch.device("meta"):
             model = NestedUNet(preset(name))
-        assert N.count_params(model) == official - levels * micro, name
+        assert utils.sum_params(model) == official - levels * micro, name
         assert len(model.levels()) == levels and model.resolutions[-1] == [64, 256, 1024][levels - 1]
     assert preset("MDM-flickr256").truncated(64).to_dict() == preset("MDM-flickr64").to_dict()   # grow-able
 

@@ -233,6 +233,14 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, o: Tra
 # A stage's model: built, or grown from the previous stage's (the run's data and folder: runs.py)
 # ---------------------------------------------------------------------------------------
 
+def conditioned(cfg: NestedUNetConfig, d: runs.RunData) -> NestedUNetConfig:
+    """The model's inputs as the data sets them: the text encoder's width or the number of
+    classes (section 3.2's conditioning), and the image channels (one for Fashion-MNIST)."""
+    return NestedUNetConfig(**{**cfg.to_dict(), "text_channels": d.encoder.dim if d.encoder else 0,
+                               "num_classes": len(d.class_names) if d.cond_kind == "label" else 0,
+                               "in_channels": getattr(d.full, "channels", 3)})
+
+
 @dataclass
 class Stage:
     """A stage's model, its EMA, optimizer and LR schedule, the module that runs the step,
@@ -362,14 +370,6 @@ def start_stage(o: TrainOptions, index: int, cfg_full, dcfg, data_position: dict
     st.batches = runs.Batches(dataset, o.batch[index] // (world * o.accum), rank, world, o.seed, o.workers,
                               **data_position)
     return st
-
-
-def conditioned(cfg: NestedUNetConfig, d: runs.RunData) -> NestedUNetConfig:
-    """The model's inputs as the data sets them: the text encoder's width or the number of
-    classes (section 3.2's conditioning), and the image channels (one for Fashion-MNIST)."""
-    return NestedUNetConfig(**{**cfg.to_dict(), "text_channels": d.encoder.dim if d.encoder else 0,
-                               "num_classes": len(d.class_names) if d.cond_kind == "label" else 0,
-                               "in_channels": getattr(d.full, "channels", 3)})
 
 
 # ---------------------------------------------------------------------------------------
