@@ -87,7 +87,7 @@ class GroupNorm(nn.GroupNorm):
 
 def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float) -> torch.Tensor:
     """F.group_norm(x, groups, weight, bias, eps), computed another way for float32
-    channels-last CPU maps larger than 4x4 (the CPU's layout: memory_format).
+    channels-last CPU maps larger than 4x4 (the CPU's layout: utils.memory_format).
 
     PyTorch's CPU kernel is slow on channels-last maps wherever a group holds more than one
     channel, and its backward on them is slow at every size; ChannelsLastGroupNorm, made of
