@@ -1310,7 +1310,7 @@ def test_sample_many_images_into_a_folder(trained_runs, tmp_path):
     (["a cat", "--ckpt", "{text}", "--num-inference-steps", "0"], "at least 1 step"),
     (["a cat", "--ckpt", "{bad}"], "do not match this version"),
     (["a cat", "--ckpt", "{missing}"], "no such file"),
-    (["--prompts-file", "{labels}", "--ckpt", "{fashion}", "--num-inference-steps", "1"],
+    (["--prompts-file", "{labels}", "--ckpt", "{fashion}", "--num-inference-steps", "1", "--out-dir", "{gen}"],
      "labels.txt: --label 'spaceship' is not a class"),
 ])
 def test_sample_errors(trained_runs, tmp_path, args, message):
@@ -1324,7 +1324,8 @@ def test_sample_errors(trained_runs, tmp_path, args, message):
     save_file(state, str(tmp_path / "bad.safetensors"), metadata=meta)
     (tmp_path / "labels.txt").write_text("sandal\nspaceship\n")    # a line that is no class
     paths = dict(fashion=trained_runs / "fashion", text=trained_runs / "text",
-                 bad=tmp_path / "bad.safetensors", missing=tmp_path / "nothing", labels=tmp_path / "labels.txt")
+                 bad=tmp_path / "bad.safetensors", missing=tmp_path / "nothing", labels=tmp_path / "labels.txt",
+                 gen=tmp_path / "gen")
     p = run_sample(*[a.format(**paths) for a in args])
     assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
