@@ -270,7 +270,8 @@ class AttentionBlock(nn.Module):
                                      zero_init(nn.Linear(4 * channels, channels)))
 
     def heads(self, a):
-        # (B, N, C) -> (B, heads, N, C / heads) for kernels.attention
+        # (B, N, C) -> (B, heads, N, C / heads) for kernels.attention: softmax(q k^T / sqrt(d)) v,
+        # F.scaled_dot_product_attention (on a CPU's small maps the same, written out)
         return a.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def forward(self, x, emb=None, tokens=None, mask=None):
