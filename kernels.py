@@ -1,7 +1,8 @@
 """
 Faster ways to compute three of the NestedUNet's layers, the same values (the tests check it,
 gradients included), chosen per device: attention, a Linear layer applied at every position of
-a map, and the group norm. nested_unet.py calls them; none of this is Matryoshka Diffusion.
+a map, and the group norm. nested_unet.py (and video.py's temporal attention) calls them;
+none of this is Matryoshka Diffusion.
 
 On a GPU each is PyTorch's own (scaled_dot_product_attention with its flash and
 memory-efficient kernels, nn.Linear, F.group_norm): that is what to keep there. The other

@@ -1,8 +1,8 @@
 """
 A trained model, ready to draw: the one place where a run is found, its weights are read and
 written, its model, diffusion process and text encoder are rebuilt from the metadata, and
-images are generated from it (also many, into a folder: write_folder). sample.py, evaluate.py, video.py, train.py's sample grids and
-the web demo all go through here.
+images are generated from it (also many, into a folder: write_folder). sample.py,
+evaluate.py, video.py, train.py's sample grids and the web demo all go through here.
 
 A run folder (train.py's, or a released model converted by release.py) holds
 ema.safetensors: the EMA weights, and in the safetensors metadata everything needed to use
@@ -330,7 +330,8 @@ def write_folder(pipe: Pipeline, lines: list[str], out: Path, num_images: int, b
                                      {"prompts": texts} if pipe.kind == "text" else {}))
             # Batch b's seed comes from the seed and b alone (1_000_003 exceeds any batch
             # count, so no two (seed, b) collide): an image never depends on the number
-            # of processes.
+            # of processes. (On a CPU the threads per process, which torchrun sets to 1, can
+            # still move a pixel by one level: sums split differently over threads.)
             imgs = pipe.generate(cond, len(texts), seed=seed * 1_000_003 + b, **kw)[-1]   # the top level
             for j, (img, text) in enumerate(zip(utils.to_uint8(imgs), texts)):   # uint8 (H, W, 3) each
                 i = b * batch_size + j         # the image's index in `items`: file names never collide

@@ -1,10 +1,11 @@
 """
 A training run's plumbing, kept out of the training story (train.py): its options checked
 (each mistake said in one line before any work), its model config found, its folder opened
-(new, or resumed with what a resume may change), its batches (each rank's share of the data,
-resumed at the sample where it stopped; a stream split over ranks and loader workers), the log
-of its losses and speed, its checkpoints, and the sample grids and evaluations made along the
-way.
+(new, or resumed with what a resume may change), its data set up (the data set, what it
+conditions on, the frozen text encoder), --init-from's model, the thresholding and metadata it
+records for sampling, its batches (each rank's share of the data, resumed at the sample where
+it stopped; a stream split over ranks and loader workers), the log of its losses and speed, its
+checkpoints, the sample grids and evaluations made along the way, and what to do when it ends.
 
 A run folder holds options.json, log.jsonl (a row every --log-every steps), loss.png,
 samples/, checkpoint.pt (the whole state, written atomically), checkpoints/ (the last few and

@@ -149,11 +149,14 @@ def main(argv=None):
         write_figures(pipe, args, kw)
         return
     # --prompts-file: many images into a folder, for evaluation; --num-images counts them all.
-    out = Path(args.out_dir or "generated")
+    # For a class-conditional model each line must name a class: checked before any image.
     try:
-        items = write_folder(pipe, lines, out, args.num_images, args.batch_size, args.seed, rank, world, **kw)
+        if pipe.kind == "label":
+            pipe.condition(labels=list(dict.fromkeys(lines)))
     except ValueError as e:
         fail(f"--prompts-file {args.prompts_file}: {e}")
+    out = Path(args.out_dir or "generated")
+    items = write_folder(pipe, lines, out, args.num_images, args.batch_size, args.seed, rank, world, **kw)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
