@@ -813,7 +813,7 @@ def test_training_batch_drops_conditions_and_puts_the_high_resolution_samples_fi
         encoder = Encoder()
     args = argparse.Namespace(cond_drop=0.3, high_res_fraction=0.5, seed=7, streaming=False, channels_last=False,
                               hflip=False)
-    x, t, noises, cond, n_high = train.prepare_batch(batch, model, encoder, kind, 5, args, 0, 1, "cpu")
+    x, t, noises, cond, n_high = train.prepare_batch(batch, model, encoder, kind, 5, args, "cpu")
 
     shapes = [s[1:] for s in model.input_shapes(1)]
     t_ref, noise_ref, u_drop, u_high = utils.per_sample_randomness(batch["index"], 5, 7, shapes, "cpu")
@@ -2225,8 +2225,8 @@ def test_random_horizontal_flips_are_per_sample_and_exact():
     batch = {"image": torch.rand(B, 3, 8, 8, generator=g) * 2 - 1, "index": torch.arange(B),
              "label": torch.randint(10, (B,), generator=g)}
     opts = dict(cond_drop=0.0, high_res_fraction=1.0, seed=3, streaming=False, channels_last=False)
-    plain = train.prepare_batch(batch, model, None, "label", 4, argparse.Namespace(**opts, hflip=False), 0, 1, "cpu")
-    flipped = train.prepare_batch(batch, model, None, "label", 4, argparse.Namespace(**opts, hflip=True), 0, 1, "cpu")
+    plain = train.prepare_batch(batch, model, None, "label", 4, argparse.Namespace(**opts, hflip=False), "cpu")
+    flipped = train.prepare_batch(batch, model, None, "label", 4, argparse.Namespace(**opts, hflip=True), "cpu")
     mirrored = torch.tensor([torch.equal(f, p.flip(-1)) for f, p in zip(flipped[0], plain[0])])
     same = torch.tensor([torch.equal(f, p) for f, p in zip(flipped[0], plain[0])])
     assert torch.equal(mirrored | same, torch.ones(B, dtype=torch.bool)) and 0.35 < mirrored.float().mean() < 0.65

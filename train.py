@@ -176,8 +176,7 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
 # A training batch: conditioning dropout, mixed resolution, the per-sample random numbers
 # ---------------------------------------------------------------------------------------
 
-def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, o: TrainOptions, rank: int, world: int,
-                  device):
+def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, o: TrainOptions, device):
     """One micro-batch from the loader, made ready for diffusion.loss: images, diffusion
     times, noises and conditions on the device, with the conditioning dropout and the
     mixed-resolution draw applied. Returns (x, t, noises, cond, n_high)."""
@@ -315,8 +314,7 @@ def build_stage(o: TrainOptions, index: int, cfg_full, dcfg, device, world, init
 # A step, and a stage's start
 # ---------------------------------------------------------------------------------------
 
-def optimizer_step(st: Stage, d: runs.RunData, o: TrainOptions, step: int, rank: int, world: int, device, autocast,
-                   log: Log):
+def optimizer_step(st: Stage, d: runs.RunData, o: TrainOptions, step: int, world: int, device, autocast, log: Log):
     """Step number `step` (from 0): --accum micro-batches (the time spent waiting for the
     loader is logged as data_wait: workers decode the next batches while the model runs),
     Eq. 3's loss, clipping and Adam (diffusion.training_step), the warm-up, the EMA."""
@@ -326,8 +324,7 @@ def optimizer_step(st: Stage, d: runs.RunData, o: TrainOptions, step: int, rank:
         t0 = time.perf_counter()
         batch = next(st.batches)
         log.wait += time.perf_counter() - t0
-        x, t, noises, cond, n_high = prepare_batch(batch, st.model, d.encoder, d.cond_kind, step, o, rank, world,
-                                                   device)
+        x, t, noises, cond, n_high = prepare_batch(batch, st.model, d.encoder, d.cond_kind, step, o, device)
         micro.append((x, cond, t, noises, n_high))
     # Under DDP only the last micro-batch all-reduces (no_sync); not under --compile, where
     # every micro-batch all-reduces (the same result, more communication).
@@ -413,7 +410,7 @@ def main(argv=None):
     try:
         for stage in range(first, len(sizes)):
             while step < stage_ends[stage] and not stop.is_set():
-                optimizer_step(st, d, o, step, rank, world, device, autocast, log)
+                optimizer_step(st, d, o, step, world, device, autocast, log)
                 step, steps_run = step + 1, steps_run + 1
                 bar.update(1)
                 if step % o.log_every == 0 or step == stage_ends[stage]:
