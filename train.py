@@ -32,7 +32,6 @@ state, written atomically) and ema.safetensors (EMA weights with their config, f
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -150,11 +149,7 @@ def parse_args(argv=None) -> TrainOptions:
 def parse_args_given(argv=None) -> tuple[TrainOptions, set]:
     """The options, and the names of those the command line gave (a resumed run takes the
     given ones that may change, and refuses the others where they differ)."""
-    p = utils.options_parser(TrainOptions, "train.py", __doc__.split("\n\n")[0])
-    options = TrainOptions(**vars(p.parse_args(argv)))
-    for action in p._actions:                      # parsed again, with no defaults: only what was given
-        action.default = argparse.SUPPRESS
-    return options, set(vars(p.parse_args(argv)))
+    return utils.parse_options(TrainOptions, "train.py", __doc__.split("\n\n")[0], argv)
 
 
 # ---------------------------------------------------------------------------------------

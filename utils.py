@@ -90,6 +90,16 @@ def options_parser(cls, prog: str, description: str) -> ArgumentParser:
     return p
 
 
+def parse_options(cls, prog: str, description: str, argv=None) -> tuple:
+    """The options dataclass `cls` from the command line, and the names of the options it
+    gave (those left out have their defaults)."""
+    p = options_parser(cls, prog, description)
+    options = cls(**vars(p.parse_args(argv)))
+    for action in p._actions:                      # parsed again, with no defaults: only what was given
+        action.default = argparse.SUPPRESS
+    return options, set(vars(p.parse_args(argv)))
+
+
 def finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
