@@ -346,9 +346,7 @@ def restore_stage(o: TrainOptions, ckpt, first: int, cfg_full, dcfg, d: runs.Run
         runs.load_state(st, ckpt, rank)
     else:
         torch.manual_seed(o.seed * 1000 + rank)    # per-rank seed for everything not per-sample
-    # --batch is the global batch of a step: world processes x accum micro-batches x micro.
-    st.batches = runs.Batches(d.dataset, o.batch[first] // (world * o.accum), rank, world, o.seed, o.workers,
-                              **(ckpt["data"] if ckpt else {}))
+    st.batches = stage_batches(o, d.dataset, first, rank, world, ckpt["data"] if ckpt else {})
     return st
 
 
@@ -357,11 +355,15 @@ def start_stage(o: TrainOptions, index: int, cfg_full, dcfg, data_position: dict
     """A stage ready to train: its model grown from the previous stage's, and its batches, at
     its own top resolution, from `data_position` on."""
     st = build_stage(o, index, cfg_full, dcfg, device, world, previous=previous, precision=precision)
-    size = parse_sizes(o.res)[index]
-    dataset = runs.load_data(o, size, cfg_full.frames)
-    st.batches = runs.Batches(dataset, o.batch[index] // (world * o.accum), rank, world, o.seed, o.workers,
-                              **data_position)
+    dataset = runs.load_data(o, parse_sizes(o.res)[index], cfg_full.frames)
+    st.batches = stage_batches(o, dataset, index, rank, world, data_position)
     return st
+
+
+def stage_batches(o: TrainOptions, dataset, index: int, rank: int, world: int, position: dict) -> runs.Batches:
+    """This rank's batches of stage `index`, from the data position `position` on. --batch is
+    the global batch of a step: world processes x accum micro-batches x micro-batch."""
+    return runs.Batches(dataset, o.batch[index] // (world * o.accum), rank, world, o.seed, o.workers, **position)
 
 
 # ---------------------------------------------------------------------------------------
