@@ -266,33 +266,42 @@ def test_channels_last_model_computes_what_the_default_layout_computes(monkeypat
 
 def test_channels_last_group_norm_matches_float64_and_runs_only_where_it_should(monkeypatch):
     """kernels.group_norm: on float32 channels-last CPU maps larger than 4x4 it runs
-    ChannelsLastGroupNorm, whose output and gradients (input, weight, bias) are those of a float64
-    F.group_norm, with 1, 3 and 4 channels per group, an offset mean and an upstream gradient in
-    either layout; small maps, the default layout and autocast keep PyTorch's kernel."""
+    ChannelsLastGroupNorm, whose output and gradients (input, weight, bias, and the scale and
+    shift applied after the norm) are those of a float64 F.group_norm [* (1 + scale) + shift],
+    with 1, 3 and 4 channels per group, an offset mean, an upstream gradient in either layout,
+    and maps of 1024 positions or more (where its forward is PyTorch's kernel's, with its
+    one-pass variance: a looser tolerance there); small maps, the default layout and autocast
+    keep PyTorch's kernel."""
     CL = torch.channels_last
     taken = []
     real = K.ChannelsLastGroupNorm.apply
     monkeypatch.setattr(K.ChannelsLastGroupNorm, "apply", lambda *a: taken.append(1) or real(*a))
     g = torch.Generator().manual_seed(0)
-    for C, G, H, W in [(8, 8, 5, 5), (12, 4, 8, 6), (32, 8, 16, 16)]:
-        x = (torch.randn(3, C, H, W, generator=g, dtype=torch.float64) * 2 + 5).contiguous(memory_format=CL)
-        w, b = torch.randn(C, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)
-        dy = torch.randn(3, C, H, W, generator=g, dtype=torch.float64)
-        leaves = [a.clone().requires_grad_() for a in (x, w, b)]
-        ref = torch.nn.functional.group_norm(*leaves[:1], G, *leaves[1:], 1e-5)
-        ref_grads = torch.autograd.grad(ref, leaves, dy)
-        for upstream in (dy, dy.contiguous(memory_format=CL)):
-            leaves32 = [a.float().requires_grad_() for a in (x, w, b)]         # x stays channels-last
-            taken.clear()
-            out = K.group_norm(leaves32[0], G, leaves32[1], leaves32[2], 1e-5)
-            grads = torch.autograd.grad(out, leaves32, upstream.float())
-            assert taken == [1] and out.is_contiguous(memory_format=CL) and grads[0].is_contiguous(memory_format=CL)
-            torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
-            for a, r in zip(grads, ref_grads):
-                torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-4)
+    for C, G, H, W in [(8, 8, 5, 5), (12, 4, 8, 6), (32, 8, 16, 16), (12, 4, 32, 32)]:
+        atol = 1e-5 if H * W < K.NATIVE_FORWARD else 1e-4
+        for scaled in (False, True):
+            x = (torch.randn(3, C, H, W, generator=g, dtype=torch.float64) * 2 + 5).contiguous(memory_format=CL)
+            w, b = torch.randn(C, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)
+            s, t = torch.randn(2, 3, C, 1, 1, generator=g, dtype=torch.float64)
+            dy = torch.randn(3, C, H, W, generator=g, dtype=torch.float64)
+            leaves = [a.clone().requires_grad_() for a in ((x, w, b, s, t) if scaled else (x, w, b))]
+            ref = torch.nn.functional.group_norm(leaves[0], G, leaves[1], leaves[2], 1e-5)
+            ref = ref * (1 + leaves[3]) + leaves[4] if scaled else ref
+            ref_grads = torch.autograd.grad(ref, leaves, dy)
+            for upstream in (dy, dy.contiguous(memory_format=CL)):
+                leaves32 = [a.float().requires_grad_() for a in leaves]         # x stays channels-last
+                taken.clear()
+                out = K.group_norm(leaves32[0], G, leaves32[1], leaves32[2], 1e-5, *leaves32[3:])
+                grads = torch.autograd.grad(out, leaves32, upstream.float())
+                assert taken == [1] and out.is_contiguous(memory_format=CL) and grads[0].is_contiguous(memory_format=CL)
+                torch.testing.assert_close(out.double(), ref, rtol=0, atol=atol)
+                for a, r in zip(grads, ref_grads):
+                    torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=10 * atol)
     x = torch.randn(2, 8, 4, 4).contiguous(memory_format=CL)           # 4x4, default layout, autocast
     taken.clear()
-    K.group_norm(x, 4, torch.ones(8), torch.zeros(8), 1e-5)
+    s, t = torch.randn(2, 2, 8, 1, 1)                                   # and at 4x4 the scale and shift
+    torch.testing.assert_close(K.group_norm(x, 4, torch.ones(8), torch.zeros(8), 1e-5, s, t),
+                               torch.nn.functional.group_norm(x, 4, eps=1e-5) * (1 + s) + t)
     K.group_norm(torch.randn(2, 8, 6, 6), 4, torch.ones(8), torch.zeros(8), 1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         K.group_norm(torch.randn(2, 8, 6, 6).contiguous(memory_format=CL), 4, torch.ones(8), torch.zeros(8), 1e-5)
