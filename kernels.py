@@ -94,11 +94,11 @@ def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float, scale=Non
 
     PyTorch's CPU kernel is slow on channels-last maps of fewer than 1024 positions (it
     parallelises over groups there), and its backward on them is slow at every size;
-    ChannelsLastGroupNorm, made of
-    sums over positions and fused multiply-adds on the map's (B, HW, C) view, took 41-44 ms
-    per training step of the official-comparison shape where the kernel took 78-93 ms
-    (forward and backward of its 54 norms at their 16 shapes, two runs; forward alone 14
-    against 21-32 ms; 2-core CI machine, 2026-12-02), and is as exact (1e-7 against float64).
+    ChannelsLastGroupNorm, made of sums over positions and fused multiply-adds on the map's
+    (B, HW, C) view, took 41-44 ms per training step of the official-comparison shape where
+    the kernel took 78-93 ms (forward and backward of its 54 norms at their 16 shapes, two
+    runs; forward alone 14 against 21-32 ms; 2-core CI machine, 2026-12-02), and is as exact
+    (1e-7 against float64).
     At 4x4 its fixed cost of a dozen small operations loses to the kernel, which stays there,
     under autocast and everywhere else.
 
@@ -106,9 +106,9 @@ def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float, scale=Non
     (x_hat w + b) (1 + s) + t = x_hat w' + b' with w' = w (1 + s), b' = b (1 + s) + t, so the
     map is written once instead of three times (norm, product, sum), and read once less in the
     backward pass (autograd takes the gradients of s and t through w' and b', which are small).
-    With the native forward at 32x32 (ChannelsLastGroupNorm), against neither, A/B in one
-    process (21 rounds, 2-core CI machine, 2026-12-03): the official-comparison shape's
-    training step 0.98x the time and its sampling forward 0.98x (release architecture 0.99x
+    This fold and ChannelsLastGroupNorm's native forward at 32x32 together, against neither,
+    A/B in one process (21 rounds, 2-core CI machine, 2026-12-03): the official-comparison
+    shape's training step 0.98x the time and its sampling forward 0.98x (release architecture 0.99x
     and 0.96x; the demo's model, 25 and 15 rounds, 1.00x and 0.97x)."""
     if (x.device.type == "cpu" and x.dim() == 4 and x.shape[2] * x.shape[3] > 16 and x.dtype == torch.float32
             and weight is not None and not torch.is_autocast_enabled("cpu")
@@ -158,7 +158,7 @@ class ChannelsLastGroupNorm(torch.autograd.Function):
                                                     B, C, H * W, groups, eps)
             mean, rstd = mean.view(B, groups, 1), rstd.view(B, groups, 1)
             ctx.save_for_backward(x, weight, mean, rstd)
-            if per_sample:
+            if per_sample:                                  # y has x's layout: the same (B, HW, C) view
                 y.permute(0, 2, 3, 1).view(B, H * W, C).mul_(weight[:, None]).add_(bias[:, None])
             return y
         mean_c = t.sum(1, keepdim=True) / (H * W)                           # (B, 1, C)
