@@ -36,8 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import kernels
-from kernels import as_map, as_tokens
+import fast_layers
+from fast_layers import as_map, as_tokens
 from utils import to_device
 
 # ---------------------------------------------------------------------------------------
@@ -204,9 +204,9 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    # 32 groups as usual; fewer for the thin channels of tiny CPU models. (kernels.GroupNorm is
+    # 32 groups as usual; fewer for the thin channels of tiny CPU models. (fast_layers.GroupNorm is
     # nn.GroupNorm, computed faster on a CPU's channels-last maps.)
-    return kernels.GroupNorm(math.gcd(32, channels), channels)
+    return fast_layers.GroupNorm(math.gcd(32, channels), channels)
 
 
 def per_frame(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -250,7 +250,7 @@ class AttentionBlock(nn.Module):
     The feed-forward layer (`attention_ffn`): ours normalises each position with a LayerNorm;
     the releases' with a GroupNorm(32) over the feature map; "none": no feed-forward layer.
     The 1x1 convolutions of the releases are the Linear layers here (the same weights; on a
-    CPU they run as 1x1 convolutions again: kernels.pointwise)."""
+    CPU they run as 1x1 convolutions again: fast_layers.pointwise)."""
 
     def __init__(self, channels: int, num_heads: int, cond_ch: int = 0, separate_cross: bool = False,
                  mask_cross: bool = True, ffn: str = "layernorm"):
@@ -270,16 +270,16 @@ class AttentionBlock(nn.Module):
                                      zero_init(nn.Linear(4 * channels, channels)))
 
     def heads(self, a):
-        # (B, N, C) -> (B, heads, N, C / heads) for kernels.attention: softmax(q k^T / sqrt(d)) v,
+        # (B, N, C) -> (B, heads, N, C / heads) for fast_layers.attention: softmax(q k^T / sqrt(d)) v,
         # F.scaled_dot_product_attention (on a CPU's small maps the same, written out)
         return a.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def forward(self, x, emb=None, tokens=None, mask=None):
         B, C, H, W = x.shape                    # x: (B, C, H, W), one token per position
         # A channels-last model (the CPU's, utils.memory_format) runs its Linear layers as 1x1
-        # convolutions: oneDNN's are faster than its matmuls (kernels.pointwise).
+        # convolutions: oneDNN's are faster than its matmuls (fast_layers.pointwise).
         conv = x.is_contiguous(memory_format=torch.channels_last)
-        q, k, v = (self.heads(as_tokens(a)) for a in kernels.pointwise(self.qkv, self.norm(x), conv).chunk(3, dim=1))
+        q, k, v = (self.heads(as_tokens(a)) for a in fast_layers.pointwise(self.qkv, self.norm(x), conv).chunk(3, dim=1))
         k_txt = v_txt = key_mask = None
         if tokens is not None:                  # tokens: (B, L, D), mask: (B, L) bool or None
             k_txt, v_txt = (self.heads(a) for a in
@@ -287,28 +287,28 @@ class AttentionBlock(nn.Module):
             if mask is not None and self.mask_cross:
                 key_mask = per_frame(mask, x)[:, None, None, :]      # (B, 1, 1, L)
         if tokens is None:
-            out = kernels.attention(q, k, v)
+            out = fast_layers.attention(q, k, v)
         elif self.separate_cross:
             # softmax(q k^T) v + softmax(q k_txt^T) v_txt. A sample without any visible token
             # (the null condition) gets nothing from the text, not the NaN of an empty softmax.
-            out = kernels.attention(q, k, v)
+            out = fast_layers.attention(q, k, v)
             if key_mask is None:
-                out = out + kernels.attention(q, k_txt, v_txt)
+                out = out + fast_layers.attention(q, k_txt, v_txt)
             else:
                 seen = key_mask.any(-1, keepdim=True)                 # (B, 1, 1, 1)
-                cross = kernels.attention(q, k_txt, v_txt, key_mask | ~seen)
+                cross = fast_layers.attention(q, k_txt, v_txt, key_mask | ~seen)
                 out = out + cross * seen
         else:
             # One softmax over pixels and tokens: pixels are always visible, padding never is.
             attn_mask = None if key_mask is None else torch.cat(
                 [key_mask.new_ones(B, 1, 1, H * W), key_mask], -1)
-            out = kernels.attention(q, torch.cat([k, k_txt], 2), torch.cat([v, v_txt], 2), attn_mask)
-        x = x + kernels.pointwise(self.proj_out, as_map(out.transpose(1, 2).flatten(2), H, W), conv)
+            out = fast_layers.attention(q, torch.cat([k, k_txt], 2), torch.cat([v, v_txt], 2), attn_mask)
+        x = x + fast_layers.pointwise(self.proj_out, as_map(out.transpose(1, 2).flatten(2), H, W), conv)
         if self.ffn_norm == "none":
             return x
         # The feed-forward layer: a GroupNorm over the map, or a LayerNorm over each position.
         h = self.ffn[0](x) if self.ffn_norm == "groupnorm" else as_map(self.ffn[0](as_tokens(x)), H, W)
-        return x + kernels.pointwise(self.ffn[3], self.ffn[2](kernels.pointwise(self.ffn[1], h, conv)), conv)
+        return x + fast_layers.pointwise(self.ffn[3], self.ffn[2](fast_layers.pointwise(self.ffn[1], h, conv)), conv)
 
 
 class TokenAttention(nn.Module):
@@ -333,7 +333,7 @@ class TokenAttention(nn.Module):
             # tokens are masked everywhere downstream, so what they compute is never used.
             eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
             attn_mask = (mask[:, None, :] | eye)[:, None]
-        out = kernels.attention(q, k, v, attn_mask)
+        out = fast_layers.attention(q, k, v, attn_mask)
         x = x + self.proj_out(out.transpose(1, 2).flatten(2))
         return x + self.ffn(x)
 

@@ -21,7 +21,7 @@ from PIL import Image
 import data
 import diffusion as D
 import evaluate as E
-import kernels as K
+import fast_layers as K
 import metrics as M
 import nested_unet as N
 import pipeline as P
@@ -191,11 +191,11 @@ def test_shapes_and_gradient_reaches_every_parameter(n_levels):
 
 
 def test_attention_paths_agree_with_float64_softmax(monkeypatch):
-    """kernels.attention: the written-out CPU path (small maps) and the
+    """fast_layers.attention: the written-out CPU path (small maps) and the
     scaled_dot_product_attention path (larger ones) give the values and the gradients of a
     float64 softmax(q k^T / sqrt(d)) v written here, masks included; with a whole model, the
     written-out path gives the outputs and gradients of the kernel's (forced everywhere)."""
-    from kernels import attention
+    from fast_layers import attention
     g = torch.Generator().manual_seed(0)
     for queries in (16, 160):                        # 16 x 20 pairs: written out; 160 x 164: the kernel
         q, k, v = (torch.randn(3, 2, queries, 8, generator=g, dtype=torch.float64) for _ in range(3))
@@ -236,7 +236,7 @@ def test_attention_paths_agree_with_float64_softmax(monkeypatch):
 def test_channels_last_model_computes_what_the_default_layout_computes(monkeypatch):
     """A model moved to channels-last (the CPU's layout: utils.memory_format) keeps its maps in
     that layout from input to output, runs its attention's Linear layers as 1x1 convolutions
-    (kernels.pointwise), and gives the outputs and gradients of the same model in the
+    (fast_layers.pointwise), and gives the outputs and gradients of the same model in the
     default layout, which runs them as Linear layers; in both architectures."""
     CL = torch.channels_last
     for arch in ({}, N.RELEASE_ARCHITECTURE):
@@ -265,7 +265,7 @@ def test_channels_last_model_computes_what_the_default_layout_computes(monkeypat
 
 
 def test_channels_last_group_norm_matches_float64_and_runs_only_where_it_should(monkeypatch):
-    """kernels.group_norm: on float32 channels-last CPU maps larger than 4x4 it runs
+    """fast_layers.group_norm: on float32 channels-last CPU maps larger than 4x4 it runs
     ChannelsLastGroupNorm, whose output and gradients (input, weight, bias, and the scale and
     shift applied after the norm) are those of a float64 F.group_norm [* (1 + scale) + shift],
     with 1, 3 and 4 channels per group, an offset mean, an upstream gradient in either layout,
@@ -2523,3 +2523,70 @@ def test_thresholding_auto_clips_data_with_black_or_white_backgrounds(trained_ru
     # what the runs recorded for sample.py: Fashion-MNIST (43% black) clipped, coloured squares not
     meta = {name: P.read_metadata(trained_runs / name / "ema.safetensors") for name in ("fashion", "text")}
     assert [meta[n]["diffusion_config"]["thresholding"] for n in ("fashion", "text")] == ["clip", "imagen"]
+
+
+# ---------------------------------------------------------------------------------------
+# The installation: no module of ours hides an installed one, every version pinned, and
+# nothing optional loaded where it is not needed
+# ---------------------------------------------------------------------------------------
+
+def project_names(root=HERE) -> set:
+    """The names `import` finds in the project's root: its .py files and its folders of them."""
+    files = {p.stem for p in root.glob("*.py")}
+    folders = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and any(p.glob("*.py"))}
+    return files | folders
+
+
+def test_no_project_module_shadows_an_installed_package(tmp_path):
+    """The root comes first on sys.path: a kernels.py of ours was imported in place of the
+    `kernels` package that transformers imports, and every text model failed to load. No name
+    of ours may be a top-level module of an installed distribution; a copy of the project
+    with a kernels.py again is refused (the `kernels` distribution, which transformers needs,
+    is installed here)."""
+    import importlib.metadata
+    import shutil
+    installed = importlib.metadata.packages_distributions()      # import name -> distributions
+    clashes = {n: installed[n] for n in project_names() if n in installed}
+    assert clashes == {}, f"project modules named like installed packages: {clashes}"
+    if "kernels" not in installed:
+        pytest.skip("the `kernels` distribution is not installed here: the counter-example needs it")
+    copy = tmp_path / "copy"
+    shutil.copytree(HERE, copy, ignore=shutil.ignore_patterns(".*", "runs", "__pycache__", "docs"))
+    (copy / "kernels.py").write_text("# a module of ours\n")
+    assert "kernels" in {n for n in project_names(copy) if n in installed}
+
+
+def test_requirements_are_pinned_in_the_lock_within_their_bounds():
+    """requirements.txt names what the project uses, with bounds; requirements.lock (what
+    setup.sh installs) pins every one of them, and each pin lies inside its bound."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    lock = {}
+    for line in (HERE / "requirements.lock").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"requirements.lock: {line!r} is not pinned with =="
+            lock[canonicalize_name(name)] = version
+    wanted = [Requirement(l.split("#")[0]) for l in (HERE / "requirements.txt").read_text().splitlines()
+              if l.split("#")[0].strip()]
+    assert len(wanted) >= 10 and {"torch", "transformers", "pip"} <= set(lock)
+    for req in wanted:
+        assert canonicalize_name(req.name) in lock, f"{req.name} is not pinned in requirements.lock"
+        assert req.specifier.contains(lock[canonicalize_name(req.name)]), (req, lock[canonicalize_name(req.name)])
+        assert str(req.specifier), f"{req.name}: requirements.txt gives no bound"
+
+
+def test_a_model_without_text_never_loads_the_text_libraries(tmp_path):
+    """Training and sampling a class-conditional model import neither transformers nor
+    datasets (nor TensorBoard): a newer release of one, or a broken one, cannot stop them."""
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(tiny_levels(2).to_dict()))
+    probe = ("import sys, train, sample\n"
+             f"train.main(['--config', {str(cfg)!r}, '--data', 'fashion-mnist', '--data-limit', '64', '--res', '4,8',"
+             f" '--steps', '1,1', '--batch', '8,8', '--out', {str(tmp_path)!r}, '--name', 'r', '--no-samples'])\n"
+             f"sample.main(['--ckpt', {str(tmp_path / 'r')!r}, '--label', 'bag', '--num-images', '1',"
+             f" '--num-inference-steps', '1', '--out', {str(tmp_path / 'img')!r}])\n"
+             "print('LOADED', [m for m in ('transformers', 'datasets', 'tensorboard') if m in sys.modules])")
+    p = subprocess.run([sys.executable, "-c", probe], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "LOADED []" in p.stdout, p.stdout[-500:]

@@ -252,7 +252,7 @@ def memory_format(setting, device, frames: int = 1) -> torch.memory_format:
     (True in runs from before "auto"), never if "off" (False), and with "auto" on a CPU. There
     oneDNN's 3x3 convolutions take 10-30% less time on channels-last maps at 16x16 and 32x32
     than on the default layout, the attention's (B, HW, C) tokens of such a map are a view, and
-    its Linear layers run as faster 1x1 convolutions (kernels.pointwise): the training step
+    its Linear layers run as faster 1x1 convolutions (fast_layers.pointwise): the training step
     and the sampling forward of the README's comparison with the official code took 11-15% less
     (on a later host of the same 2-core kind, the demo's model only 1% less). GPUs keep the
     default layout (not measured there: `bench.py --device cuda --knobs channels_last` does).

@@ -43,7 +43,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import data
-import kernels
+import fast_layers
 import utils
 from diffusion import SAMPLERS, DiffusionConfig, MatryoshkaDiffusion
 from nested_unet import CPU_KEYS, PAPER, TINY_INNER, NestedUNet, NestedUNetConfig, mdm_s64, zero_init
@@ -86,7 +86,7 @@ class TemporalAttention(nn.Module):
         seq = x.reshape(BT // T, T, C, H * W).permute(0, 3, 1, 2).reshape(-1, T, C)   # (B*H*W, T, C)
         h = self.norm(seq) + frame_position_embedding(T, self.stride, C, x.device).to(seq.dtype)
         q, k, v = (a.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for a in self.qkv(h).chunk(3, dim=-1))
-        seq = seq + self.proj_out(kernels.attention(q, k, v).transpose(1, 2).flatten(2))
+        seq = seq + self.proj_out(fast_layers.attention(q, k, v).transpose(1, 2).flatten(2))
         seq = seq + self.ffn(seq)
         return seq.reshape(BT // T, H * W, T, C).permute(0, 2, 3, 1).reshape(BT, C, H, W)
 
