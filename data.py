@@ -11,9 +11,9 @@ data sets that ship as Debian/PyPI packages stand in for them by default:
 
 and any Hugging Face `datasets` source works the same way: a local folder of images
 (`imagefolder`, captions from metadata.jsonl, labels from sub-folders) or a hub data set by
-name, streamed when it is large (a training run reads a stream, and any data set, through
-runs.py's Batches: one rank's share, resumable where it stopped). CC12M as in the paper
-(appendix F: all pairs, center crop, resize):
+name, streamed when it is large. A training run reads any of them through Batches: each rank's
+share, resumable at the sample where it stopped. CC12M as in the paper (appendix F: all pairs,
+center crop, resize):
 
     python train.py --data pixparse/cc12m-wds --image-column jpg --caption-column txt \\
         --streaming --text-encoder google/flan-t5-xl --config MDM-S64S256 --res 64,256
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -43,9 +44,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from utils import to_device, to_uint8
+from helpers.devices import to_device
+from helpers.pictures import to_uint8
 
 CACHE = Path(os.environ.get("MATRYOSHKA_CACHE", Path.home() / ".cache" / "matryoshka"))
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -215,7 +217,7 @@ def pick_columns(columns, image_column: str, caption_column: str | None):
 
 class HFImageDataset(Dataset):
     """A Hugging Face data set (map-style), opened by open_hf. Images are decoded here, not
-    by `datasets`, so that a broken file becomes a skipped sample (counted by `runs.collate`)
+    by `datasets`, so that a broken file becomes a skipped sample (counted by `collate`)
     instead of an exception in the middle of a run."""
 
     def __init__(self, source: str, size: int, split: str = "train", image_column: str = "image",
@@ -238,7 +240,7 @@ class HFImageDataset(Dataset):
         row = self.ds[i]
         image = decode_image(row[self.image_column], self.size)
         if image is None:
-            return None                            # dropped and counted by runs.collate()
+            return None                            # dropped and counted by collate()
         item = {"image": image, "index": i}
         if self.caption_column:
             item["caption"] = str(row[self.caption_column])
@@ -265,16 +267,219 @@ def decode_image(value, size: int):
 
 
 def load_dataset(name: str, size: int, frames: int = 1, **kw) -> Dataset:
-    """'emoji', 'fashion-mnist', 'emoji-motion' (video.py's clips of `frames` frames), a folder
+    """'emoji', 'fashion-mnist', 'emoji-motion' (clips of `frames` frames), a folder
     of images, or a Hugging Face data set name; kw: its columns."""
     if name == "emoji":
         return load_emoji(size)
     if name == "fashion-mnist":
         return load_fashion_mnist(size)
     if name == "emoji-motion":
-        import video
-        return video.EmojiMotion(size=size, frames=frames)
+        return EmojiMotion(size=size, frames=frames)
     return HFImageDataset(name, size, **kw)
+
+
+# ---------------------------------------------------------------------------------------
+# A text-video data set a CPU can learn: emoji that move as their caption says
+# ---------------------------------------------------------------------------------------
+
+MOTIONS = ["moving to the left", "moving to the right", "moving up", "moving down", "growing", "shrinking"]
+
+
+class EmojiMotion(Dataset):
+    """Clips of one emoji on the white background, moving as the caption says: "panda moving to
+    the left", "rocket moving up", "grinning face growing", ... 256 emoji (without skin-tone
+    variants, spread over the list) times 6 motions. Clip i shows emoji i // 6 with
+    motion i % 6, with a start position and speed drawn from a generator seeded by i (the same
+    clip every epoch). Frames are drawn with an affine warp of the emoji's RGBA bitmap, so the
+    motion is sub-pixel smooth. Items: {"image": (T, 3, size, size), "caption", "index"}."""
+
+    def __init__(self, size: int = 16, frames: int = 8, num_emoji: int = 256):
+        sprites, names = emoji_sprites(64)
+        keep = [i for i, n in enumerate(names) if "skin tone" not in n]    # no near-duplicates
+        keep = keep[:: max(1, len(keep) // num_emoji)][:num_emoji]        # spread over the (sorted) list
+        self.sprites, self.names = sprites[keep], [names[i] for i in keep]
+        self.size, self.frames = size, frames
+        self.captions = [f"{n} {m}" for n in self.names for m in MOTIONS]
+
+    def __len__(self):
+        return len(self.names) * len(MOTIONS)
+
+    def __getitem__(self, i):
+        clip = render_clip(self.sprites[i // len(MOTIONS)], i % len(MOTIONS), self.size, self.frames,
+                           torch.Generator().manual_seed(i))
+        return {"image": clip, "caption": self.captions[i], "index": i}
+
+
+def emoji_sprites(size: int):
+    """All emoji as RGBA float tensors (N, 4, size, size) in [0, 1], and their names."""
+    path = CACHE / f"emoji-rgba-{size}.npz"
+    if not path.exists():
+        font = ImageFont.truetype(EMOJI_FONT, 109)
+        entries = emoji_entries()
+        a = np.stack([np.asarray(render_emoji(e, font).crop((4, 0, 132, 128)).resize((size, size), Image.Resampling.LANCZOS))
+                      for e, _ in entries])
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, rgba=a, names=np.array([n for _, n in entries]))
+        os.replace(tmp, path)
+    f = np.load(path)
+    return torch.from_numpy(f["rgba"]).permute(0, 3, 1, 2).float() / 255, list(f["names"])
+
+
+def render_clip(sprite: torch.Tensor, motion: int, size: int, frames: int, g: torch.Generator) -> torch.Tensor:
+    """One clip (T, 3, size, size) in [-1, 1]: the sprite (4, h, w) composited on white, its
+    scale and position following the motion linearly from the first frame to the last."""
+    u = torch.rand(4, generator=g)
+    s = torch.linspace(0, 1, frames)
+    scale = torch.full((frames,), 0.45 + 0.1 * float(u[0]))            # sprite width / canvas width
+    cx, cy = torch.full((frames,), 0.2 * (float(u[1]) - 0.5)), torch.full((frames,), 0.2 * (float(u[2]) - 0.5))
+    # Canvas coordinates are [-1, 1]; the sprite stays inside while |centre| <= 1 - scale. The
+    # centre travels 70 to 100% of that room: half the canvas or more.
+    travel = (0.7 + 0.3 * float(u[3])) * 2 * (1 - float(scale[0]))
+    if motion < 4:                                                      # left, right, up, down
+        sign = -1 if motion in (0, 2) else 1
+        path = sign * travel * (s - 0.5)
+        if motion < 2:
+            cx = path
+        else:
+            cy = path
+    else:                                                               # growing, shrinking
+        grow = s if motion == 4 else 1 - s
+        scale = 0.25 + 0.6 * grow
+    # Affine grid: canvas point p samples the sprite at (p - centre) / scale.
+    theta = torch.zeros(frames, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+    theta[:, 0, 2], theta[:, 1, 2] = -cx / scale, -cy / scale
+    grid = F.affine_grid(theta, (frames, 4, size, size), align_corners=False)
+    rgba = F.grid_sample(sprite.expand(frames, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
+    rgb, alpha = rgba[:, :3], rgba[:, 3:]
+    return (rgb * alpha + (1 - alpha)) * 2 - 1                          # on white, to [-1, 1]
+
+
+# ---------------------------------------------------------------------------------------
+# The batches of a training run: one rank's share of the data, resumable where it stopped
+# ---------------------------------------------------------------------------------------
+
+class ResumableSampler(DistributedSampler):
+    """torch's DistributedSampler (a shuffled, disjoint share of the data set per rank, a new
+    order every epoch), which can also start in the middle of an epoch: the data position of
+    a resumed run."""
+
+    def __init__(self, dataset, num_replicas=1, rank=0, seed=0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int):
+        self.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+class Batches:
+    """An endless stream of one rank's batches (of `batch` samples), whose position (epoch,
+    samples seen in it) is saved in checkpoints and restored on resume: a map-style data set
+    in a shuffled, disjoint share per rank (ResumableSampler), or an HFStream split over ranks.
+    `skipped` counts the images that could not be decoded."""
+
+    def __init__(self, dataset, batch: int, rank: int = 0, world: int = 1, seed: int = 0, workers: int = 0,
+                 epoch: int = 0, pos: int = 0):
+        self.dataset, self.batch, self.rank, self.world = dataset, batch, rank, world
+        self.seed, self.workers = seed, workers
+        self.epoch, self.pos, self.skipped = epoch, pos, 0
+        self._start()
+
+    def _start(self):
+        workers = self.workers
+        if isinstance(self.dataset, HFStream):     # decoded in the loader's workers, like the rest
+            self.dataset.start(self.rank, self.world, self.seed + self.epoch, self.batch, self.pos // self.batch)
+            workers, sampler = self.dataset.workers(self.workers, self.rank, self.world), None
+        else:
+            sampler = ResumableSampler(self.dataset, self.world, self.rank, self.seed)
+            sampler.set_position(self.epoch, self.pos)
+        loader = DataLoader(self.dataset, batch_size=self.batch, sampler=sampler, drop_last=True,
+                            collate_fn=collate, num_workers=workers,
+                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+        self.it = iter(loader)
+
+    def __next__(self):
+        while True:
+            try:
+                b = next(self.it)
+            except StopIteration:                  # end of an epoch (or of the stream)
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._start()
+                continue
+            self.pos += self.batch
+            self.skipped += b["skipped"]
+            if "image" in b:
+                return b
+
+    def state(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
+class HFStream(torch.utils.data.IterableDataset):
+    """A data set too large to download first (CC12M), read as a stream: shuffled in a buffer,
+    split over ranks (split_dataset_by_node: each rank its own shards, where there are enough)
+    and, within a rank, over its loader workers by `datasets` itself (each worker its own
+    shards, decoding its own images). Resumed by skipping what each worker had read. Batches
+    sets where it starts (`start`); every item gets an index unique over ranks and workers,
+    the key of its per-sample random numbers."""
+
+    def __init__(self, source: str, size: int, image_column: str = "jpg", caption_column: str = "txt"):
+        self.source, self.size, self.image_column, self.caption_column = source, size, image_column, caption_column
+        self.rank, self.world, self.seed, self.batch, self.batches_read = 0, 1, 0, 1, 0
+
+    def open(self, rank: int, world: int, seed: int):
+        """This rank's part of the stream, shuffled; and the columns of images and captions."""
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+        ds = open_hf(self.source, streaming=True)
+        columns = ds.column_names or [self.image_column, self.caption_column]
+        image_column, caption_column = pick_columns(columns, self.image_column, self.caption_column)
+        ds = ds.cast_column(image_column, datasets.Image(decode=False)).shuffle(seed=seed, buffer_size=10_000)
+        return split_dataset_by_node(ds, rank=rank, world_size=world), image_column, caption_column
+
+    def workers(self, wanted: int, rank: int, world: int) -> int:
+        """Loader workers for this rank: `datasets` gives each worker whole shards, and stops
+        those beyond the number of shards; the workers that read must be all there are."""
+        return min(wanted, self.open(rank, world, 0)[0].num_shards) if wanted else 0
+
+    def start(self, rank: int, world: int, seed: int, batch: int, batches_read: int):
+        self.rank, self.world, self.seed, self.batch, self.batches_read = rank, world, seed, batch, batches_read
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The loader takes whole batches from its workers in turn: worker w made every W-th.
+        skip = max(0, (self.batches_read - w + W - 1) // W) * self.batch
+        ds, image_column, caption_column = self.open(self.rank, self.world, self.seed)
+        part, parts = self.rank * W + w, self.world * W
+        for i, row in enumerate(itertools.islice(ds, skip, None), start=skip):   # read again, not decoded
+            image = decode_image(row[image_column], self.size)
+            yield None if image is None else {"image": image, "index": i * parts + part,
+                                              "caption": str(row[caption_column])}
+
+
+def collate(items: list) -> dict:
+    """Stack a batch; samples that failed to decode (None) are dropped and counted."""
+    good = [it for it in items if it is not None]
+    batch = {"skipped": len(items) - len(good)}
+    if not good:
+        return batch
+    batch["image"] = torch.stack([it["image"] for it in good])
+    batch["index"] = torch.tensor([it["index"] for it in good])
+    if "caption" in good[0]:
+        batch["caption"] = [it["caption"] for it in good]
+    if "label" in good[0]:
+        batch["label"] = torch.tensor([it["label"] for it in good])
+    return batch
 
 
 # ---------------------------------------------------------------------------------------
@@ -294,12 +499,12 @@ class TextEncoder:
     "google/flan-t5-xl"). Each caption's features are cached on the CPU after their first
     computation, so a fixed caption set (emoji, class names) is encoded once.
 
-    tokenization="ml-mdm": split captions into T5 pieces as the released models' code did
-    (release.mdm_token_ids), not as the Hugging Face tokenizer does, so that they see the
-    token ids they were trained on."""
+    `split`: (tokenizer, max_length) -> a function from a caption to its token ids, for a model
+    trained on ids split otherwise than by the Hugging Face tokenizer (the released models:
+    tools/release.mdm_splitter)."""
 
     def __init__(self, name: str = "minilm", device="cpu", max_length: int = 128, cache_size: int = 200_000,
-                 tokenization: str = "hf"):
+                 split=None):
         from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
 
         path = minilm_path() if name == "minilm" else name
@@ -320,15 +525,7 @@ class TextEncoder:
         self.dim = config.d_model if hasattr(config, "d_model") else config.hidden_size
         self.cache: dict[str, torch.Tensor] = {}
         self.cache_size = cache_size
-        if tokenization not in ("hf", "ml-mdm"):
-            raise ValueError(f"tokenization={tokenization!r}: expected 'hf' or 'ml-mdm'")
-        self.tokenization = tokenization
-        if tokenization == "ml-mdm":               # the released models' own splitting (release.py)
-            from release import mdm_token_ids, unigram_pieces
-            pieces = unigram_pieces(self.tokenizer)
-            self.split = lambda caption: mdm_token_ids(caption, pieces, max_length)
-        else:
-            self.split = None
+        self.split = split(self.tokenizer, max_length) if split else None
 
     def tokenize(self, captions: list[str]):
         """-> token ids (B, L) and their mask (B, L) bool, padded to the longest caption."""
@@ -401,6 +598,6 @@ if __name__ == "__main__":
     items = [ds[int(i)] for i in idx]
     names = [it.get("caption") or ds.class_names[it["label"]] for it in items]
     out = f"data-{which}.png"
-    from utils import save_grid
+    from helpers.pictures import save_grid
     save_grid(torch.stack([it["image"] for it in items]), out, captions=names, scale=2 if which != "emoji" else 1)
     print(f"{which}: {len(ds)} images; wrote {out}")

@@ -12,8 +12,7 @@ The NestedUNet predicts v (Salimans & Ho, 2022) at every resolution, and all res
 trained jointly (Eq. 3) and denoised jointly (appendix C).
 
 The pieces, in reading order:
-    1. schedules: the cosine log-SNR and its resolution shift ("cosine-shift4"); the released
-       models' discrete schedule
+    1. schedules: the cosine log-SNR and its resolution shift ("cosine-shift4")
     2. v-prediction and its conversions to x and epsilon
     3. classifier-free guidance and thresholding
     4. the process of one NestedUNet (MatryoshkaDiffusion): each level's schedule, the
@@ -35,10 +34,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-import numpy as np
-
-from nested_unet import parse_schedule, preset, split_schedule
+from nested_unet import preset
 
 # ---------------------------------------------------------------------------------------
 # 1. Schedules
@@ -74,34 +72,16 @@ def shifted_logsnr(t, shift: float, power: float = 2.0, logsnr_min=-15.0, logsnr
     return cosine_logsnr(t, logsnr_min, logsnr_max) - power * math.log(shift)
 
 
-# The released models were trained with a discrete schedule instead: diffusers'
-# "squaredcos_cap_v2" (Nichol & Dhariwal 2021's cosine, offset 0.008, each beta capped at
-# 0.999) over steps k = 1..1000, whose alpha^2 is alpha_bar_k = prod_{j <= k} (1 - beta_j).
-# Here step k is the time t = k / 1000, and its log-SNR log(alpha_bar / (1 - alpha_bar)) is
-# shifted per level as above (their 256 px model divides the SNR by 4, their 1024 px model
-# by 16 and 256: in our names "shift2", "shift4", "shift16" with power 2).
-
-def squaredcos_cap_v2(num_steps: int = 1000) -> torch.Tensor:
-    """alpha_bar_k for k = 0..num_steps (alpha_bar_0 = 1), computed in float64 and stored in
-    float32, as the released models' schedule was."""
-    f = [math.cos((k / num_steps + 0.008) / 1.008 * math.pi / 2) ** 2 for k in range(num_steps + 1)]
-    betas = torch.tensor([0.0] + [min(1 - f[k + 1] / f[k], 0.999) for k in range(num_steps)], dtype=torch.float64)
-    return torch.exp(torch.cumsum(torch.log1p(-betas), 0)).float()
-
-
-_ALPHA_BAR = squaredcos_cap_v2()
-
-
-def discrete_logsnr(t: torch.Tensor, shift: float, power: float = 2.0) -> torch.Tensor:
-    """The log-SNR of step k = round(1000 t) of squaredcos_cap_v2, shifted: +inf at t = 0.
-    The shift divides the SNR in float32, as the released models' tables were computed: the
-    noise levels they were trained at, to the last bit (1 - alpha_bar of a step near k = 0
-    differs by up to 1e-4 relative from the float64 shift)."""
-    abar = _ALPHA_BAR.to(t.device)[(1000 * t.double()).round().long().clamp(0, 1000)]
-    if shift != 1:
-        abar = 1 / (1 + 1 / (abar / (1 - abar) / shift ** power))
-    abar = abar.double()
-    return torch.log(abar) - torch.log1p(-abar)
+def parse_schedule(name: str, base: str = "cosine") -> float:
+    """The shift of a level's schedule: 'cosine' -> 1, 'cosine-shift4' -> 4 (the paper's names)."""
+    kind, _, shift = name.partition("-shift")
+    if kind == base:
+        try:
+            return float(shift) if shift else 1.0
+        except ValueError:
+            pass
+    raise ValueError(f"unknown schedule {name!r}: expected '{base}' or '{base}-shiftS' with a number S, "
+                     f"e.g. '{base}-shift4'")
 
 
 def alpha_sigma(logsnr: torch.Tensor):
@@ -217,14 +197,15 @@ class MatryoshkaDiffusion:
 
     Everything is a list with one entry per resolution, lowest first, like the model's
     inputs and outputs. `cond` is a dict of the model's condition: {"text", "text_mask"},
-    {"label"}, or {} for an unconditional model.
+    {"label"}, or {} for an unconditional model. (The released models' discrete schedule is a
+    subclass of this one: tools/release.py.)
     """
+
+    base_schedule = "cosine"
 
     def __init__(self, resolutions, schedules, config: DiffusionConfig | None = None, downsample_fn=None):
         self.resolutions = list(resolutions)
-        self.shifts = [parse_schedule(s) for s in schedules]
-        # "cosine" (continuous time) or "squaredcos_cap_v2" (the released models' 1000 steps)
-        self.base = split_schedule(schedules[0])[0]
+        self.shifts = [parse_schedule(s, self.base_schedule) for s in schedules]
         self.config = config or DiffusionConfig()
         if self.config.loss_weights is not None and len(self.config.loss_weights) != len(self.resolutions):
             raise ValueError(f"loss_weights={self.config.loss_weights} needs one weight per resolution "
@@ -240,39 +221,25 @@ class MatryoshkaDiffusion:
     # -- each level's schedule --
     def logsnr(self, t: torch.Tensor, level: int) -> torch.Tensor:
         c = self.config
-        if self.base == "squaredcos_cap_v2":
-            return discrete_logsnr(t, self.shifts[level], c.shift_power)
         return shifted_logsnr(t, self.shifts[level], c.shift_power, c.logsnr_min, c.logsnr_max)
 
     def training_times(self, u: torch.Tensor) -> torch.Tensor:
-        """Uniform u in (0, 1) -> the training times: u itself in continuous time; for the
-        discrete schedule a step k uniform in 1..1000, as t = k / 1000."""
-        return (u * 1000).ceil().clamp(1, 1000) / 1000 if self.base == "squaredcos_cap_v2" else u
+        """Uniform u in (0, 1) -> the training times: u itself, in continuous time."""
+        return u
 
     def time_grid(self, num_inference_steps: int, sampler: str = "ddpm") -> torch.Tensor:
-        """The times of the sampler, from 1 (noise) to 0 (data): evenly spaced in t; for the
-        discrete schedule the released models' grid, steps round(i * 1001 / (N + 1)), i = N..0
-        (50 steps: 981, 962, ..., 20, 0), as t = k / 1000. DPM-Solver++ takes steps evenly
-        spaced in log-SNR instead, from the schedule's minimum to its maximum: its update is
+        """The times of the sampler, from 1 (noise) to 0 (data): evenly spaced in t.
+        DPM-Solver++ takes steps evenly spaced in log-SNR instead, from the schedule's minimum to its maximum: its update is
         exact for a model whose x-prediction is constant over a step in log-SNR, and a grid
         even in t makes the last steps huge in log-SNR (a 2M step then overshoots by half)."""
         N = num_inference_steps
         if sampler == "dpm++2m":
             return self.logsnr_grid(N)
-        if self.base == "squaredcos_cap_v2":
-            steps = np.round(np.arange(N + 1) * (1001 / (N + 1)))[::-1].copy()     # numpy's round: half to even
-            return torch.from_numpy(steps) / 1000
         return torch.linspace(1.0, 0.0, N + 1, dtype=torch.float64)
 
     def logsnr_grid(self, N: int) -> torch.Tensor:
         """N + 1 times, from 1 to 0, whose log-SNR (of every level: the shift only offsets it)
         is evenly spaced between the schedule's minimum and maximum."""
-        if self.base == "squaredcos_cap_v2":       # the nearest of the 1000 steps (repeats removed)
-            k = torch.arange(1, 1001, dtype=torch.float64)
-            lam = self.logsnr(k / 1000, 0)          # decreasing in k
-            targets = torch.linspace(float(lam[-1]), float(lam[0]), N + 1, dtype=torch.float64)
-            steps = k[torch.searchsorted(-lam, -targets).clamp(max=999)].unique().flip(0)
-            return torch.cat([steps / 1000, torch.zeros(1, dtype=torch.float64)])
         c = self.config                            # the cosine: t = (2 / pi) atan(exp(-logsnr / 2))
         lam = torch.linspace(c.logsnr_min, c.logsnr_max, N + 1, dtype=torch.float64)
         t = 2 / math.pi * torch.atan(torch.exp(-lam / 2))
@@ -359,7 +326,7 @@ class MatryoshkaDiffusion:
         if guidance_scale == 1.0 or not cond:
             return [v.to(zs[0].dtype) for v in model(zs, tt, **cond)]   # no guidance: one half only
         null = negative_cond if negative_cond is not None else \
-            model.null_condition(cond, torch.ones(B, dtype=torch.bool))
+            model.null_condition(cond, torch.ones(B, dtype=torch.bool, device=zs[0].device))
         vs = model([torch.cat([z, z]) for z in zs], torch.cat([tt, tt]), **cat_conditions(cond, null))
         return [guided_v(*v.to(zs[0].dtype).chunk(2), guidance_scale) for v in vs]
 
@@ -367,7 +334,7 @@ class MatryoshkaDiffusion:
     def sample(self, model, cond: dict | None = None, batch_size: int = 1, sampler: str = "ddpm",
                num_inference_steps: int = 250, guidance_scale: float = 1.0, negative_cond=None,
                thresholding: str | None = None, eta: float = 0.0, generator: torch.Generator | None = None,
-               device=None, dtype=torch.float32, callback=None) -> list:
+               device=None, dtype=torch.float32, callback=None, progress: bool = False) -> list:
         """Appendix C: start every resolution from its own independent Gaussian noise, run the
         NestedUNet on all of them in parallel, take one denoising step per resolution with its
         own schedule, repeat. Returns the final images, one tensor per resolution, lowest
@@ -377,7 +344,8 @@ class MatryoshkaDiffusion:
         al., 2021), deterministic with eta = 0, as noisy as DDPM with eta = 1; "dpm++2m": the
         second-order multistep DPM-Solver++ (Lu et al., 2022), in each level's own log-SNR. The
         time grid is `time_grid`. thresholding: of the predicted x at every step (THRESHOLDING; None: the
-        config's). callback(i, t, zs, x_preds) is called after every step (sample.py --show-steps)."""
+        config's). callback(i, t, zs, x_preds) is called after every step (sample.py --show-steps);
+        progress: a progress bar."""
         cond = cond or {}
         thresholding = thresholding or self.config.thresholding
         if num_inference_steps < 1:
@@ -392,7 +360,7 @@ class MatryoshkaDiffusion:
         zs = [torch.randn(s, generator=generator, device=device, dtype=dtype) for s in shapes]
         ts = self.time_grid(num_inference_steps, sampler)
         memory = [{} for _ in zs]                  # per level: what a multistep solver keeps
-        for i in range(len(ts) - 1):
+        for i in tqdm(range(len(ts) - 1), desc=f"{sampler} x{batch_size}", disable=not progress, leave=False):
             t, s = ts[i], ts[i + 1]
             vs = self.predict_v(model, zs, t, cond, guidance_scale, negative_cond)
             x_preds = []
@@ -503,12 +471,47 @@ def training_step(diffusion, model, opt, micro_batches, train_model=None, clip: 
     return sums, bad
 
 
+# ---------------------------------------------------------------------------------------
+# A picture of the schedules (python diffusion.py)
+# ---------------------------------------------------------------------------------------
+
+def plot_schedules(config, path: str, diffusion_config=None):
+    """Left: log-SNR against t for every level of a config. Right: what each level's noise
+    amounts to once its image is average-pooled to the base resolution (pooling s x s blocks
+    multiplies the SNR by s^2). Unshifted (dotted), the high resolutions are far cleaner than
+    the base at the same t; shifted (solid), every level sits on the base curve."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    levels = config.levels()
+    d = MatryoshkaDiffusion([c.resolutions[0] for c in levels], [c.schedule for c in levels], diffusion_config)
+    t = torch.linspace(0, 1, 501)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for r, c in enumerate(levels):
+        lam, pooled = d.logsnr(t, r), 2 * math.log(d.shifts[r])
+        label = f"{c.resolutions[0]}x{c.resolutions[0]} ({c.schedule})"
+        axes[0].plot(t, lam, color=f"C{r}", label=label)
+        axes[1].plot(t, lam + pooled, color=f"C{r}", label=label + ", shifted", lw=2.5 - 0.4 * r)
+        if d.shifts[r] != 1:
+            axes[1].plot(t, cosine_logsnr(t, d.config.logsnr_min, d.config.logsnr_max) + pooled, color=f"C{r}",
+                         linestyle=":", label=label.split(" (")[0] + ", not shifted")
+    axes[0].set(xlabel="t", ylabel="log SNR", title="each resolution's own schedule")
+    axes[1].set(xlabel="t", ylabel="log SNR after pooling to the base resolution",
+                title="what the noise amounts to at the base resolution")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Resolution-shifted cosine schedules: logsnr_s(t) = logsnr(t) - {d.config.shift_power:g} log s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Draw the log-SNR schedules of a preset's levels.")
     p.add_argument("preset", nargs="?", default="MDM-S64S128S256S512S1024")
     p.add_argument("--out", default="schedules.png")
     p.add_argument("--shift-power", type=float, default=2.0)
     a = p.parse_args()
-    from utils import plot_schedules
     plot_schedules(preset(a.preset), a.out, DiffusionConfig(shift_power=a.shift_power))
     print(f"wrote {a.out}")

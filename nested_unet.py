@@ -19,6 +19,10 @@ pseudocode. Most parameters live in the innermost 64x64 UNet (appendix A: about 
 them); the outer levels are thin. The layers that connect a level to its inner model start
 at zero, so that a model grown for progressive training reproduces its inner model exactly.
 
+The layers are PyTorch's own (nn.GroupNorm, nn.Linear, F.scaled_dot_product_attention). A few
+methods are hooks that other models of the family override: video.py's levels with a time
+axis, and the authors' released models (tools/release.py).
+
 Run it:
     python nested_unet.py                      # list the presets
     python nested_unet.py MDM-S64S256          # print a preset's summary (the paper's Fig. 3 in text)
@@ -36,10 +40,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import fast_layers
-from fast_layers import as_map, as_tokens
-from utils import to_device
-
 # ---------------------------------------------------------------------------------------
 # The config: appendix A, key for key
 # ---------------------------------------------------------------------------------------
@@ -48,9 +48,7 @@ from utils import to_device
 # model. They are copied into every inner config, so each level can be built (and grown)
 # on its own and all levels agree.
 GLOBAL_KEYS = ("emb_channels", "num_lm_attn_layers", "lm_feature_projected_channels",
-               "text_channels", "num_classes", "in_channels", "dropout",
-               "strided_downsample", "separate_cross_attention", "mask_cross_attention", "attention_ffn",
-               "level_time_embedding", "text_pool_bias", "timestep_features", "timestep_offset", "null_text")
+               "text_channels", "num_classes", "in_channels", "dropout")
 
 
 @dataclass
@@ -63,8 +61,7 @@ class NestedUNetConfig:
     num_res_blocks: list = field(default_factory=lambda: [2, 2, 2])
     num_attn_layers_per_block: list = field(default_factory=lambda: [0, 1, 5])
     num_heads: int = 8
-    schedule: str = "cosine"              # "cosine-shift4" = cosine with SNR / 4^2 (diffusion.py);
-                                          # "squaredcos_cap_v2-shift4": the released models' discrete schedule
+    schedule: str = "cosine"              # "cosine-shift4": cosine with SNR / 4^2 (diffusion.py)
     inner_config: NestedUNetConfig | None = None
     # Whole-model keys of appendix A (GLOBAL_KEYS), set at the outermost level.
     emb_channels: int = 1024              # width of the time (+ condition) embedding
@@ -75,21 +72,6 @@ class NestedUNetConfig:
     num_classes: int = 0                  # class-conditional (ImageNet); 0: no labels
     in_channels: int = 3
     dropout: float = 0.0
-    # How the released models (the paper's authors' code) compute, where it differs from this
-    # project's own architecture. The MDM-flickr presets set them; every default is ours, so
-    # that the paper's presets and the models train.py trained stay what they were. Each is
-    # explained where it is used.
-    strided_downsample: bool = False      # down-sampling: a stride-2 3x3 conv, not avg pooling + 3x3 conv
-    separate_cross_attention: bool = False  # text: its own softmax, added to the pixels' (not one joint softmax)
-    mask_cross_attention: bool = True     # padding tokens are hidden from the cross-attention
-    attention_ffn: str = "layernorm"      # feed-forward after attention: "layernorm", "groupnorm" or "none"
-    level_time_embedding: bool = False    # every level has its own time MLP (not one, in the innermost)
-    text_pool_bias: bool = True           # the pooled text's projection into the embedding has a bias
-    timestep_features: str = "cos,sin"    # the order of the sinusoidal time features
-    timestep_offset: int = 0              # the network sees 1000 t - offset (the releases: step k - 1)
-    normalize_input: bool = False         # this level divides its input by its per-sample std (per level)
-    null_text: str = "mask"               # guidance's null text: no visible token ("mask"), or the encoded
-                                          # empty prompt ("empty_prompt": the releases never saw a null mask)
     # Appendix A's video keys; levels with temporal_axis=True are built by video.py.
     temporal_axis: bool = False
     temporal_resolutions: list | None = None
@@ -97,14 +79,15 @@ class NestedUNetConfig:
 
     def __post_init__(self):
         if isinstance(self.inner_config, dict):       # rebuilt from a checkpoint's JSON
-            self.inner_config = NestedUNetConfig(**self.inner_config)
+            self.inner_config = type(self)(**self.inner_config)
         if self.inner_config is not None:             # the outermost level's global keys win
             self.inner_config = dataclasses.replace(
                 self.inner_config, **{k: getattr(self, k) for k in GLOBAL_KEYS})
         self.validate()
 
     def validate(self):
-        """Bad configs fail here, with a message a person can act on, not deep in a forward."""
+        """Bad configs fail here, with a message a person can act on, not deep in a forward.
+        (The schedule names are diffusion.py's, checked where the process is built.)"""
         n = len(self.resolution_channels)
         for key in ("resolutions", "num_res_blocks", "num_attn_layers_per_block"):
             if len(getattr(self, key)) != n and not (self.temporal_axis and key == "resolutions"):
@@ -122,19 +105,6 @@ class NestedUNetConfig:
                 f"resolutions[-1]")
         if self.text_channels and self.num_classes:
             raise ValueError("a model is conditioned on text or on class labels, not both")
-        if self.attention_ffn not in ("layernorm", "groupnorm", "none"):
-            raise ValueError(f"attention_ffn={self.attention_ffn!r}: expected 'layernorm', 'groupnorm' or 'none'")
-        if self.null_text not in ("mask", "empty_prompt"):
-            raise ValueError(f"null_text={self.null_text!r}: expected 'mask' or 'empty_prompt'")
-        if self.text_channels and not self.mask_cross_attention and self.null_text == "mask":
-            raise ValueError("a model that attends to padding tokens (mask_cross_attention=False) cannot be "
-                             "given a null text by a mask: set null_text='empty_prompt'")
-        if self.timestep_features not in ("cos,sin", "sin,cos"):
-            raise ValueError(f"timestep_features={self.timestep_features!r}: expected 'cos,sin' or 'sin,cos'")
-        bases = {split_schedule(c.schedule)[0] for c in self.levels()}   # raises on an unknown name
-        if len(bases) > 1:
-            raise ValueError(f"the levels' schedules {[c.schedule for c in self.levels()]} mix base schedules "
-                             f"{sorted(bases)}: every level shifts the same one")
 
     # -- the list view of the nesting, lowest resolution first (the pseudocode's order) --
     def levels(self) -> list[NestedUNetConfig]:
@@ -171,27 +141,6 @@ class NestedUNetConfig:
         return dataclasses.asdict(self)
 
 
-SCHEDULES = ("cosine", "squaredcos_cap_v2")      # diffusion.py: the continuous cosine; the releases' discrete one
-
-
-def parse_schedule(name: str) -> float:
-    """The shift of a level's schedule: 'cosine' -> 1, 'cosine-shift4' -> 4 (the paper's names;
-    'squaredcos_cap_v2-shift4' is the released models' discrete schedule, shifted by 4)."""
-    return split_schedule(name)[1]
-
-
-def split_schedule(name: str) -> tuple[str, float]:
-    """'cosine-shift4' -> ('cosine', 4.0): the base schedule and the shift."""
-    base, _, shift = name.partition("-shift")
-    if base in SCHEDULES:
-        try:
-            return base, float(shift) if shift else 1.0
-        except ValueError:
-            pass
-    raise ValueError(f"unknown schedule {name!r}: expected 'cosine' or 'cosine-shiftS' with a number S, "
-                     f"e.g. 'cosine-shift4' (or 'squaredcos_cap_v2', the released models')")
-
-
 # ---------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------
@@ -204,15 +153,8 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    # 32 groups as usual; fewer for the thin channels of tiny CPU models. (fast_layers.GroupNorm is
-    # nn.GroupNorm, computed faster on a CPU's channels-last maps.)
-    return fast_layers.GroupNorm(math.gcd(32, channels), channels)
-
-
-def per_frame(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Repeat per-sample rows a (B, ...) for x's rows (B * T, ...): the T frames of a video
-    are folded into the batch, sample by sample."""
-    return a if a.shape[0] == x.shape[0] else a.repeat_interleave(x.shape[0] // a.shape[0], dim=0)
+    # 32 groups as usual; fewer for the thin channels of tiny CPU models.
+    return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
 class ResBlock(nn.Module):
@@ -228,90 +170,74 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, emb, tokens=None, mask=None):
-        # x: (B, C_in, H, W); emb: (B, E), already passed through SiLU once per forward. In a
-        # video level x holds B * T frames, and each sample's embedding serves all its frames.
+        # x: (B, C_in, H, W); emb: (B, E), already passed through SiLU once per forward.
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = per_frame(self.emb_proj(emb), x)[:, :, None, None].chunk(2, dim=1)
-        h = F.silu(self.norm2(h, scale, shift))        # norm2(h) * (1 + scale) + shift, in one pass on a CPU
+        scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)   # (B, C_out, 1, 1) each
+        h = F.silu(self.norm2(h) * (1 + scale) + shift)
         return self.skip(x) + self.conv2(self.dropout(h))
 
 
-class AttentionBlock(nn.Module):
+class Attention(nn.Module):
+    """What the attention layers share: softmax(q k^T / sqrt(d)) v over (B, heads, N, d)
+    queries and (B, heads, M, d) keys and values, `mask` (True = may attend) broadcast to
+    (B, heads, N, M). PyTorch's kernel (flash or memory-efficient attention on a GPU)."""
+
+    def attend(self, q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def heads(self, a):
+        # (B, N, C) -> (B, heads, N, C / heads)
+        return a.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+
+class AttentionBlock(Attention):
     """Self-attention over the H*W positions, plus cross-attention to the text tokens when the
-    model has text, then a feed-forward layer, as in a transformer block.
+    model has text, then a feed-forward layer at each position, as in a transformer block.
 
-    Two ways to attend to the text (`separate_cross_attention`). Ours, like Imagen: the text
-    tokens are appended to the keys and values of the same attention, so one softmax weighs
-    pixels and words together. The released models': the queries attend to the pixels and,
-    with a second softmax, to the tokens, and the two results are added. A masked (padding or
-    dropped) token gets no weight, unless `mask_cross_attention` is off (the releases attend
-    to their padding too: the sampler pads prompts as they did).
+    Text is attended to as in Imagen: the text tokens are appended to the keys and values of
+    the same attention, so one softmax weighs pixels and words together. A padding token (or
+    every token of a dropped condition) gets no weight; a pixel always has some."""
 
-    The feed-forward layer (`attention_ffn`): ours normalises each position with a LayerNorm;
-    the releases' with a GroupNorm(32) over the feature map; "none": no feed-forward layer.
-    The 1x1 convolutions of the releases are the Linear layers here (the same weights; on a
-    CPU they run as 1x1 convolutions again: fast_layers.pointwise)."""
-
-    def __init__(self, channels: int, num_heads: int, cond_ch: int = 0, separate_cross: bool = False,
-                 mask_cross: bool = True, ffn: str = "layernorm"):
+    def __init__(self, channels: int, num_heads: int, cond_ch: int = 0):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"{channels} channels cannot be split into num_heads={num_heads} heads")
-        self.num_heads, self.separate_cross, self.mask_cross = num_heads, separate_cross, mask_cross
-        self.norm = group_norm(channels)
-        self.qkv = nn.Linear(channels, 3 * channels)
+        self.num_heads = num_heads
+        self.norm, self.qkv = group_norm(channels), nn.Linear(channels, 3 * channels)
         if cond_ch:
             self.norm_cond, self.kv_cond = nn.LayerNorm(cond_ch), nn.Linear(cond_ch, 2 * channels)
         self.proj_out = zero_init(nn.Linear(channels, channels))
-        self.ffn_norm = ffn
-        if ffn != "none":
-            norm = nn.LayerNorm(channels) if ffn == "layernorm" else group_norm(channels)
-            self.ffn = nn.Sequential(norm, nn.Linear(channels, 4 * channels), nn.GELU(),
-                                     zero_init(nn.Linear(4 * channels, channels)))
+        self.ffn = nn.Sequential(self.ffn_norm(channels), nn.Linear(channels, 4 * channels), nn.GELU(),
+                                 zero_init(nn.Linear(4 * channels, channels)))
 
-    def heads(self, a):
-        # (B, N, C) -> (B, heads, N, C / heads) for fast_layers.attention: softmax(q k^T / sqrt(d)) v,
-        # F.scaled_dot_product_attention (on a CPU's small maps the same, written out)
-        return a.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+    def ffn_norm(self, channels: int) -> nn.Module:
+        return nn.LayerNorm(channels)
 
     def forward(self, x, emb=None, tokens=None, mask=None):
-        B, C, H, W = x.shape                    # x: (B, C, H, W), one token per position
-        # A channels-last model (the CPU's, utils.memory_format) runs its Linear layers as 1x1
-        # convolutions: oneDNN's are faster than its matmuls (fast_layers.pointwise).
-        conv = x.is_contiguous(memory_format=torch.channels_last)
-        q, k, v = (self.heads(as_tokens(a)) for a in fast_layers.pointwise(self.qkv, self.norm(x), conv).chunk(3, dim=1))
-        k_txt = v_txt = key_mask = None
-        if tokens is not None:                  # tokens: (B, L, D), mask: (B, L) bool or None
-            k_txt, v_txt = (self.heads(a) for a in
-                            per_frame(self.kv_cond(self.norm_cond(tokens)), x).chunk(2, dim=-1))
-            if mask is not None and self.mask_cross:
-                key_mask = per_frame(mask, x)[:, None, None, :]      # (B, 1, 1, L)
+        B, C, H, W = x.shape                    # one token per position
+        h = self.norm(x).flatten(2).transpose(1, 2)                       # (B, HW, C)
+        q, k, v = (self.heads(a) for a in self.qkv(h).chunk(3, dim=-1))   # (B, heads, HW, C / heads)
         if tokens is None:
-            out = fast_layers.attention(q, k, v)
-        elif self.separate_cross:
-            # softmax(q k^T) v + softmax(q k_txt^T) v_txt. A sample without any visible token
-            # (the null condition) gets nothing from the text, not the NaN of an empty softmax.
-            out = fast_layers.attention(q, k, v)
-            if key_mask is None:
-                out = out + fast_layers.attention(q, k_txt, v_txt)
-            else:
-                seen = key_mask.any(-1, keepdim=True)                 # (B, 1, 1, 1)
-                cross = fast_layers.attention(q, k_txt, v_txt, key_mask | ~seen)
-                out = out + cross * seen
-        else:
-            # One softmax over pixels and tokens: pixels are always visible, padding never is.
-            attn_mask = None if key_mask is None else torch.cat(
-                [key_mask.new_ones(B, 1, 1, H * W), key_mask], -1)
-            out = fast_layers.attention(q, torch.cat([k, k_txt], 2), torch.cat([v, v_txt], 2), attn_mask)
-        x = x + fast_layers.pointwise(self.proj_out, as_map(out.transpose(1, 2).flatten(2), H, W), conv)
-        if self.ffn_norm == "none":
-            return x
-        # The feed-forward layer: a GroupNorm over the map, or a LayerNorm over each position.
-        h = self.ffn[0](x) if self.ffn_norm == "groupnorm" else as_map(self.ffn[0](as_tokens(x)), H, W)
-        return x + fast_layers.pointwise(self.ffn[3], self.ffn[2](fast_layers.pointwise(self.ffn[1], h, conv)), conv)
+            out = self.attend(q, k, v)
+        else:                                   # tokens: (B, L, D), mask: (B, L) bool or None
+            k_txt, v_txt = (self.heads(a) for a in self.kv_cond(self.norm_cond(tokens)).chunk(2, dim=-1))
+            out = self.attend_text(q, k, v, k_txt, v_txt, mask)
+        out = self.proj_out(out.transpose(1, 2).flatten(2))             # (B, HW, C)
+        x = x + out.transpose(1, 2).unflatten(2, (H, W))
+        return x + self.feed_forward(x)
+
+    def attend_text(self, q, k, v, k_txt, v_txt, mask):
+        # One softmax over pixels and tokens: pixels are always visible, padding never is.
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(mask.shape[0], k.shape[2]), mask], 1)[:, None, None, :]
+        return self.attend(q, torch.cat([k, k_txt], 2), torch.cat([v, v_txt], 2), mask)
+
+    def feed_forward(self, x):
+        # A LayerNorm of each position's features, then an MLP (4x wider) at each position.
+        return self.ffn(x.flatten(2).transpose(1, 2)).transpose(1, 2).unflatten(2, x.shape[2:])
 
 
-class TokenAttention(nn.Module):
+class TokenAttention(Attention):
     """A transformer layer over a token sequence (B, L, D): the learned self-attention layers
     that run over the frozen text encoder's features (`num_lm_attn_layers`)."""
 
@@ -324,8 +250,7 @@ class TokenAttention(nn.Module):
                                  zero_init(nn.Linear(4 * dim, dim)))
 
     def forward(self, x, mask=None):
-        q, k, v = (a.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-                   for a in self.qkv(self.norm(x)).chunk(3, dim=-1))
+        q, k, v = (self.heads(a) for a in self.qkv(self.norm(x)).chunk(3, dim=-1))
         attn_mask = None
         if mask is not None:
             # A token may attend to the valid tokens and to itself. The diagonal keeps a fully
@@ -333,22 +258,20 @@ class TokenAttention(nn.Module):
             # tokens are masked everywhere downstream, so what they compute is never used.
             eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
             attn_mask = (mask[:, None, :] | eye)[:, None]
-        out = fast_layers.attention(q, k, v, attn_mask)
+        out = self.attend(q, k, v, attn_mask)
         x = x + self.proj_out(out.transpose(1, 2).flatten(2))
         return x + self.ffn(x)
 
 
 class Downsample(nn.Module):
-    """Average-pool by an integer factor (2 everywhere in appendix A), then a 3x3 conv; or, as
-    the released models do (`strided_downsample`), a 3x3 conv with that stride."""
+    """Average-pool by an integer factor (2 everywhere in appendix A), then a 3x3 conv."""
 
-    def __init__(self, channels: int, factor: int, strided: bool = False):
+    def __init__(self, channels: int, factor: int):
         super().__init__()
-        self.factor, self.strided = factor, strided
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1, stride=factor if strided else 1)
+        self.factor, self.conv = factor, nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, *args):
-        return self.conv(x if self.strided else F.avg_pool2d(x, self.factor))
+        return self.conv(F.avg_pool2d(x, self.factor))
 
 
 class Upsample(nn.Module):
@@ -362,27 +285,19 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=self.factor, mode="nearest"))
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, order: str = "cos,sin", offset: int = 0,
-                       dtype=torch.float32) -> torch.Tensor:
-    """Sinusoidal features of the continuous time t in [0, 1], scaled by 1000 so that the
-    frequencies match the usual 1000-step models: (B,) -> (B, dim), cos then sin (ADM's
-    order). The released models were trained on integer steps k = 1000 t of a 1000-step
-    schedule and see k - 1 (offset=1), with sin first (order="sin,cos")."""
-    if offset:
-        steps = (1000 * t.double()).round() - offset          # the integer k - 1, exact
-    else:
-        steps = 1000 * t.to(dtype)
-    return sinusoid(steps, dim, order, dtype)
-
-
-def sinusoid(x: torch.Tensor, dim: int, order: str = "cos,sin", dtype=torch.float32) -> torch.Tensor:
-    """(B,) values -> (B, dim) features cos(x f_i), sin(x f_i) (or sin first), with the
-    frequencies f_i = 10000^(-i / half), in float32 as the released models computed them."""
+def sinusoid(x: torch.Tensor, dim: int, dtype=torch.float32) -> torch.Tensor:
+    """(B,) values -> (B, dim) features cos(x f_i), then sin(x f_i), with the frequencies
+    f_i = 10000^(-i / half) (ADM's)."""
     half = dim // 2
     freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=x.device) * -(math.log(10000) / half))
     args = x.to(dtype)[:, None] * freqs.to(dtype)[None]
-    cos_sin = [torch.cos(args), torch.sin(args)]
-    return torch.cat(cos_sin if order == "cos,sin" else cos_sin[::-1], dim=-1)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, dtype=torch.float32) -> torch.Tensor:
+    """Sinusoidal features of the continuous time t in [0, 1], scaled by 1000 so that the
+    frequencies match the usual 1000-step models: (B,) -> (B, dim)."""
+    return sinusoid(1000 * t.to(dtype), dim, dtype)
 
 
 def time_mlp(E: int) -> nn.Sequential:
@@ -390,35 +305,27 @@ def time_mlp(E: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(E // 4, E), nn.SiLU(), nn.Linear(E, E))
 
 
-def embed_time(mlp: nn.Sequential, t: torch.Tensor, cfg: NestedUNetConfig) -> torch.Tensor:
-    return mlp(timestep_embedding(t, mlp[0].in_features, cfg.timestep_features, cfg.timestep_offset,
-                                  dtype=mlp[0].weight.dtype))
-
-
 class ConditionEmbedding(nn.Module):
     """Everything the innermost UNet owns besides its layers: the condition, which is text, a
-    class label, or nothing, and the time embedding that every level shares (unless each
-    level has its own, `level_time_embedding`, as in the released models).
+    class label, or nothing, and the time embedding that every level shares.
 
     Text (section 4.1): features of a frozen encoder (B, L, text_channels) are projected to
     `lm_feature_projected_channels`, run through `num_lm_attn_layers` learned self-attention
     layers, and (a) cross-attended by the UNet's attention blocks, (b) masked-mean pooled
     into the time embedding. Labels (appendix F): an embedding added to the time embedding,
     no cross-attention. The null condition of classifier-free guidance is an all-False text
-    mask (no tokens at all) or the extra label `num_classes`. (The released models had no
-    null mask: their unconditional input is the encoded empty prompt.)"""
+    mask (no tokens at all) or the extra label `num_classes`."""
 
     def __init__(self, cfg: NestedUNetConfig):
         super().__init__()
         E = cfg.emb_channels
-        if not cfg.level_time_embedding:
-            self.time_mlp = time_mlp(E)
+        self.time_mlp = time_mlp(E)
         if cfg.text_channels:
             D = cfg.lm_feature_projected_channels
             self.text_proj = nn.Linear(cfg.text_channels, D)
             self.text_layers = nn.ModuleList(TokenAttention(D, cfg.num_heads)
                                              for _ in range(cfg.num_lm_attn_layers))
-            self.text_pool = nn.Linear(D, E, bias=cfg.text_pool_bias)
+            self.text_pool = nn.Linear(D, E)
         if cfg.num_classes:
             self.label_emb = nn.Embedding(cfg.num_classes + 1, E)   # + 1: the null class
 
@@ -456,6 +363,8 @@ class NestedUNet(nn.Module):
     carry level r, the others stop at the level below.
     """
 
+    null_text = "mask"          # guidance's null text: no visible token (the releases: the empty prompt)
+
     def __init__(self, config: NestedUNetConfig):
         super().__init__()
         self.config = cfg = config
@@ -463,8 +372,6 @@ class NestedUNet(nn.Module):
         # The width of the text tokens that the attention blocks cross-attend to (0: no text).
         self.cond_ch = cfg.lm_feature_projected_channels if cfg.text_channels else 0
         self.gradient_checkpointing = False       # recompute this level's activations in backward
-        if cfg.level_time_embedding:               # the released models: a time MLP per level
-            self.time_mlp = time_mlp(E)
 
         # f_merge: the input conv; an outer level's features h are added to it (section 3.2).
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
@@ -508,7 +415,7 @@ class NestedUNet(nn.Module):
         self.norm_out = group_norm(ch)
         self.conv_out = zero_init(nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
 
-    # -- the layers of a level; video.py overrides them for levels with a time axis --
+    # -- the layers of a level: hooks that video.py and the released models override --
     def make_stage(self, in_ch: int, out_ch: int, i: int) -> nn.ModuleList:
         """A res block followed by the attention layers of resolution i."""
         cfg = self.config
@@ -516,30 +423,39 @@ class NestedUNet(nn.Module):
             self.make_attention(out_ch) for _ in range(cfg.num_attn_layers_per_block[i])])
 
     def make_attention(self, ch: int) -> AttentionBlock:
-        cfg = self.config
-        return AttentionBlock(ch, cfg.num_heads, self.cond_ch, separate_cross=cfg.separate_cross_attention,
-                              mask_cross=cfg.mask_cross_attention, ffn=cfg.attention_ffn)
+        return AttentionBlock(ch, self.config.num_heads, self.cond_ch)
 
     def make_downsample(self, ch: int, i: int) -> nn.Module:
-        return Downsample(ch, self.config.resolutions[i] // self.config.resolutions[i + 1],
-                          self.config.strided_downsample)
+        return Downsample(ch, self.config.resolutions[i] // self.config.resolutions[i + 1])
 
     def make_upsample(self, ch: int, i: int) -> nn.Module:
         return Upsample(ch, self.config.resolutions[i - 1] // self.config.resolutions[i])
 
-    def fold_input(self, z: torch.Tensor) -> torch.Tensor:
-        """This level's input as a batch of images (video.py folds frames into the batch)."""
-        return z
-
-    def unfold_output(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        return x
-
     def build_inner(self, config: NestedUNetConfig) -> NestedUNet:
-        """The inner model; video.py overrides this to build levels with a time axis."""
+        """The inner model (video.py builds levels with a time axis)."""
         if config.temporal_axis:
             raise ValueError("this config nests a video level (temporal_axis=True): "
-                             "build it with video.py's VideoNestedUNet")
+                             "build it with video.py's build_level")
         return type(self)(config)
+
+    def fold(self, z: torch.Tensor, cond: tuple) -> tuple:
+        """This level's input as a batch of images, and its condition (video.py folds a
+        video's frames into the batch)."""
+        return z, cond
+
+    def unfold(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        return x
+
+    def time_embedding(self, t: torch.Tensor, cond: torch.Tensor | None):
+        """The time embedding plus the condition's, (B, E), shared by every level. Every res
+        block applies SiLU to it first: done once here."""
+        mlp = self.innermost.cond_embed.time_mlp
+        emb = mlp(timestep_embedding(t, mlp[0].in_features, dtype=mlp[0].weight.dtype))
+        return F.silu(emb if cond is None else emb + cond)
+
+    def level_embedding(self, emb, batch: int) -> torch.Tensor:
+        """This level's share of the embedding: its first `batch` samples."""
+        return emb[:batch]
 
     # -- the nesting as a list, lowest resolution first --
     def levels(self) -> list[NestedUNet]:
@@ -563,19 +479,16 @@ class NestedUNet(nn.Module):
     def null_condition(self, cond: dict, drop: torch.Tensor) -> dict:
         """Replace the condition of the samples where `drop` (B,) is True by the null
         condition: no text tokens at all, or the null class. (A `drop` on the CPU that drops
-        nothing leaves the condition as it is; one that drops goes to the GPU without
-        waiting for it: neither asks the GPU anything.)"""
+        nothing leaves the condition as it is, without asking a GPU anything.)"""
         cond = dict(cond)
-        if drop.device.type == "cpu" and not drop.any():
-            return cond
         ref = next(iter(cond.values()), None)
-        if ref is None:                            # an unconditional model
+        if ref is None or (drop.device.type == "cpu" and not drop.any()):    # unconditional, or nothing dropped
             return cond
-        drop = to_device(drop, ref.device)
+        drop = drop.to(ref.device)
         if cond.get("text") is not None:
-            if self.config.null_text == "empty_prompt":
-                raise ValueError("this model's null text is the encoded empty prompt (null_text='empty_prompt', "
-                                 "as the released models were trained): encode \"\" instead of masking")
+            if self.null_text != "mask":
+                raise ValueError("this model's null text is the encoded empty prompt (as the released models "
+                                 "were trained): encode \"\" instead of masking")
             mask = cond.get("text_mask")
             if mask is None:
                 mask = torch.ones(cond["text"].shape[:2], dtype=torch.bool, device=drop.device)
@@ -620,38 +533,19 @@ class NestedUNet(nn.Module):
         Returns one prediction (v) per resolution, lowest first."""
         self.check_inputs(z, t, text, text_mask, label)
         cond, tokens = self.innermost.cond_embed(text, text_mask, label)
-        emb = None                                 # level_time_embedding: each level makes its own
-        if not self.config.level_time_embedding:
-            # The time embedding plus the condition's, shared by every level. Every res block
-            # applies SiLU to it first: done once here.
-            emb = embed_time(self.innermost.cond_embed.time_mlp, t, self.config)
-            emb = F.silu(emb if cond is None else emb + cond)
         outputs = []
-        self._forward(list(z), (t, cond, emb), tokens, text_mask, None, outputs)
+        self._forward(list(z), self.time_embedding(t, cond), tokens, text_mask, None, outputs)
         return outputs
 
-    def _forward(self, z, embedding, tokens, mask, h, o):
+    def _forward(self, z, emb, tokens, mask, h, o):
         """The pseudocode of section 3.2. `h` comes from the outer level, `o` collects the
-        outputs. `embedding` is (t, the condition's embedding, the shared embedding or None);
-        it, tokens and mask hold every sample; under mixed-resolution training this level uses
-        the first B of them and hands all of them on to its inner model."""
+        outputs. emb, tokens and mask hold every sample; under mixed-resolution training this
+        level uses the first B of them and hands all of them on to its inner model."""
         B = z[-1].shape[0]
-        t, cond_emb, emb = embedding
-        if emb is None:
-            # The released models: this level's own time MLP, plus the condition's embedding
-            # (their pooled text), which every level adds.
-            e = embed_time(self.time_mlp, t[:B], self.config)
-            emb_b = F.silu(e if cond_emb is None else e + cond_emb[:B])
-        else:
-            emb_b = emb[:B]
-        cond = (emb_b, None if tokens is None else tokens[:B], None if mask is None else mask[:B])
+        cond = (self.level_embedding(emb, B), None if tokens is None else tokens[:B], None if mask is None else mask[:B])
         # x = z[-1] if h is None else f_merge(z[-1], h)
-        x_in = self.fold_input(z[-1])
-        if self.config.normalize_input:
-            # The 256 px level of the 1024 px release divides its noisy input by its standard
-            # deviation per sample (over C, H, W, unbiased, as the release computes it).
-            x_in = x_in / x_in.std(dim=(1, 2, 3), keepdim=True)
-        x = self.conv_in(x_in)
+        x, cond = self.fold(z[-1], cond)
+        x = self.conv_in(x)
         if h is not None:
             x = x + h
         skips = [x]
@@ -659,16 +553,16 @@ class NestedUNet(nn.Module):
         if self.inner is not None:
             # x = f_skip(x, f_up(NestedUNet(z[:-1], f_down(x), o)))
             h_inner = self.in_adapter(x)
-            rows = z[-2].shape[1] if z[-2].dim() == 5 else 1   # the inner level's frames (B may be 0)
-            if z[-2].shape[0] > B:                # samples that skip this level get h = 0
+            rows = self.config.inner_config.frames     # feature maps per sample handed in (a video's frames)
+            if z[-2].shape[0] > B:                     # samples that skip this level get h = 0
                 h_inner = torch.cat([h_inner, h_inner.new_zeros((z[-2].shape[0] - B) * rows, *h_inner.shape[1:])])
-            x = x + self.out_adapter(self.inner._forward(z[:-1], embedding, tokens, mask, h_inner, o)[:B * rows])
+            x = x + self.out_adapter(self.inner._forward(z[:-1], emb, tokens, mask, h_inner, o)[:B * rows])
         else:
             # x = f_skip(x, f_up(f_mid(f_down(x))))
             x = self.run(self.mid, x, cond)
         x = self.run(self.up, x, cond, skips=skips)
         # o.append(x): this level's prediction
-        o.append(self.unfold_output(self.conv_out(F.silu(self.norm_out(x))), B))
+        o.append(self.unfold(self.conv_out(F.silu(self.norm_out(x))), B))
         return x                                   # its features go back to the outer level
 
     def run(self, stages, x, cond, collect=None, skips=None):
@@ -679,18 +573,19 @@ class NestedUNet(nn.Module):
             if skips is not None and isinstance(stage[0], ResBlock):
                 x = torch.cat([x, skips.pop()], dim=1)
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(run_stage, stage, x, *cond, use_reentrant=False)
+                x = checkpoint(self.run_stage, stage, x, *cond, use_reentrant=False)
             else:
-                x = run_stage(stage, x, *cond)
+                x = self.run_stage(stage, x, *cond)
             if collect is not None:
                 collect.append(x)
         return x
 
-
-def run_stage(stage, x, emb, tokens, mask):
-    for layer in stage:
-        x = layer(x, emb, tokens, mask)
-    return x
+    def run_stage(self, stage, x, emb, tokens, mask):
+        """A stage's layers on x, each given the condition (video.py's levels repeat it for the
+        frames of every sample)."""
+        for layer in stage:
+            x = layer(x, emb, tokens, mask)
+        return x
 
 
 # ---------------------------------------------------------------------------------------
@@ -707,19 +602,27 @@ def mdm_s64(schedule="cosine", **kw):
 
 def outer_level(inner, resolutions, channels, blocks, schedule, **kw):
     """An outer level without attention, as all of appendix A's outer levels are."""
-    return NestedUNetConfig(resolutions=resolutions, resolution_channels=channels,
-                            num_res_blocks=blocks, num_attn_layers_per_block=[0] * len(blocks),
-                            schedule=schedule, inner_config=inner, **kw)
+    return type(inner)(resolutions=resolutions, resolution_channels=channels, num_res_blocks=blocks,
+                       num_attn_layers_per_block=[0] * len(blocks), schedule=schedule, inner_config=inner, **kw)
 
 
 # Appendix A's whole-model keys; the paper's text encoder is FLAN-T5 XL (2048 wide).
 PAPER = dict(emb_channels=1024, num_lm_attn_layers=2, lm_feature_projected_channels=1024,
              text_channels=2048)
+# Small models for a 2-core CPU: the same shape at a sixteenth of the width and a quarter of
+# the resolution (the shift of an outer level is its resolution over the base's); a tinier one
+# for the comparison of tools/evaluate.py (12 trainings in about two hours of a 2-core CPU).
+CPU_INNER = dict(resolutions=[16, 8, 4], resolution_channels=[48, 96, 192], num_res_blocks=[1, 1, 2],
+                 num_attn_layers_per_block=[0, 1, 2], num_heads=4, schedule="cosine")
+TINY_INNER = dict(resolutions=[16, 8, 4], resolution_channels=[32, 64, 128], num_res_blocks=[1, 1, 1],
+                  num_attn_layers_per_block=[0, 1, 1], num_heads=4, schedule="cosine")
+CPU_KEYS = dict(emb_channels=256, num_lm_attn_layers=1, lm_feature_projected_channels=192)
+TINY_KEYS = dict(emb_channels=32, num_lm_attn_layers=1, lm_feature_projected_channels=16)
 
 PRESETS = {
     "MDM-S64": lambda **kw: mdm_s64(**{**PAPER, **kw}),
     "MDM-S64S256": lambda **kw: outer_level(mdm_s64(), [256, 128, 64], [64, 128, 256], [2, 2, 1],
-                                       "cosine-shift4", **{**PAPER, **kw}),
+                                            "cosine-shift4", **{**PAPER, **kw}),
     "MDM-S64S128S256": lambda **kw: outer_level(
         outer_level(mdm_s64(), [128, 64], [128, 256], [2, 1], "cosine-shift2"),
         [256, 128], [64, 128], [2, 1], "cosine-shift4", **{**PAPER, **kw}),
@@ -731,62 +634,24 @@ PRESETS = {
         [256, 128], [64, 128], [2, 1], "cosine-shift4"),
         [512, 256], [32, 64], [2, 1], "cosine-shift8"),
         [1024, 512], [32, 32], [2, 1], "cosine-shift16", **{**PAPER, **kw}),
-    # The paper's authors' released text-to-image models (about 50M Flickr pairs, FLAN-T5 XL;
-    # release.py converts their weights): the architecture of MDM-S64, MDM-S64S256 and
-    # MDM-S64S256S1024 computed their way (the keys of RELEASE_KEYS), on their discrete schedule.
-    # Their 256 px model divides the SNR of its 256 px level by 4 (their "shift power" 1, in
-    # our power-2 names "shift2"), their 1024 px model by 16 and 256 (power 2: "shift4",
-    # "shift16"); the 256 px level inside the 1024 px model normalises its input.
-    "MDM-flickr64": lambda **kw: release64(**{**RELEASE_KEYS, **kw}),
-    "MDM-flickr256": lambda **kw: outer_level(release64(), [256, 128, 64], [64, 128, 256], [2, 2, 1],
-                                         "squaredcos_cap_v2-shift2", **{**RELEASE_KEYS, **kw}),
-    "MDM-flickr1024": lambda **kw: outer_level(
-        outer_level(release64(), [256, 128, 64], [64, 128, 256], [2, 2, 1], "squaredcos_cap_v2-shift4",
-               normalize_input=True),
-        [1024, 512, 256], [32, 32, 64], [2, 2, 1], "squaredcos_cap_v2-shift16", **{**RELEASE_KEYS, **kw}),
-    # Small models for a 2-core CPU: the same shape at a sixteenth of the width and a quarter
-    # of the resolution. The shift of the outer level is its resolution over the base's.
     "CPU-S16": lambda **kw: NestedUNetConfig(**{**CPU_INNER, **CPU_KEYS, **kw}),
     "CPU-S16S32": lambda **kw: outer_level(NestedUNetConfig(**CPU_INNER), [32, 16], [32, 48], [1, 1],
-                                      "cosine-shift2", **{**CPU_KEYS, **kw}),
+                                           "cosine-shift2", **{**CPU_KEYS, **kw}),
     "CPU-S16S32S64": lambda **kw: outer_level(
         outer_level(NestedUNetConfig(**CPU_INNER), [32, 16], [32, 48], [1, 1], "cosine-shift2"),
         [64, 32], [32, 32], [1, 1], "cosine-shift4", **{**CPU_KEYS, **kw}),
-    # The comparison of evaluate.py: 12 trainings must fit in about two hours of a 2-core CPU.
     "CPU-tiny-S16S32": lambda **kw: outer_level(NestedUNetConfig(**TINY_INNER), [32, 16], [16, 32], [1, 1],
-                                           "cosine-shift2", **{**CPU_KEYS, **kw}),
+                                                "cosine-shift2", **{**CPU_KEYS, **kw}),
     # A toy for the tests: a few thousand parameters per level.
     "tiny": lambda **kw: NestedUNetConfig(resolutions=[8, 4], resolution_channels=[8, 16],
                                           num_res_blocks=[1, 1], num_attn_layers_per_block=[0, 1],
                                           num_heads=2, **{**TINY_KEYS, **kw}),
 }
-RELEASE_ARCHITECTURE = dict(strided_downsample=True, separate_cross_attention=True, mask_cross_attention=False,
-                            attention_ffn="groupnorm", level_time_embedding=True, text_pool_bias=False,
-                            timestep_features="sin,cos", timestep_offset=1, null_text="empty_prompt")
-RELEASE_KEYS = dict(emb_channels=1024, num_lm_attn_layers=0, lm_feature_projected_channels=2048, text_channels=2048,
-                    **RELEASE_ARCHITECTURE)
-
-
-def release64(**kw):
-    return mdm_s64(schedule="squaredcos_cap_v2", **kw)
-
-
-CPU_INNER = dict(resolutions=[16, 8, 4], resolution_channels=[48, 96, 192], num_res_blocks=[1, 1, 2],
-                  num_attn_layers_per_block=[0, 1, 2], num_heads=4, schedule="cosine")
-TINY_INNER = dict(resolutions=[16, 8, 4], resolution_channels=[32, 64, 128], num_res_blocks=[1, 1, 1],
-                   num_attn_layers_per_block=[0, 1, 1], num_heads=4, schedule="cosine")
-CPU_KEYS = dict(emb_channels=256, num_lm_attn_layers=1, lm_feature_projected_channels=192)
-TINY_KEYS = dict(emb_channels=32, num_lm_attn_layers=1, lm_feature_projected_channels=16)
 
 
 def preset(name: str, **overrides) -> NestedUNetConfig:
-    """A named config, or a JSON file as `NestedUNetConfig.to_dict()` writes it; `overrides` set
-    whole-model keys, e.g. preset("MDM-S64S256", text_channels=0, num_classes=1000) for the
-    class-conditional ImageNet model."""
-    if name.endswith(".json"):
-        import json
-        with open(name) as f:
-            return dataclasses.replace(NestedUNetConfig(**json.load(f)), **overrides)
+    """A named config; `overrides` set whole-model keys, e.g. preset("MDM-S64S256",
+    text_channels=0, num_classes=1000) for the class-conditional ImageNet model."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; the presets are: {', '.join(PRESETS)}")
     return PRESETS[name](**overrides)
@@ -818,11 +683,40 @@ def grow(model: NestedUNet, config: NestedUNetConfig, build=None) -> NestedUNet:
     return new
 
 
+# ---------------------------------------------------------------------------------------
+# A model's summary: the paper's Fig. 3 in text
+# ---------------------------------------------------------------------------------------
+
+def sum_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def summary(model: NestedUNet, name: str = "") -> str:
+    cfg = model.config
+    size = lambda frames, res: f"{frames}x{res}x{res}" if frames > 1 else f"{res}x{res}"   # noqa: E731
+    rows = [f"{name or 'NestedUNet'}: {len(cfg.levels())} level(s) at "
+            f"{' -> '.join(size(f, r) for f, r in cfg.level_sizes())}, {sum_params(model) / 1e6:.1f}M parameters",
+            f"{'level':<6}{'input':>10}  {'feature maps (size x channels)':<36}{'res blocks':<12}"
+            f"{'attention':<11}{'schedule':<16}{'params':>9}"]
+    for i, level in enumerate(model.levels()):
+        c = level.config
+        own = sum_params(level) - (sum_params(level.inner) if level.inner is not None else 0)
+        maps = " -> ".join(f"{r}x{ch}" for r, ch in zip(c.resolutions, c.resolution_channels))
+        rows.append(f"{i + 1:<6}{size(c.frames, c.resolutions[0]):>10}  {maps:<36}"
+                    f"{','.join(map(str, c.num_res_blocks)):<12}{','.join(map(str, c.num_attn_layers_per_block)):<11}"
+                    f"{c.schedule:<16}{own / 1e6:>8.1f}M")
+    what = (f"text ({cfg.text_channels}-wide features -> {cfg.lm_feature_projected_channels}, "
+            f"{cfg.num_lm_attn_layers} self-attention layers)" if cfg.text_channels else
+            f"{cfg.num_classes} classes" if cfg.num_classes else "unconditional")
+    rows.append(f"conditioning: {what}; time + condition embedding {cfg.emb_channels} wide, "
+                f"{sum_params(model.innermost.cond_embed) / 1e6:.1f}M parameters (counted in level 1)")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         print(__doc__.strip().splitlines()[-1])
         print("presets:", ", ".join(PRESETS))
         sys.exit(0)
-    from utils import summary
     with torch.device("meta"):            # no memory, no time: shapes and counts only
         print(summary(NestedUNet(preset(sys.argv[1])), sys.argv[1]))

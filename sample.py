@@ -6,7 +6,8 @@ NestedUNet; the paper uses 250 DDPM steps, classifier-free guidance and Imagen's
 thresholding, and so do we by default (a run of data with black or white backgrounds records
 plain clipping instead, see train.py --thresholding; a converted released model brings its own
 settings, those of its authors' demo). Besides a grid of the final images, every run writes a
-"matryoshka" figure with every nested resolution of each sample.
+"matryoshka" figure with every nested resolution of each sample (a video model: a GIF, and the
+frames of every level).
 
     python sample.py "red heart"                            # newest run in runs/, 4 images
     python sample.py "red heart" "grinning face" "fire"     # 4 images of each
@@ -14,7 +15,7 @@ settings, those of its authors' demo). Besides a grid of the final images, every
     python sample.py "a cat" --sampler ddim --num-inference-steps 50 --show-steps
     python sample.py --label sandal                         # a class-conditional model
     python sample.py --ckpt runs/<name> "a rocket" --negative-prompt "a face"
-    python sample.py --ckpt runs/flickr64 "a panda playing guitar"   # a released model (release.py)
+    python sample.py --ckpt runs/flickr64 "a panda playing guitar"   # a released model (tools/release.py)
 Many images for evaluation, into a folder, in batches (one process, or one per GPU):
     torchrun --nproc_per_node=8 sample.py --prompts-file prompts.txt --out-dir gen/ --batch-size 64
 """
@@ -22,22 +23,28 @@ Many images for evaluation, into a folder, in batches (one process, or one per G
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
 
-import utils
 from diffusion import SAMPLERS, THRESHOLDING
-from pipeline import Pipeline, expand, write_folder
+from helpers import options as opt
+from helpers.devices import autocast, setup_processes
+from helpers.models import Trained
+from helpers.pictures import save_gif, save_grid, save_levels_figure, save_matryoshka, to_uint8
+
 
 # No flags describe the model: its config, diffusion config and text encoder come from the
 # checkpoint's metadata. The flags only say what to draw and how; those left out take the
-# run's own sampling settings (pipeline.SAMPLING, or a released model's).
+# run's own sampling settings (helpers/models.py's SAMPLING, or a released model's).
 def parse_args(argv=None):
-    p = utils.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = opt.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="*", default=None, help="what to draw (text-conditional models); "
                    "several prompts: --num-images of each")
     p.add_argument("--label", default=None, help="class index or name (class-conditional models)")
@@ -73,15 +80,15 @@ def parse_args(argv=None):
 def check_args(args):
     """Every flag's value, checked before the model is loaded: one line each. Returns the
     lines of --prompts-file, if given."""
-    utils.check_flags("sample.py", args, [
-        ("--num-images", utils.at_least(1), "at least 1 image"),
-        ("--guidance-scale", utils.finite, "a finite guidance scale (1: no guidance), e.g. 3"),
-        ("--num-inference-steps", utils.at_least(1), "at least 1 step"),
-        ("--eta", lambda v: utils.finite(v) and v >= 0, "a DDIM noise level >= 0 (0: deterministic, 1: DDPM's)"),
-        ("--seed", utils.at_least(0), "an integer >= 0"),
-        ("--batch-size", utils.at_least(1), "at least 1 image per batch"),
+    opt.check_flags("sample.py", args, [
+        ("--num-images", opt.at_least(1), "at least 1 image"),
+        ("--guidance-scale", opt.finite, "a finite guidance scale (1: no guidance), e.g. 3"),
+        ("--num-inference-steps", opt.at_least(1), "at least 1 step"),
+        ("--eta", lambda v: opt.finite(v) and v >= 0, "a DDIM noise level >= 0 (0: deterministic, 1: DDPM's)"),
+        ("--seed", opt.at_least(0), "an integer >= 0"),
+        ("--batch-size", opt.at_least(1), "at least 1 image per batch"),
     ])
-    utils.check_device("sample.py", args.device)
+    opt.check_device("sample.py", args.device)
     if args.out_dir and not args.prompts_file:
         fail(f"--out-dir {args.out_dir}: a folder for --prompts-file's images; for prompts given here, "
              f"--out <file prefix>, e.g. --out {Path(args.out_dir) / 'picture'}")
@@ -104,26 +111,22 @@ def fail(msg):
 
 
 # ---------------------------------------------------------------------------------------
-# Pictures
+# Drawing: the model and its diffusion process, appendix C
 # ---------------------------------------------------------------------------------------
 
-def save_steps_figure(frames, path):
-    """Rows: resolutions; columns: moments of the denoising, t = 1 -> 0 (the paper's Fig. 11)."""
-    # frames: [(t, [x per resolution, (1, C, r, r) each]), ...], one entry per moment.
-    # save_matryoshka draws each list entry as a row and its batch as columns, so each
-    # resolution's K moments are stacked into one (K, C, r, r): despite its name, cols[r] is a row.
-    cols = [torch.cat([lv[r] for _, lv in frames]) for r in range(len(frames[0][1]))]
-    utils.save_matryoshka(cols, path, captions=[f"t={t:.2f}" for t, _ in frames])
+def draw(run: Trained, cond: dict, n: int, seed: int, settings: dict, negative_prompt=None, callback=None,
+         progress=False) -> list:
+    """n images for `cond` (n rows), at every resolution, lowest first. Every resolution starts
+    from its own Gaussian noise, drawn from a generator seeded by `seed` on the device (CPU
+    and CUDA draw different numbers), and the NestedUNet denoises all of them together, each
+    with its own schedule (diffusion.sample). Guidance contrasts with the negative prompt, or
+    the model's null condition. The network runs under autocast as in training (bf16 on GPUs
+    that have it, fp32 on CPUs); the sampler's state stays float32."""
+    with autocast(run.device):
+        return run.diffusion.sample(run.model, cond, batch_size=n, negative_cond=run.negative_condition(n, negative_prompt),
+                                    generator=torch.Generator(run.device).manual_seed(seed), callback=callback,
+                                    progress=progress, **settings)
 
-
-def slug(text: str) -> str:
-    """A file name from a prompt: "Red heart!" -> "red-heart" (at most 60 characters)."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "sample"
-
-
-# ---------------------------------------------------------------------------------------
-# The script
-# ---------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
@@ -131,32 +134,96 @@ def main(argv=None):
     # One process, or one per GPU under torchrun. A few prompts are one process's work: under
     # torchrun, the others stop here. For many (--prompts-file) the processes share nothing
     # while sampling; their group is only for the barrier at the end.
-    rank, world, device = utils.setup_processes(args.device, join=bool(args.prompts_file))
+    rank, world, device = setup_processes(args.device, join=bool(args.prompts_file))
     if not args.prompts_file and rank != 0:
         return
+    # -- the trained model, its diffusion process and its text encoder, rebuilt from the run's file --
     try:
-        pipe = Pipeline(args.ckpt, device, text_encoder=args.text_encoder)
+        run = Trained(args.ckpt, device, text_encoder_path=args.text_encoder)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    if pipe.is_video:
-        fail(f"{pipe.path} is a video model: sample it with `python video.py sample \"...\"`")
-    # What the flags leave out, the run's own settings fill (Pipeline.generate).
-    kw = dict(sampler=args.sampler, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-              eta=args.eta, thresholding=args.thresholding, negative_prompt=args.negative_prompt)
-    if args.negative_prompt is not None and pipe.kind != "text":
+    # -- how to sample: the run's own settings, unless a flag says otherwise --
+    settings = run.settings(sampler=args.sampler, num_inference_steps=args.num_inference_steps,
+                            guidance_scale=args.guidance_scale, eta=args.eta, thresholding=args.thresholding)
+    if args.negative_prompt is not None and run.kind != "text":
         fail("--negative-prompt needs a text-conditional model")
-    if not args.prompts_file:
-        write_figures(pipe, args, kw)
-        return
-    # --prompts-file: many images into a folder, for evaluation; --num-images counts them all.
-    # For a class-conditional model each line must name a class: checked before any image.
-    try:
-        if pipe.kind == "label":
-            pipe.condition(labels=list(dict.fromkeys(lines)))
+    if args.prompts_file:
+        write_folder(run, lines, args, settings, rank, world)
+    else:
+        write_figures(run, args, settings)
+
+
+def write_figures(run: Trained, args, settings: dict):
+    """A few prompts (or one label): a grid, the matryoshka figure, and --show-steps' figure."""
+    prompts = args.prompt or None
+    try:          # k conditions (one per prompt, or the one label), each repeated --num-images times
+        cond = run.condition(prompts=prompts, labels=[args.label] if args.label is not None else None,
+                             repeat=args.num_images)
     except ValueError as e:
-        fail(f"--prompts-file {args.prompts_file}: {e}")
+        fail(str(e))
+    n = (len(prompts) if prompts else 1) * args.num_images
+    # --show-steps: the predicted x of every resolution at 8 moments of the denoising (the
+    # paper's Fig. 11), spread evenly from the first step (t = 1) to the last; of the first image.
+    steps = settings["num_inference_steps"]
+    marks = {round(i * (steps - 1) / 7) for i in range(8)} if args.show_steps else set()
+    frames = []
+
+    def keep(i, t, zs, x_preds):                   # x_preds: (n, C, r, r) per resolution
+        if i in marks:
+            frames.append((t, [x[:1].float().cpu() for x in x_preds]))
+    levels = draw(run, cond, n, args.seed, settings, args.negative_prompt, keep, progress=True)
+    names = prompts or [run.class_name(args.label) if args.label is not None else "unconditional"]
+    prefix = Path(args.out or Path("samples") / slug(names[0]))
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    if run.is_video:                               # clips: a GIF, and the frames of every level
+        save_gif(levels[-1], f"{prefix}.gif")
+        save_levels_figure(levels, f"{prefix}-levels.png")
+        written = [f"{prefix}.gif", f"{prefix}-levels.png"]
+    else:
+        # The grid: the top resolution, one row per prompt, small images enlarged to ~128 px.
+        save_grid(levels[-1], f"{prefix}.png", nrow=args.num_images)
+        # The matryoshka figure: a row per resolution (lowest on top), a column per image, all at
+        # one size (nearest neighbour: a low resolution's pixels stay visible).
+        save_matryoshka(levels, f"{prefix}-matryoshka.png", captions=[c for c in names for _ in range(args.num_images)])
+        written = [f"{prefix}.png", f"{prefix}-matryoshka.png"]
+    if frames:
+        # Rows: resolutions; columns: moments of the denoising, t = 1 -> 0 (the paper's Fig. 11).
+        save_matryoshka([torch.cat([lv[r] for _, lv in frames]) for r in range(len(frames[0][1]))],
+                        f"{prefix}-steps.png", captions=[f"t={t:.2f}" for t, _ in frames])
+        written.append(f"{prefix}-steps.png")
+    print("wrote " + ", ".join(written))
+
+
+def write_folder(run: Trained, lines: list[str], args, settings: dict, rank: int = 0, world: int = 1):
+    """--prompts-file: many images into a folder (for evaluation), and a captions file: the
+    lines (labels, prompts, or anything for an unconditional model) cycled to --num-images
+    images, each used at least once, drawn in batches of --batch-size. Each of `world` processes
+    draws its own whole batches."""
+    if run.kind == "label":                        # every line must name a class: checked before any image
+        try:
+            run.condition(labels=list(dict.fromkeys(lines)))
+        except ValueError as e:
+            fail(f"--prompts-file {args.prompts_file}: {e}")
     out = Path(args.out_dir or "generated")
-    items = write_folder(pipe, lines, out, args.num_images, args.batch_size, args.seed, rank, world, **kw)
+    items = [lines[i % len(lines)] for i in range(max(args.num_images, len(lines)))]
+    out.mkdir(parents=True, exist_ok=True)
+    B = args.batch_size
+    batches = [items[i:i + B] for i in range(0, len(items), B)]
+    # One captions file per process (no two write to one file), begun afresh by each run.
+    with open(out / f"captions-{rank}.jsonl", "w") as captions:
+        for b in tqdm(range(rank, len(batches), world), disable=rank != 0, desc="batches"):   # whole batches
+            texts = batches[b]
+            cond = run.condition(**({"labels": texts} if run.kind == "label" else
+                                    {"prompts": texts} if run.kind == "text" else {}))
+            # Batch b's seed comes from the seed and b alone (1_000_003 exceeds any batch count,
+            # so no two (seed, b) collide): an image never depends on the number of processes.
+            # (On a CPU the threads per process, which torchrun sets to 1, can still move a pixel
+            # by one level: sums split differently over threads.)
+            images = draw(run, cond, len(texts), args.seed * 1_000_003 + b, settings)[-1]    # the top level
+            for j, (img, text) in enumerate(zip(to_uint8(images), texts)):
+                i = b * B + j                      # the image's index in `items`: file names never collide
+                Image.fromarray(img).save(out / f"{i:06d}.png")
+                captions.write(json.dumps({"file": f"{i:06d}.png", "prompt": text}) + "\n")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -164,39 +231,9 @@ def main(argv=None):
         print(f"wrote {len(items)} images to {out}/")
 
 
-def write_figures(pipe: Pipeline, args, kw: dict):
-    """A few prompts (or one label): a grid, the matryoshka figure, and --show-steps' figure."""
-    prompts = args.prompt or None
-    try:
-        cond = pipe.condition(prompts=prompts, labels=[args.label] if args.label is not None else None)
-    except ValueError as e:
-        fail(str(e))
-    k = len(prompts) if prompts else 1             # conditions: one per prompt, or the one label
-    n = k * args.num_images                        # images in all
-    # --show-steps: the predicted x of every resolution at 8 moments of the denoising (the
-    # paper's Fig. 11), spread evenly from the first step (t = 1) to the last; of the first image.
-    steps = args.num_inference_steps or pipe.sampling["num_inference_steps"]
-    marks = {round(i * (steps - 1) / 7) for i in range(8)} if args.show_steps else set()
-    frames = []
-
-    def keep(i, t, zs, x_preds):                   # x_preds: (n, C, r, r) per resolution
-        if i in marks:
-            frames.append((t, [x[:1].float().cpu() for x in x_preds]))
-    levels = pipe.generate(expand(cond, args.num_images), n, seed=args.seed, progress=True, callback=keep, **kw)
-    names = prompts or [pipe.class_name(args.label) if args.label is not None else "unconditional"]
-    prefix = Path(args.out or Path("samples") / slug(names[0]))
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    # The grid: the top resolution, one row per prompt, small images enlarged (integer factor) to ~128 px.
-    utils.save_grid(levels[-1], f"{prefix}.png", nrow=args.num_images)
-    # The matryoshka figure: a row per resolution (lowest on top), a column per image, all drawn at
-    # one size (nearest neighbour: a low resolution's pixels stay visible), captioned with the prompt.
-    utils.save_matryoshka(levels, f"{prefix}-matryoshka.png",
-                         captions=[c for c in names for _ in range(args.num_images)])
-    written = [f"{prefix}.png", f"{prefix}-matryoshka.png"]
-    if frames:
-        save_steps_figure(frames, f"{prefix}-steps.png")
-        written.append(f"{prefix}-steps.png")
-    print("wrote " + ", ".join(written))
+def slug(text: str) -> str:
+    """A file name from a prompt: "Red heart!" -> "red-heart" (at most 60 characters)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "sample"
 
 
 if __name__ == "__main__":

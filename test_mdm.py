@@ -20,17 +20,19 @@ from PIL import Image
 
 import data
 import diffusion as D
-import evaluate as E
-import fast_layers as K
-import metrics as M
 import nested_unet as N
-import pipeline as P
-import runs
-import utils
 import sample as S
+import train
 import video as V
 from diffusion import DiffusionConfig, MatryoshkaDiffusion
-from nested_unet import NestedUNet, NestedUNetConfig, grow, preset
+from helpers import devices, files
+from helpers import fast_cpu as K
+from helpers import measures as M
+from helpers import models as P
+from helpers import run as runs
+from nested_unet import NestedUNet, NestedUNetConfig, grow, preset, sum_params
+from tools import evaluate as E
+from tools import release as R
 
 torch.set_num_threads(2)
 
@@ -94,9 +96,9 @@ def test_shifted_snr_is_base_snr_over_shift_squared(shift, power):
 
 
 def test_schedule_names():
-    assert N.parse_schedule("cosine") == 1 and N.parse_schedule("cosine-shift16") == 16
+    assert D.parse_schedule("cosine") == 1 and D.parse_schedule("cosine-shift16") == 16
     with pytest.raises(ValueError, match="unknown schedule"):
-        N.parse_schedule("linear")
+        D.parse_schedule("linear")
 
 
 def test_v_x_eps_round_trip_float64():
@@ -191,11 +193,12 @@ def test_shapes_and_gradient_reaches_every_parameter(n_levels):
 
 
 def test_attention_paths_agree_with_float64_softmax(monkeypatch):
-    """fast_layers.attention: the written-out CPU path (small maps) and the
+    """fast_cpu.attention: the written-out CPU path (small maps) and the
     scaled_dot_product_attention path (larger ones) give the values and the gradients of a
-    float64 softmax(q k^T / sqrt(d)) v written here, masks included; with a whole model, the
-    written-out path gives the outputs and gradients of the kernel's (forced everywhere)."""
-    from fast_layers import attention
+    float64 softmax(q k^T / sqrt(d)) v written here, masks included; with a whole model (its
+    CPU layers swapped in), the written-out path gives the outputs and gradients of the
+    kernel's (forced everywhere)."""
+    attention = K.attention
     g = torch.Generator().manual_seed(0)
     for queries in (16, 160):                        # 16 x 20 pairs: written out; 160 x 164: the kernel
         q, k, v = (torch.randn(3, 2, queries, 8, generator=g, dtype=torch.float64) for _ in range(3))
@@ -217,7 +220,7 @@ def test_attention_paths_agree_with_float64_softmax(monkeypatch):
             assert torch.allclose(out.double(), ref, atol=1e-5)
             assert all(torch.allclose(a.double(), b, atol=1e-5) for a, b in zip(grads, ref_grads))
     torch.manual_seed(0)
-    model = randomize(NestedUNet(tiny_levels(2, text_channels=6)), std=0.1)
+    model = K.use_fast_layers(randomize(NestedUNet(tiny_levels(2, text_channels=6)), std=0.1))
     z, t = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 8, 8)], torch.rand(2)
     cond = dict(text=torch.randn(2, 4, 6), text_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]).bool())
 
@@ -233,27 +236,32 @@ def test_attention_paths_agree_with_float64_softmax(monkeypatch):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(written, kernel))
 
 
-def test_channels_last_model_computes_what_the_default_layout_computes(monkeypatch):
-    """A model moved to channels-last (the CPU's layout: utils.memory_format) keeps its maps in
-    that layout from input to output, runs its attention's Linear layers as 1x1 convolutions
-    (fast_layers.pointwise), and gives the outputs and gradients of the same model in the
-    default layout, which runs them as Linear layers; in both architectures."""
+def test_the_cpu_layers_compute_what_the_plain_model_computes(monkeypatch):
+    """A model as a CPU runs it (devices.prepare: channels-last, fast_cpu's layers swapped in)
+    keeps its maps in that layout from input to output, runs its attention's Linear layers as
+    1x1 convolutions, and gives the outputs and gradients of the plain model (the default
+    layout, nn.Linear, nn.GroupNorm, F.scaled_dot_product_attention), with the same state
+    dict; in both architectures (ours, the released models')."""
     CL = torch.channels_last
-    for arch in ({}, N.RELEASE_ARCHITECTURE):
+    for variant in (lambda c: c, R.released):
         torch.manual_seed(0)
-        base = randomize(NestedUNet(tiny_levels(2, text_channels=6, **arch)), std=0.1)
-        cl = randomize(NestedUNet(tiny_levels(2, text_channels=6, **arch)), std=0.1).to(memory_format=CL)
+        base = randomize(P.build_model(variant(tiny_levels(2, text_channels=6))), std=0.1)
+        cl = devices.prepare(randomize(P.build_model(variant(tiny_levels(2, text_channels=6))), std=0.1), "cpu")
+        assert cl.state_dict().keys() == base.state_dict().keys()
+        assert all(type(m) in (torch.nn.GroupNorm, torch.nn.Linear) for m in base.modules()
+                   if isinstance(m, (torch.nn.GroupNorm, torch.nn.Linear)))
         z, t = [torch.randn(3, 3, 4, 4), torch.randn(3, 3, 8, 8)], torch.rand(3)
         cond = dict(text=torch.randn(3, 4, 6))
-        if not arch:
+        if variant is not R.released:
             cond["text_mask"] = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]]).bool()
         convs = []
-        real = K.pointwise
-        monkeypatch.setattr(K, "pointwise", lambda layer, m, conv: convs.append(conv) or real(layer, m, conv))
-        outs = [model(z, t, **cond) for model in (base, cl)]
-        monkeypatch.setattr(K, "pointwise", real)
-        n = len(convs) // 2
-        assert n > 0 and not any(convs[:n]) and all(convs[n:])     # Linear layers, then 1x1 convolutions
+        real = K.PointwiseLinear.forward
+        monkeypatch.setattr(K.PointwiseLinear, "forward", lambda self, x: convs.append(x.is_contiguous()) or real(self, x))
+        outs = [base(z, t, **cond)]
+        assert convs == []                                           # the plain model: nn.Linear
+        outs.append(cl(z, t, **cond))
+        monkeypatch.setattr(K.PointwiseLinear, "forward", real)
+        assert convs and all(convs)                                  # the CPU's: 1x1 convolutions
         assert all(o.is_contiguous(memory_format=CL) and not o.is_contiguous() for o in outs[1])
         for a, b in zip(*outs):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -315,17 +323,17 @@ def test_memory_format_is_channels_last_for_images_on_a_cpu_only():
              ("auto", "cpu", 16, DEFAULT), ("on", "cuda", 1, CL), ("on", "cpu", 16, DEFAULT),
              ("off", "cpu", 1, DEFAULT), (True, "cuda", 1, CL), (False, "cpu", 1, DEFAULT)]
     for setting, device, frames, want in cases:
-        assert utils.memory_format(setting, device, frames) == want, (setting, device, frames)
+        assert devices.memory_format(setting, device, frames) == want, (setting, device, frames)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
                     reason="glibc's allocator only")
 def test_a_cpu_process_keeps_the_memory_that_freed_tensors_leave():
-    """utils.reuse_freed_memory (setup_processes calls it on a CPU): a freed 256 MB tensor's
+    """devices.reuse_freed_memory (setup_processes calls it on a CPU): a freed 256 MB tensor's
     pages stay with the process for the next tensors; without it glibc unmaps them at once.
     Measured in fresh processes, as the resident set size before, with and after the tensor."""
-    probe = ("import os, sys, torch, utils\n"
-             "if sys.argv[1] == 'on': assert utils.reuse_freed_memory()\n"
+    probe = ("import os, sys, torch\nfrom helpers import devices\n"
+             "if sys.argv[1] == 'on': assert devices.reuse_freed_memory()\n"
              "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20\n"
              "before = rss(); x = torch.ones(64 << 20); during = rss(); del x\n"
              "print(during - before, rss() - before)")
@@ -474,7 +482,7 @@ def test_paper_presets_parameter_counts_on_meta_device():
     counts = {}
     for name in ("MDM-S64", "MDM-S64S256", "MDM-S64S128S256", "MDM-S64S256S1024", "MDM-S64S128S256S512S1024"):
         with torch.device("meta"):
-            counts[name] = utils.sum_params(NestedUNet(preset(name, text_channels=2048)))
+            counts[name] = sum_params(NestedUNet(preset(name, text_channels=2048)))
     # Section 4.1: "resulting in total 450M parameters for the inner UNet"
     assert abs(counts["MDM-S64"] - 450e6) / 450e6 < 0.10, counts
     # "the high-resolution part of the model can be easily attached ... with a minimal increase"
@@ -485,7 +493,7 @@ def test_paper_presets_parameter_counts_on_meta_device():
 
 def test_summary_lists_every_level():
     with torch.device("meta"):
-        text = utils.summary(NestedUNet(preset("MDM-S64S256")), "MDM-S64S256")
+        text = N.summary(NestedUNet(preset("MDM-S64S256")), "MDM-S64S256")
     assert "64x64" in text and "256x256" in text and "cosine-shift4" in text
 
 
@@ -779,19 +787,19 @@ def test_per_sample_randomness_is_a_function_of_the_sample_and_normal():
         x = (x * 0x846CA68B) & 0xFFFFFFFF
         return x ^ (x >> 16)
     xs = [0, 1, 2, 12345, 2 ** 31, 2 ** 32 - 1, 987654321]
-    assert utils.hash32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]
+    assert train.hash32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]
     shapes = [(3, 4, 4), (3, 8, 8)]
-    t, noises, u_drop, u_high = utils.per_sample_randomness(torch.tensor([5, 9, 2, 7]), 3, 0, shapes, "cpu")
+    t, noises, u_drop, u_high = train.per_sample_randomness(torch.tensor([5, 9, 2, 7]), 3, 0, shapes, "cpu")
     # a sample draws the same numbers whatever else is in its batch (and wherever it is)
-    t2, noises2, d2, h2 = utils.per_sample_randomness(torch.tensor([7, 5]), 3, 0, shapes, "cpu")
+    t2, noises2, d2, h2 = train.per_sample_randomness(torch.tensor([7, 5]), 3, 0, shapes, "cpu")
     assert torch.equal(t2, t[[3, 0]]) and torch.equal(d2, u_drop[[3, 0]]) and torch.equal(h2, u_high[[3, 0]])
     assert all(torch.equal(a, b[[3, 0]]) for a, b in zip(noises2, noises))
     # ... and different numbers at another step, with another seed, for another level
-    assert not torch.equal(utils.per_sample_randomness(torch.tensor([5]), 4, 0, shapes, "cpu")[1][0], noises[0][:1])
-    assert not torch.equal(utils.per_sample_randomness(torch.tensor([5]), 3, 1, shapes, "cpu")[1][0], noises[0][:1])
+    assert not torch.equal(train.per_sample_randomness(torch.tensor([5]), 4, 0, shapes, "cpu")[1][0], noises[0][:1])
+    assert not torch.equal(train.per_sample_randomness(torch.tensor([5]), 3, 1, shapes, "cpu")[1][0], noises[0][:1])
     # many samples: standard normal (Kolmogorov-Smirnov against the normal CDF), uncorrelated
     # between neighbouring samples, uniform t
-    t, noises, _, _ = utils.per_sample_randomness(torch.arange(2000), 11, 0, [(3, 16, 16)], "cpu")
+    t, noises, _, _ = train.per_sample_randomness(torch.arange(2000), 11, 0, [(3, 16, 16)], "cpu")
     z = noises[0].flatten(1).double()
     x, _ = z.flatten().sort()
     ks = (torch.special.ndtr(x) - torch.arange(1, len(x) + 1, dtype=torch.float64) / len(x)).abs().max()
@@ -825,7 +833,7 @@ def test_training_batch_drops_conditions_and_puts_the_high_resolution_samples_fi
     x, t, noises, cond, n_high = train.prepare_batch(batch, model, encoder, kind, 5, args, "cpu")
 
     shapes = [s[1:] for s in model.input_shapes(1)]
-    t_ref, noise_ref, u_drop, u_high = utils.per_sample_randomness(batch["index"], 5, 7, shapes, "cpu")
+    t_ref, noise_ref, u_drop, u_high = train.per_sample_randomness(batch["index"], 5, 7, shapes, "cpu")
     high = u_high < 0.5
     order = torch.cat([torch.nonzero(high).flatten(), torch.nonzero(~high).flatten()])
     assert n_high == int(high.sum()) and 0.4 < n_high / B < 0.6
@@ -1012,7 +1020,8 @@ def test_evaluation_during_training_is_logged_and_changes_no_training_step(tmp_p
         assert torch.equal(value, load_ckpt(tmp_path / "eval")["model"][key]), key
     # The last evaluation is of the exported EMA model, unguided, with the logged settings:
     # recomputed from the saved file it gives the same FD-EffNet and accuracy.
-    model, meta, diffusion, _ = E.load_run(str(tmp_path / "eval"))
+    run = E.load_run(str(tmp_path / "eval"))
+    model, meta, diffusion = run.model, run.meta, run.diffusion
     images, labels = M.generate_set(model, diffusion, "label", 10, class_names=meta["class_names"],
                                     guidance=1.0, steps=3, seed=1234)
     features = M.EffNetFeatures()
@@ -1025,8 +1034,8 @@ def test_evaluation_during_training_is_logged_and_changes_no_training_step(tmp_p
     assert diffusion.config.thresholding == "clip"  # Fashion-MNIST's black: chosen from the data
     unclipped, _ = M.generate_set(model, diffusion, "label", 10, class_names=meta["class_names"], guidance=1.0,
                                   steps=3, seed=1234, thresholding="none")
-    direct = P.generate(model, diffusion, {"label": torch.arange(10) % 10}, 10, sampler="ddim", num_inference_steps=3,
-                        guidance_scale=1.0, thresholding="none", generator=torch.Generator().manual_seed(1234))[-1]
+    direct = diffusion.sample(model, {"label": torch.arange(10) % 10}, batch_size=10, sampler="ddim", num_inference_steps=3,
+                              guidance_scale=1.0, thresholding="none", generator=torch.Generator().manual_seed(1234))[-1]
     assert torch.equal(unclipped, direct) and not torch.equal(unclipped, images)
 
 
@@ -1188,18 +1197,19 @@ def test_train_flags_out_of_range_end_in_one_line_before_any_work(argv, expected
     ("sample", ["--prompts-file", "{tmp}/binary.txt"], "not a text file"),
     ("sample", ["--prompts-file", "{tmp}/empty.txt"], "holds no prompt"), ("sample", ["--device", "cuda:3"], "--device cuda:3"),
     ("sample", ["--sampler", "euler"], "argument --sampler: invalid choice"),
-    ("video", ["sample", "--num-clips", "0"], "--num-clips 0"), ("video", ["evaluate", "--guidance-scale", "nan"], "nan"),
-    ("video", ["sample", "--bogus"], "unrecognized arguments: --bogus"), ("video", ["play"], "invalid choice"),
-    ("evaluate", ["compare", "--data", "cifar"], "--data cifar"), ("evaluate", ["compare", "--res", "32,16"], "--res 32,16"),
-    ("evaluate", ["compare", "--seeds", ""], "--seeds"), ("evaluate", ["fd", "--num", "1"], "--num 1"),
-    ("evaluate", ["fd", "--thresholding", "x"], "--thresholding"),
-    ("evaluate", ["sweep", "--ckpt", "x", "--scales", "1,nan"], "--scales 1.0,nan"),
-    ("evaluate", ["fd", "--device", "tpu"], "--device tpu"), ("evaluate", ["compare", "--steps", "1"], "--steps 1"),
-    ("bench", ["--batch", "0"], "--batch 0"), ("bench", ["--knobs", "turbo"], "unknown turbo"),
-    ("bench", ["--config", "nope"], "--config nope"), ("bench", ["--peak-flops", "-1"], "--peak-flops -1.0"),
-    ("bench", ["--batch", "3"], "even batch"), ("bench", ["--repeats", "0"], "--repeats 0"),
-    ("bench", ["--config", "{tmp}/none.json"], "not a NestedUNet config file"),
-    ("demo", ["--port", "70000"], "--port 70000"), ("demo", ["--device", "tpu"], "--device tpu"),
+    ("tools.evaluate", ["video", "--num", "1"], "--num 1"), ("tools.evaluate", ["video", "--guidance-scale", "nan"], "nan"),
+    ("tools.evaluate", ["video", "--bogus"], "unrecognized arguments: --bogus"), ("tools.evaluate", ["play"], "invalid choice"),
+    ("tools.evaluate", ["compare", "--data", "cifar"], "--data cifar"),
+    ("tools.evaluate", ["compare", "--res", "32,16"], "--res 32,16"),
+    ("tools.evaluate", ["compare", "--seeds", ""], "--seeds"), ("tools.evaluate", ["fd", "--num", "1"], "--num 1"),
+    ("tools.evaluate", ["fd", "--thresholding", "x"], "--thresholding"),
+    ("tools.evaluate", ["sweep", "--ckpt", "x", "--scales", "1,nan"], "--scales 1.0,nan"),
+    ("tools.evaluate", ["fd", "--device", "tpu"], "--device tpu"), ("tools.evaluate", ["compare", "--steps", "1"], "--steps 1"),
+    ("tools.bench", ["--batch", "0"], "--batch 0"), ("tools.bench", ["--knobs", "turbo"], "unknown turbo"),
+    ("tools.bench", ["--config", "nope"], "--config nope"), ("tools.bench", ["--peak-flops", "-1"], "--peak-flops -1.0"),
+    ("tools.bench", ["--batch", "3"], "even batch"), ("tools.bench", ["--repeats", "0"], "--repeats 0"),
+    ("tools.bench", ["--config", "{tmp}/none.json"], "cannot read it"),
+    ("tools.demo", ["--port", "70000"], "--port 70000"), ("tools.demo", ["--device", "tpu"], "--device tpu"),
 ])
 def test_every_script_refuses_bad_flags_in_one_line(script, argv, expected, tmp_path, capsys, monkeypatch):
     import importlib
@@ -1208,15 +1218,16 @@ def test_every_script_refuses_bad_flags_in_one_line(script, argv, expected, tmp_
     monkeypatch.chdir(tmp_path)                    # no runs/ here: a check that came too late would fail differently
     main = importlib.import_module(script).main
     msg = one_line_error(main, [a.format(tmp=tmp_path) for a in argv], capsys)
-    assert expected in msg and msg.startswith(f"{script}.py"), msg
+    assert expected in msg and msg.startswith(script.replace(".", "/") + ".py"), msg
 
 
-@pytest.mark.parametrize("argv", [["train.py"], ["sample.py"], ["video.py"], ["video.py", "sample"],
-                                  ["evaluate.py"], ["evaluate.py", "fd"], ["bench.py"],
-                                  ["release.py"], ["demo.py"]])
+@pytest.mark.parametrize("argv", [["train.py"], ["sample.py"], ["video.py"], ["-m", "tools.evaluate"],
+                                  ["-m", "tools.evaluate", "fd"], ["-m", "tools.evaluate", "video"], ["-m", "tools.bench"],
+                                  ["-m", "tools.release"], ["-m", "tools.demo"]])
 def test_every_scripts_help_works_with_nothing_trained(argv, tmp_path):
-    p = subprocess.run([sys.executable, str(HERE / argv[0]), *argv[1:], "--help"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+    command = [str(HERE / argv[0]), *argv[1:]] if argv[0].endswith(".py") else argv
+    p = subprocess.run([sys.executable, *command, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(HERE)})
     assert p.returncode == 0 and "usage:" in p.stdout and "Traceback" not in p.stderr, p.stderr[-2000:]
 
 
@@ -1347,13 +1358,14 @@ def test_sample_without_trained_weights_says_how_to_train(tmp_path):
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 50), ("ddim", 25)])
 def test_generate_reproduces_the_exact_gaussian_chain(sampler, steps):
-    """sample.generate, the function sample.py samples with, on the Gaussian oracle: one
+    """sample.draw, the function sample.py samples with, on the Gaussian oracle: one
     network evaluation per step, and the exact chain's statistics at every level."""
+    import types
     shifts = [1, 2, 4]
     oracle = GaussianOracle(0.2, 0.5, [4, 8, 16], shifts)
     d = MatryoshkaDiffusion([4, 8, 16], ["cosine", "cosine-shift2", "cosine-shift4"])
-    out = P.generate(oracle, d, {}, 128, sampler=sampler, num_inference_steps=steps, progress=False,
-                     thresholding="none")
+    run = types.SimpleNamespace(model=oracle, diffusion=d, device=torch.device("cpu"), negative_condition=lambda n, p: None)
+    out = S.draw(run, {}, 128, 0, dict(sampler=sampler, num_inference_steps=steps, thresholding="none"))
     assert oracle.calls == steps
     assert gaussian_levels_off([o.double() for o in out], sampler, steps, oracle, shifts) == []
 
@@ -1364,10 +1376,10 @@ def test_guidance_is_one_network_evaluation_per_step():
     model.register_forward_hook(lambda m, inp, out: calls.append(inp[0][0].shape[0]))
     d = MatryoshkaDiffusion.for_model(model)
     cond = dict(text=torch.randn(3, 4, 6), text_mask=torch.ones(3, 4, dtype=torch.bool))
-    P.generate(model, d, cond, 3, num_inference_steps=5, guidance_scale=4.0, progress=False)
+    d.sample(model, cond, batch_size=3, num_inference_steps=5, guidance_scale=4.0)
     assert calls == [6] * 5                       # condition and null condition in one batch of 2 x 3
     calls.clear()
-    P.generate(model, d, cond, 3, num_inference_steps=5, guidance_scale=1.0, progress=False)
+    d.sample(model, cond, batch_size=3, num_inference_steps=5, guidance_scale=1.0)
     assert calls == [3] * 5                       # no guidance: no null half
 
 
@@ -1466,9 +1478,9 @@ def test_video_batch_without_a_high_resolution_sample():
 
 
 def test_emoji_motion_clips_and_the_motion_measure():
-    ds = V.EmojiMotion(size=16, frames=8, num_emoji=40)
+    ds = data.EmojiMotion(size=16, frames=8, num_emoji=40)
     assert len(ds) == 240 and ds[7]["image"].shape == (8, 3, 16, 16)
-    assert ds[7]["caption"].endswith(V.MOTIONS[1]) and torch.equal(ds[7]["image"], ds[7]["image"])
+    assert ds[7]["caption"].endswith(data.MOTIONS[1]) and torch.equal(ds[7]["image"], ds[7]["image"])
     right = [V.motion_of(ds[i]["image"]) == i % 6 for i in range(len(ds))]
     assert np.mean(right) >= 0.95                                    # the measure reads real clips right
     assert V.motion_of(torch.flip(ds[0]["image"], dims=[0])) == 1   # left, played backwards: right
@@ -1483,7 +1495,7 @@ def test_video_training_runs_through_train_py(tmp_path):
                        cwd=HERE, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "vid" / "samples" / "step0000004.gif").exists()
-    model, meta = P.load_weights(tmp_path / "vid" / "ema.safetensors", model_class=V.build_level)
+    model, meta = P.load_weights(tmp_path / "vid" / "ema.safetensors")
     assert meta["video"] and model.config.level_sizes() == [(1, 4), (4, 4)]
 
 
@@ -1598,22 +1610,24 @@ def test_plain_unet_of_the_benchmark_has_the_size_and_work_of_the_nested_model(n
     """The paper's Table 2 compares with a plain UNet of the same size: the same resolutions,
     parameters (within 0.5%) and FLOPs of a training step (within 0.5%), counted on the meta
     device; in our architecture and in the released models' (bench.py's release row)."""
-    import bench
-    cfg = preset(name, text_channels=384, **(N.RELEASE_ARCHITECTURE if release else {}))
+    import dataclasses
+    from tools import bench
+    cfg = dataclasses.replace(P.load_model_config(name), text_channels=384)
+    cfg = R.released(cfg) if release else cfg
     flat = bench.flattened(cfg)
     assert flat.inner_config is None
     assert sorted(set(flat.resolutions)) == sorted({r for c in cfg.levels() for r in c.resolutions})
     spec = dict(config=name, batch=2, device="meta", text_channels=384, release=release)
     nested, plain = bench.harness(spec, "nested"), bench.harness(spec, "plain")
-    assert nested["model"].config.separate_cross_attention == plain["model"].config.strided_downsample == release
+    assert isinstance(nested["model"], R.ReleasedNestedUNet) == isinstance(plain["model"], R.ReleasedNestedUNet) == release
     assert plain["model"].config.to_dict() == flat.to_dict()
-    params = utils.sum_params(nested["model"]) / utils.sum_params(plain["model"])
+    params = sum_params(nested["model"]) / sum_params(plain["model"])
     flops = nested["count_flops"]() / plain["count_flops"]()
     assert abs(params - 1) < 0.005 and abs(flops - 1) < 0.005, (params, flops)
 
 
 def test_benchmark_measures_and_pairs_on_a_tiny_model():
-    import bench
+    from tools import bench
     spec = dict(config="tiny", batch=2, device="cpu", text_channels=8, warmup=1, repeats=3, sample_steps=2,
                 bf16=False, model="nested", knob="base", peak_flops=1e12)
     r = bench.measure(spec)
@@ -1625,12 +1639,12 @@ def test_benchmark_measures_and_pairs_on_a_tiny_model():
 
 
 def test_benchmark_harness_builds_the_stage_one_model_for_the_comparisons_budget():
-    import bench
+    from tools import bench
     spec = dict(config="CPU-tiny-S16S32", batch=2, device="cpu", num_classes=10)
     full, low = bench.harness(spec, "nested"), bench.harness({**spec, "truncate": 16}, "nested")
     reference = NestedUNet(preset("CPU-tiny-S16S32", num_classes=10).truncated(16))
     assert low["model"].resolutions == [16] and full["model"].resolutions == [16, 32]
-    assert utils.sum_params(low["model"]) == utils.sum_params(reference) < utils.sum_params(full["model"])
+    assert sum_params(low["model"]) == sum_params(reference) < sum_params(full["model"])
 
 
 @pytest.mark.parametrize("cond", [{"text_channels": 8}, {"num_classes": 10}, {}])
@@ -1639,7 +1653,7 @@ def test_benchmark_counts_the_flops_of_a_training_step_from_the_layer_shapes(con
     2 FLOPs per multiply-add in the forward pass, from its shapes; the backward pass costs
     twice that (gradients of input and weights), or once where the input needs no gradient
     (the noisy images, the text features, the sinusoidal time features)."""
-    import bench
+    from tools import bench
     spec = dict(config="CPU-tiny-S16S32", batch=2, device="cpu", **cond)
     h = bench.harness(spec, "nested")
     ref = []
@@ -1653,22 +1667,16 @@ def test_benchmark_counts_the_flops_of_a_training_step_from_the_layer_shapes(con
     for m in h["model"].modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
             m.register_forward_hook(conv if isinstance(m, torch.nn.Conv2d) else linear)
-    real_attention = K.attention                  # the kernel or, on tiny CPU maps, matmuls
-
+    # Every attention (the CPU's: fast_cpu.attention, the kernel or, on tiny maps, matmuls),
+    # counted; the Linear layers that a CPU runs as 1x1 convolutions are Linear modules.
     def attention(q, k, v, mask=None):             # q K^T and (softmax) V: (B, heads, Nq, Nk)
         ref.append((2 * q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1]), True))
-        return real_attention(q, k, v, mask)
+        return K.attention(q, k, v, mask)
 
-    pointwise = K.pointwise
-
-    def pointwise_conv(layer, m, conv):              # a Linear run as a 1x1 convolution (channels-last)
-        out = pointwise(layer, m, conv)
-        if conv:
-            ref.append((2 * out.numel() * layer.in_features, m.requires_grad))
-        return out
-
-    monkeypatch.setattr(K, "attention", attention)
-    monkeypatch.setattr(K, "pointwise", pointwise_conv)
+    for m in h["model"].modules():
+        if isinstance(m, N.Attention):
+            assert m.attend is K.attention
+            m.attend = attention
     got = h["count_flops"]()
     assert len(ref) > 20                             # every layer was seen
     assert got == sum(3 * f if needs_grad else 2 * f for f, needs_grad in ref)
@@ -1709,25 +1717,24 @@ def test_comparison_table_reports_mean_and_spread_of_the_final_evaluations(tmp_p
 # checkpoints of the authors' code (synthetic ones in their format: the real files are not here)
 # ---------------------------------------------------------------------------------------
 
-import release as R
 
-RELEASE_KEYS = dict(N.RELEASE_KEYS, emb_channels=32, lm_feature_projected_channels=32, text_channels=32)
+RELEASE_KEYS = dict(R.KEYS, emb_channels=32, lm_feature_projected_channels=32, text_channels=32)
 
 
 def release_tiny(levels):
     """A tiny model of the released models' kind: 8x8 innermost UNet (attention at 4x4 and 2x2),
     then 16x16 (its SNR / 4, as the 256 px release) and 64x64 (SNR / 16 and / 256 as the
     1024 px release, which normalises the middle level's input)."""
-    inner = NestedUNetConfig(resolutions=[8, 4, 2], resolution_channels=[32, 32, 64], num_res_blocks=[1, 1, 1],
+    inner = R.ReleasedConfig(resolutions=[8, 4, 2], resolution_channels=[32, 32, 64], num_res_blocks=[1, 1, 1],
                              num_attn_layers_per_block=[0, 1, 2], num_heads=4, schedule="squaredcos_cap_v2", **RELEASE_KEYS)
     if levels == 1:
         return inner
-    mid = NestedUNetConfig(resolutions=[32, 16, 8], resolution_channels=[32, 32, 32], num_res_blocks=[1, 1, 1],
+    mid = R.ReleasedConfig(resolutions=[32, 16, 8], resolution_channels=[32, 32, 32], num_res_blocks=[1, 1, 1],
                            num_attn_layers_per_block=[0, 0, 0], schedule=f"squaredcos_cap_v2-shift{2 if levels == 2 else 4}",
                            inner_config=inner, normalize_input=levels == 3, **RELEASE_KEYS)
     if levels == 2:
         return mid
-    return NestedUNetConfig(resolutions=[128, 64, 32], resolution_channels=[32, 32, 32], num_res_blocks=[1, 1, 1],
+    return R.ReleasedConfig(resolutions=[128, 64, 32], resolution_channels=[32, 32, 32], num_res_blocks=[1, 1, 1],
                             num_attn_layers_per_block=[0, 0, 0], schedule="squaredcos_cap_v2-shift16",
                             inner_config=mid, **RELEASE_KEYS)
 
@@ -1739,7 +1746,7 @@ def official_state(config, seed=0):
     """A state dict in the released models' format for `config`: their key names and shapes
     (1x1 convs where we have Linear layers, a micro-conditioning MLP per level), random values."""
     g = torch.Generator().manual_seed(seed)
-    model = NestedUNet(config)
+    model = R.ReleasedNestedUNet(config)
     state = {}
     for ours, theirs in R.official_names(model).items():
         shape = tuple(model.state_dict()[ours].shape) + ((1, 1) if theirs.endswith(CONV_1X1) else ())
@@ -1815,10 +1822,10 @@ def test_release_presets_have_the_official_parameter_counts_on_meta_device():
     for name, official, levels in (("MDM-flickr64", 461_359_107, 1), ("MDM-flickr256", 476_613_958, 2),
                                    ("MDM-flickr1024", 480_970_057, 3)):
         with torch.device("meta"):
-            model = NestedUNet(preset(name))
-        assert utils.sum_params(model) == official - levels * micro, name
+            model = R.ReleasedNestedUNet(R.preset(name))
+        assert sum_params(model) == official - levels * micro, name
         assert len(model.levels()) == levels and model.resolutions[-1] == [64, 256, 1024][levels - 1]
-    assert preset("MDM-flickr256").truncated(64).to_dict() == preset("MDM-flickr64").to_dict()   # grow-able
+    assert R.preset("MDM-flickr256").truncated(64).to_dict() == R.preset("MDM-flickr64").to_dict()   # grow-able
 
 
 def test_release_architecture_keys_against_independent_computations():
@@ -1827,12 +1834,12 @@ def test_release_architecture_keys_against_independent_computations():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 32, 8, 8, generator=g)
     # strided_downsample: a stride-2 3x3 conv, not average pooling then a 3x3 conv
-    down = randomize(N.Downsample(32, 2, strided=True))
+    down = randomize(R.StridedDownsample(32, 2))
     torch.testing.assert_close(down(x), F.conv2d(x, down.conv.weight, down.conv.bias, stride=2, padding=1))
     # separate_cross_attention, mask_cross_attention, attention_ffn="groupnorm": written out in float64
     tokens, mask = torch.randn(2, 5, 16, generator=g), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
-    for separate, masked, ffn in ((True, False, "groupnorm"), (True, True, "none"), (False, True, "layernorm")):
-        att = randomize(N.AttentionBlock(32, 4, 16, separate_cross=separate, mask_cross=masked, ffn=ffn), seed=1).double()
+    for separate, masked, ffn in ((True, False, "groupnorm"), (False, True, "layernorm")):    # theirs, ours
+        att = randomize((R.ReleasedAttentionBlock if separate else N.AttentionBlock)(32, 4, 16), seed=1).double()
         got = att(x.double(), None, tokens.double(), mask)
         h = F.group_norm(x.double(), 32, att.norm.weight, att.norm.bias).flatten(2)          # (B, C, N)
         q, k, v = (F.conv1d(h, w[:, :, None], b) for w, b in zip(att.qkv.weight.chunk(3), att.qkv.bias.chunk(3)))
@@ -1862,11 +1869,11 @@ def test_release_architecture_keys_against_independent_computations():
     t = torch.tensor([1.0, 0.5, 0.001], dtype=torch.float64)
     freqs = np.exp(-np.log(10000) * np.arange(4) / 4).astype(np.float32).astype(np.float64)
     arg = np.array([999, 499, 0])[:, None] * freqs
-    torch.testing.assert_close(N.timestep_embedding(t, 8, "sin,cos", 1, torch.float64),
+    torch.testing.assert_close(R.timestep_embedding(t, 8, torch.float64),
                                torch.from_numpy(np.concatenate([np.sin(arg), np.cos(arg)], 1)), rtol=0, atol=2e-5)
     # level_time_embedding, text_pool_bias, normalize_input: a whole model against a second code path
     torch.manual_seed(0)
-    model = randomize(NestedUNet(release_tiny(3)), std=0.05).eval()
+    model = randomize(R.ReleasedNestedUNet(release_tiny(3)), std=0.05).eval()
     assert all(hasattr(lvl, "time_mlp") for lvl in model.levels()) and not hasattr(model.innermost.cond_embed, "time_mlp")
     assert model.innermost.cond_embed.text_pool.bias is None
     z = [torch.randn(s) for s in model.input_shapes(2)]
@@ -1908,10 +1915,10 @@ def test_discrete_schedule_time_grid_and_thresholding_modes_against_formulas():
             with np.errstate(divide="ignore"):     # step 0: alpha_bar = 1, SNR infinite
                 snr = abar32 / (1 - abar32)
             ref = (1 / (1 + 1 / (snr / np.float32(shift ** 2)))).astype(np.float64)
-        got = torch.sigmoid(D.discrete_logsnr(t, shift)).numpy()
+        got = torch.sigmoid(R.discrete_logsnr(t, shift)).numpy()
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-15)
     assert abar32[1000] == pytest.approx(2.4287e-9, rel=1e-3) and betas.max() == 0.999   # the cap binds
-    d = MatryoshkaDiffusion([8, 16], ["squaredcos_cap_v2", "squaredcos_cap_v2-shift2"])
+    d = R.ReleasedDiffusion([8, 16], ["squaredcos_cap_v2", "squaredcos_cap_v2-shift2"])
     # Their grid: round(i * 1001 / (N + 1)), i = N .. 0 (numpy's round, half to even)
     assert (d.time_grid(50) * 1000).round().long()[:4].tolist() == [981, 962, 942, 922]
     assert (d.time_grid(50) * 1000).round().long()[-3:].tolist() == [39, 20, 0]
@@ -2005,7 +2012,7 @@ def tiny_t5(tmp_path_factory):
 
 
 def test_text_encoder_tokenizes_as_the_released_code_from_the_t5_tokenizers_vocabulary(tiny_t5):
-    enc = data.TextEncoder(str(tiny_t5), tokenization="ml-mdm")
+    enc = P.text_encoder(str(tiny_t5), tokenization="ml-mdm")
     ids, mask = enc.tokenize(["a red square", "", "red  x"])
     pieces = enc.tokenizer.convert_ids_to_tokens
     assert pieces(ids[0, :4].tolist()) == ["\u2581a", "\u2581red", "\u2581square", "</s>"]
@@ -2063,7 +2070,8 @@ def test_a_checkpoint_in_the_released_format_converts_strictly_and_samples(tmp_p
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     for args in ([str(tmp_path / "notes.pth"), "--out", str(tmp_path / "x")],
                  [str(tmp_path / "other.pth"), "--out", str(tmp_path / "y")]):
-        p = subprocess.run([sys.executable, "release.py", *args], cwd=HERE, capture_output=True, text=True, timeout=120)
+        p = subprocess.run([sys.executable, "-m", "tools.release", *args], cwd=HERE, capture_output=True, text=True,
+                           timeout=120)
         assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
@@ -2121,7 +2129,7 @@ def test_finetune_and_grow_a_converted_model_resume_exactly(tmp_path, tiny_t5):
         for part in ("model", "ema"):
             for key in a[part]:
                 assert torch.equal(a[part][key], b[part][key]), (name, part, key)
-        meta = P.read_metadata(tmp_path / f"{name}-straight" / "ema.safetensors")
+        meta = files.read_metadata(tmp_path / f"{name}-straight" / "ema.safetensors")
         assert meta["text_tokenization"] == "ml-mdm" and meta["sampling"]["guidance_scale"] == 7.5
     # The grown run's first stage began as the converted model, exactly.
     run_train(tmp_path, *plans["grow"], *common, "--name", "grow-start", "--lr", "1e-30", "--stop-after", "1")
@@ -2207,7 +2215,7 @@ def test_fp16_trains_with_a_gradient_scaler_and_resumes_exactly(tmp_path):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert a["scaler"] == b["scaler"]
-    assert utils.resolve_precision("auto", "cpu") == "fp32"
+    assert devices.resolve_precision("auto", "cpu") == "fp32"
 
 
 def test_grey_data_trains_and_samples_in_one_channel(tmp_path):
@@ -2239,7 +2247,7 @@ def test_random_horizontal_flips_are_per_sample_and_exact():
     mirrored = torch.tensor([torch.equal(f, p.flip(-1)) for f, p in zip(flipped[0], plain[0])])
     same = torch.tensor([torch.equal(f, p) for f, p in zip(flipped[0], plain[0])])
     assert torch.equal(mirrored | same, torch.ones(B, dtype=torch.bool)) and 0.35 < mirrored.float().mean() < 0.65
-    assert torch.equal(mirrored, utils.flip_draws(torch.arange(B), 4, 3) < 0.5)
+    assert torch.equal(mirrored, train.flip_draws(torch.arange(B), 4, 3) < 0.5)
     for a, b in zip(plain[1:3], flipped[1:3]):     # times and noises: untouched by the flips
         assert all(torch.equal(u, v) for u, v in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]))
 
@@ -2280,7 +2288,7 @@ def test_webdataset_shards_train_and_streams_decode_in_workers_and_resume_exactl
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     # the workers' items: unique keys, every one of the 12 images once per epoch
-    batches = runs.Batches(runs.HFStream(str(shards), 8), 2, workers=2)
+    batches = data.Batches(data.HFStream(str(shards), 8), 2, workers=2)
     keys = [k for _ in range(6) for k in next(batches)["index"].tolist()]
     assert len(set(keys)) == 12 and batches.state() == {"epoch": 0, "pos": 12}
 
@@ -2334,7 +2342,7 @@ def test_dpm_solver_follows_its_exact_chain_and_keeps_the_data_std_within_2_perc
 def demo_server(trained_runs):
     """demo.py serving the tiny text run on a free loopback port, in a thread of this process."""
     import threading
-    import demo
+    from tools import demo
     ready = []
     thread = threading.Thread(target=demo.serve, kwargs=dict(ckpt=str(trained_runs / "text"), port=0,
                                                              device="cpu", ready=ready.append), daemon=True)
@@ -2402,7 +2410,7 @@ def test_demo_endpoints_refuse_bad_input_and_stay_bounded(demo_server):
     conn.close()
     assert wait_done(server, reply["job"], 60) and server.jobs[reply["job"]].cancel.is_set()
     # Many generations in a row: the server keeps the last few, never more.
-    import demo
+    from tools import demo
     jobs = []
     for i in range(demo.KEEP + 2):
         status, reply = http(url + "/api/generate", {"prompt": "a blue square", "num_inference_steps": 1,
@@ -2521,7 +2529,7 @@ def test_thresholding_auto_clips_data_with_black_or_white_backgrounds(trained_ru
     released = {"diffusion_config": {"thresholding": "deepfloyd"}}
     assert runs.choose_thresholding(auto, TensorImageDataset(many), released, False) == "deepfloyd"
     # what the runs recorded for sample.py: Fashion-MNIST (43% black) clipped, coloured squares not
-    meta = {name: P.read_metadata(trained_runs / name / "ema.safetensors") for name in ("fashion", "text")}
+    meta = {name: files.read_metadata(trained_runs / name / "ema.safetensors") for name in ("fashion", "text")}
     assert [meta[n]["diffusion_config"]["thresholding"] for n in ("fashion", "text")] == ["clip", "imagen"]
 
 

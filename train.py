@@ -28,26 +28,30 @@ A run that was stopped or killed goes on where it stopped:
 Each run writes a folder runs/<name>/: options.json, log.jsonl (losses per resolution, steps/s,
 images/s), loss.png, samples/ (grids every --sample-every steps), checkpoint.pt (the whole
 state, written atomically) and ema.safetensors (EMA weights with their config, for sample.py).
+Its bookkeeping (folder, log, checkpoints, grids, evaluations) is helpers/run.py's Run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
-import runs
-import utils
-import video
-from diffusion import DiffusionConfig, MatryoshkaDiffusion, make_optimizer, training_step, CLIP_NORM, THRESHOLDING
+import data
+from diffusion import CLIP_NORM, THRESHOLDING, DiffusionConfig, MatryoshkaDiffusion, make_optimizer, training_step
+from helpers import options as opt
+from helpers.devices import memory_format, prepare, resolve_precision, setup_processes, to_device
+from helpers.files import find_weights
+from helpers.models import build_diffusion, build_model, load_weights, text_encoder
+from helpers.options import option
+from helpers.run import Run, choose_thresholding, parse_sizes
 from nested_unet import NestedUNet, NestedUNetConfig, grow
-from runs import Log, check_args, load_model_config, parse_sizes, save_checkpoint, side_work
-from utils import option, to_device
 
 # ---------------------------------------------------------------------------------------
 # The options: one dataclass, saved in every checkpoint; the command line is made from it
@@ -56,26 +60,27 @@ from utils import option, to_device
 # --high-res-fraction 0.5, as the commands above do.
 
 MODEL, DATA, OPT, SPEED, RUN = "model and stages", "data", "optimisation (appendix B)", "speed and memory", "run"
-# The checks of the values (utils.check_options), besides the common ones of utils.
+# The checks of the values (helpers/options.py's check_options), besides its common ones.
 GRAD_NORM = (lambda v: v > 0, "a positive gradient norm (inf: no clipping)")
-DECAY = (lambda v: utils.finite(v) and 0 <= v < 1, "an EMA decay in [0, 1)")
-WEIGHTS, EXPONENT = (utils.at_least(0), "weights >= 0, one per level"), (utils.at_least(0), "an exponent >= 0")
-IMAGES = (utils.at_least(2), "at least 2 images (a covariance needs 2)")
+DECAY = (lambda v: opt.finite(v) and 0 <= v < 1, "an EMA decay in [0, 1)")
+WEIGHTS, EXPONENT = (opt.at_least(0), "weights >= 0, one per level"), (opt.at_least(0), "an exponent >= 0")
+IMAGES = (opt.at_least(2), "at least 2 images (a covariance needs 2)")
 
 
 @dataclass
 class TrainOptions:
-    config: str = option("CPU-S16S32", "a preset of nested_unet.py or video.py, or a JSON config file", group=MODEL)
+    config: str = option("CPU-S16S32", "a preset of nested_unet.py, video.py or tools/release.py, or a JSON "
+                         "config file", group=MODEL)
     res: str = option("16,32", "top resolution of each stage, e.g. 64,256 (video: 64,16x64)", group=MODEL)
-    steps: list = option([300, 800], "optimizer steps of each stage", utils.COUNT, group=MODEL)
-    batch: list = option([64, 32], "global batch of each stage", utils.COUNT, group=MODEL)
-    accum: int = option(1, "gradient accumulation: micro-batches per step", utils.COUNT, group=MODEL)
+    steps: list = option([300, 800], "optimizer steps of each stage", opt.COUNT, group=MODEL)
+    batch: list = option([64, 32], "global batch of each stage", opt.COUNT, group=MODEL)
+    accum: int = option(1, "gradient accumulation: micro-batches per step", opt.COUNT, group=MODEL)
     init_from: str = option(None, "start from a trained run's weights (a run folder or ema.safetensors, e.g. a "
-                            "released model converted by release.py): fine-tune it, or grow it into the inner "
+                            "released model converted by tools/release.py): fine-tune it, or grow it into the inner "
                             "levels of --config", group=MODEL)
     data: str = option("emoji", "emoji, fashion-mnist, emoji-motion (video), a folder of images, or a Hugging "
                        "Face data set name", group=DATA)
-    data_limit: int = option(0, "use only the first N images (0: all)", utils.NONNEGATIVE, group=DATA)
+    data_limit: int = option(0, "use only the first N images (0: all)", opt.NONNEGATIVE, group=DATA)
     cond: str = option("auto", "condition on captions, class labels or nothing (auto: what the data has)",
                        choices=["auto", "text", "label", "none"], group=DATA)
     text_encoder: str = option(None, "minilm (offline, the default) or a transformers name or folder, e.g. "
@@ -86,23 +91,23 @@ class TrainOptions:
     caption_column: str = option("text", "its column of captions", group=DATA)
     label_column: str = option("label", "its column of class labels", group=DATA)
     streaming: bool = option(False, "stream a large hub data set (CC12M)", group=DATA)
-    workers: int = option(0, "data loader processes per rank", utils.NONNEGATIVE, group=DATA)
+    workers: int = option(0, "data loader processes per rank", opt.NONNEGATIVE, group=DATA)
     hflip: bool = option(False, "random horizontal flips (half the images; usual for ImageNet)", group=DATA)
     lr: float = option(6e-4, "learning rate: appendix B's is 1e-4; the CPU demo takes 6e-4 (its model trains "
-                       "for minutes, not days)", utils.POSITIVE, group=OPT)
+                       "for minutes, not days)", opt.POSITIVE, group=OPT)
     warmup: int = option(None, "linear LR warm-up steps per stage (default: a tenth of the stage, at most "
-                         "appendix B's 30000)", utils.NONNEGATIVE, type=int, group=OPT)
+                         "appendix B's 30000)", opt.NONNEGATIVE, type=int, group=OPT)
     clip: float = option(CLIP_NORM, "gradient clipping norm", GRAD_NORM, group=OPT)
     ema: float = option(0.9999, "EMA decay (reached after the EMA warm-up)", DECAY, group=OPT)
-    ema_power: float = option(2 / 3, "EMA warm-up: decay = 1 - (1 + step)^-power", utils.POSITIVE, group=OPT)
+    ema_power: float = option(2 / 3, "EMA warm-up: decay = 1 - (1 + step)^-power", opt.POSITIVE, group=OPT)
     high_res_fraction: float = option(1.0, "mixed-resolution training: share of each batch that also goes "
                                       "through the highest resolution (appendix B: 0.5; the CPU demo sends all: "
-                                      "its outer level costs less than its inner UNet)", utils.FRACTION, group=OPT)
-    cond_drop: float = option(0.1, "conditioning dropout for classifier-free guidance", utils.PROBABILITY, group=OPT)
+                                      "its outer level costs less than its inner UNet)", opt.FRACTION, group=OPT)
+    cond_drop: float = option(0.1, "conditioning dropout for classifier-free guidance", opt.PROBABILITY, group=OPT)
     loss_levels: str = option("all", "all: the joint loss of Eq. 3; top: only the highest resolution (simple DM)",
                               choices=["all", "top"], group=OPT)
     loss_weights: list = option(None, "extra weight per level, lowest first (e.g. 1,4,16)", WEIGHTS,
-                                type=utils.comma_list(float, "1,4"), group=OPT)
+                                type=opt.comma_list(float, "1,4"), group=OPT)
     shift_power: float = option(2.0, "the resolution shift divides the SNR by s^power", EXPONENT, group=OPT)
     device: str = option(None, "cpu, cuda or cuda:N (default: cuda if there is one)", group=SPEED)
     precision: str = option("auto", "autocast of the network: bf16 (appendix B), fp16 with gradient scaling (GPUs "
@@ -115,15 +120,15 @@ class TrainOptions:
     out: str = option("runs", "folder of the run folders", group=RUN)
     name: str = option(None, "run name (default: date-time and data)", group=RUN)
     resume: str = option(None, "resume the newest run, or the run folder given", nargs="?", const="latest", group=RUN)
-    seed: int = option(0, "the seed of initial weights and of every per-sample random number", utils.NONNEGATIVE,
+    seed: int = option(0, "the seed of initial weights and of every per-sample random number", opt.NONNEGATIVE,
                        group=RUN)
-    log_every: int = option(25, "steps between log rows", utils.COUNT, group=RUN)
-    ckpt_every: int = option(200, "steps between checkpoints", utils.COUNT, group=RUN)
+    log_every: int = option(25, "steps between log rows", opt.COUNT, group=RUN)
+    ckpt_every: int = option(200, "steps between checkpoints", opt.COUNT, group=RUN)
     keep_checkpoints: int = option(3, "checkpoints kept in checkpoints/ besides each stage's last (checkpoint.pt is "
-                                   "always the latest)", utils.NONNEGATIVE, group=RUN)
-    sample_every: int = option(400, "steps between sample grids", utils.COUNT, group=RUN)
-    sample_steps: int = option(50, "DDIM steps of the sample grids", utils.COUNT, group=RUN)
-    sample_guidance: float = option(3.0, "guidance scale of the sample grids", utils.FINITE, group=RUN)
+                                   "always the latest)", opt.NONNEGATIVE, group=RUN)
+    sample_every: int = option(400, "steps between sample grids", opt.COUNT, group=RUN)
+    sample_steps: int = option(50, "DDIM steps of the sample grids", opt.COUNT, group=RUN)
+    sample_guidance: float = option(3.0, "guidance scale of the sample grids", opt.FINITE, group=RUN)
     thresholding: str = option("auto", "of the predicted x while sampling, recorded for sample.py: auto chooses "
                                "Imagen's dynamic thresholding, or plain clipping for data whose pixels are often "
                                "black or white (printed)", choices=["auto", *THRESHOLDING], group=RUN)
@@ -134,12 +139,12 @@ class TrainOptions:
     tensorboard: bool = option(False, "also log to TensorBoard, in the run folder's tensorboard/ (log.jsonl stays "
                                "the record; needs the tensorboard package)", group=RUN)
     eval_every: int = option(0, "FD-EffNet (and class accuracy) every N steps, at the final resolution; 0: never",
-                             utils.NONNEGATIVE, group=RUN)
+                             opt.NONNEGATIVE, group=RUN)
     eval_samples: int = option(256, "generated images per evaluation", IMAGES, group=RUN)
     eval_real: int = option(1000, "real images of the FD statistics", IMAGES, group=RUN)
-    eval_steps: int = option(25, "DDIM steps of the evaluation samples (no guidance)", utils.COUNT, group=RUN)
+    eval_steps: int = option(25, "DDIM steps of the evaluation samples (no guidance)", opt.COUNT, group=RUN)
     stop_after: int = option(0, "stop (with a checkpoint) after this many steps of this invocation; --resume "
-                             "goes on (for jobs with a time limit)", utils.NONNEGATIVE, group=RUN)
+                             "goes on (for jobs with a time limit)", opt.NONNEGATIVE, group=RUN)
 
 
 def parse_args(argv=None) -> TrainOptions:
@@ -149,7 +154,7 @@ def parse_args(argv=None) -> TrainOptions:
 def parse_args_given(argv=None) -> tuple[TrainOptions, set]:
     """The options, and the names of those the command line gave (a resumed run takes the
     given ones that may change, and refuses the others where they differ)."""
-    return utils.parse_options(TrainOptions, "train.py", __doc__.split("\n\n")[0], argv)
+    return opt.parse_options(TrainOptions, "train.py", __doc__.split("\n\n")[0], argv)
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,6 +173,79 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
 
 
 # ---------------------------------------------------------------------------------------
+# Randomness per sample: the diffusion time, the noise of every resolution, the conditioning
+# dropout and the mixed-resolution draw of a training sample are a function of (seed, step,
+# its index in the data set). A step then computes the same thing however the batch is split
+# over processes or micro-batches (1 process = N processes = gradient accumulation), and a
+# resumed run draws exactly what the run it continues would have drawn.
+#
+# A generator per sample would need a Python loop over the batch. Instead the numbers are
+# drawn by a counter-based generator: number j of stream s of a sample is a hash of (sample,
+# s, j), computed for the whole batch at once on the device. The hash is Chris Wellons'
+# "lowbias32" (every input bit flips every output bit with probability close to 1/2), in
+# int64 arithmetic that never overflows; two uniforms make two normals (Box-Muller).
+# ---------------------------------------------------------------------------------------
+
+M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2^32 for 32-bit values held in int64, in two 16-bit halves of c (no overflow)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+@functools.lru_cache(maxsize=16)
+def _hashed_counter(n: int, device: torch.device) -> torch.Tensor:
+    return hash32(torch.arange(n, device=device, dtype=torch.int64))
+
+
+def uniforms(sample_keys: torch.Tensor, stream: int, n: int) -> torch.Tensor:
+    """(B, n) uniforms in (0, 1): number j of the given stream of each sample."""
+    base = hash32((sample_keys + stream * 0x9E3779B9) & M32)          # one key per (sample, stream)
+    j = _hashed_counter(n, sample_keys.device)
+    return ((hash32(j[None, :] ^ base[:, None]) >> 8).float() + 0.5) / 2 ** 24   # 24 random bits
+
+
+def normals(sample_keys: torch.Tensor, stream: int, shape: tuple) -> torch.Tensor:
+    n = math.prod(shape)
+    u = uniforms(sample_keys, stream, 2 * n)
+    z = torch.sqrt(-2 * torch.log(u[:, :n])) * torch.cos(2 * math.pi * u[:, n:])
+    return z.view(-1, *shape)
+
+
+def per_sample_randomness(keys: torch.Tensor, step: int, seed: int, shapes: list[tuple], device):
+    """For each sample (its index in the data set in `keys`): its diffusion time t, the noise
+    of every level (shapes without the batch), and two uniforms for the conditioning dropout
+    and the mixed-resolution draw. Those two stay on the CPU, where the batch is reordered;
+    what goes to the device goes without waiting for it (to_device)."""
+    k = sample_keys(keys, step, seed)
+    t, u_drop, u_high = uniforms(k, 0, 3).unbind(1)
+    k = to_device(k, device)
+    noises = [normals(k, 1 + i, shape) for i, shape in enumerate(shapes)]
+    return to_device(t, device), noises, u_drop, u_high
+
+
+def sample_keys(keys, step: int, seed: int) -> torch.Tensor:
+    """The key of each sample at a step (on the CPU): a hash of (seed, step, its index)."""
+    k = torch.as_tensor(keys, dtype=torch.int64).cpu() & M32
+    return hash32(hash32(hash32(torch.tensor(seed & M32)) ^ (step & M32)) ^ k)
+
+
+def flip_draws(keys, step: int, seed: int) -> torch.Tensor:
+    """A fourth uniform per sample (the first three are per_sample_randomness's, unchanged by
+    it), on the CPU: the random horizontal flip of train.py --hflip."""
+    return uniforms(sample_keys(keys, step, seed), 0, 4)[:, 3]
+
+
+# ---------------------------------------------------------------------------------------
 # A training batch: conditioning dropout, mixed resolution, the per-sample random numbers
 # ---------------------------------------------------------------------------------------
 
@@ -180,14 +258,14 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, o: Tra
     # temporal D^r). B here is one process's micro-batch.
     x = to_device(batch["image"], device)          # (the loader pins it on a GPU machine)
     if x.dim() == 4:                               # images, not clips: the model's memory format
-        x = x.contiguous(memory_format=utils.memory_format(o.channels_last, device))
+        x = x.contiguous(memory_format=memory_format(o.channels_last, device))
     # A sample's key: its index in the data set (in a stream, its position in the stream of its
-    # rank and loader worker, made unique over them: runs.HFStream).
+    # rank and loader worker, made unique over them: data.HFStream).
     keys = batch["index"]
     shapes = [s[1:] for s in model.input_shapes(1)]
-    t, noises, u_drop, u_high = utils.per_sample_randomness(keys, step, o.seed, shapes, device)
+    t, noises, u_drop, u_high = per_sample_randomness(keys, step, o.seed, shapes, device)
     if o.hflip:                                    # half the images mirrored (every frame of a clip)
-        flip = to_device(utils.flip_draws(keys, step, o.seed) < 0.5, device)
+        flip = to_device(flip_draws(keys, step, o.seed) < 0.5, device)
         x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
     # Conditioning dropout (--cond-drop, 10% by default): those samples learn the null
     # condition, which classifier-free guidance contrasts with at sampling time (decided on
@@ -199,12 +277,12 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, o: Tra
     cond = {}
     if cond_kind == "text":
         captions = batch["caption"]
-        if model.config.null_text == "empty_prompt":
+        if model.null_text == "empty_prompt":
             captions, drop = ["" if d else c for c, d in zip(captions, drop.tolist())], torch.zeros_like(drop)
         cond = encoder.condition(captions, device)
     elif cond_kind == "label":
         cond = {"label": to_device(batch["label"], device)}
-    cond = model.null_condition(cond, drop)
+    cond = model.null_condition(cond, to_device(drop, device))
     # Mixed-resolution training (appendix B): each sample reaches the highest level with
     # probability --high-res-fraction; all samples train the lower levels. The NestedUNet
     # runs its outermost level on the first n_high rows only, so those samples go first;
@@ -224,16 +302,98 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, o: Tra
 
 
 # ---------------------------------------------------------------------------------------
-# A stage's model: built, or grown from the previous stage's (the run's data and folder: runs.py)
+# The data of a run, and what it conditions the model on
 # ---------------------------------------------------------------------------------------
 
-def conditioned(cfg: NestedUNetConfig, d: runs.RunData) -> NestedUNetConfig:
+@dataclass
+class RunData:
+    """The data set of the current stage (and `full`, without --data-limit), what it is
+    conditioned on ("text", "label" or "none"), the class names, the frozen text encoder."""
+    dataset: object
+    full: object
+    cond_kind: str
+    class_names: list | None
+    encoder: data.TextEncoder | None
+
+
+def load_data(o: TrainOptions, size, frames: int):
+    """The data set of a stage, at its own top resolution (the paper's 64x64 stage is a 64x64
+    training run): a map-style data set (first --data-limit images), or a stream."""
+    if o.streaming:
+        return data.HFStream(o.data, size[1], o.image_column, o.caption_column)
+    try:
+        ds = data.load_dataset(o.data, size[1], frames=frames, image_column=o.image_column,
+                               caption_column=o.caption_column, label_column=o.label_column)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"train.py: {e}")
+    return torch.utils.data.Subset(ds, range(min(o.data_limit, len(ds)))) if o.data_limit else ds
+
+
+def setup_data(o: TrainOptions, size, frames: int, world: int, device) -> RunData:
+    dataset = load_data(o, size, frames)
+    full = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    if o.streaming:
+        has_text, class_names = True, None
+    else:
+        has_text = getattr(full, "captions", None) is not None or getattr(full, "caption_column", None)
+        class_names = getattr(full, "class_names", None)
+        if len(dataset) < o.batch[0] // world:
+            raise SystemExit(f"train.py: --data {o.data} has {len(dataset)} images, fewer than one "
+                             f"batch per process ({o.batch[0] // world})")
+    cond_kind = o.cond if o.cond != "auto" else ("text" if has_text else "label" if class_names else "none")
+    if cond_kind == "label" and not class_names:
+        raise SystemExit(f"train.py: --cond label: {o.data} has no class labels")
+    if cond_kind == "text" and not has_text:
+        raise SystemExit(f"train.py: --cond text: {o.data} has no captions (--caption-column {o.caption_column})")
+    # The text encoder is frozen (FLAN-T5 XL in the paper; MiniLM offline here): it runs
+    # without gradients, and only the model's own projection of its features trains.
+    encoder = None
+    if cond_kind == "text":                        # a stream's captions do not come back: no cache
+        try:
+            encoder = text_encoder(o.text_encoder, device, o.text_tokenization,
+                                   **({"cache_size": 0} if o.streaming else {}))
+        except ValueError as e:
+            raise SystemExit(f"train.py: {e}")
+        if not o.streaming and full.captions is not None:
+            encoder(list(dict.fromkeys(full.captions)))   # a fixed caption set: encode it once, now
+    return RunData(dataset, full, cond_kind, class_names, encoder)
+
+
+def conditioned(cfg: NestedUNetConfig, d: RunData) -> NestedUNetConfig:
     """The model's inputs as the data sets them: the text encoder's width or the number of
     classes (section 3.2's conditioning), and the image channels (one for Fashion-MNIST)."""
-    return NestedUNetConfig(**{**cfg.to_dict(), "text_channels": d.encoder.dim if d.encoder else 0,
-                               "num_classes": len(d.class_names) if d.cond_kind == "label" else 0,
-                               "in_channels": getattr(d.full, "channels", 3)})
+    return dataclasses.replace(cfg, text_channels=d.encoder.dim if d.encoder else 0,
+                               num_classes=len(d.class_names) if d.cond_kind == "label" else 0,
+                               in_channels=getattr(d.full, "channels", 3))
 
+
+def load_init(o: TrainOptions, resuming: bool):
+    """--init-from's model and metadata (a converted released model, or one of our runs); its
+    text encoder and tokenisation become the run's, unless given."""
+    init, meta = None, {}
+    if o.init_from is not None and not resuming:
+        try:
+            init, meta = load_weights(find_weights(o.init_from))
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"train.py: --init-from: {e}")
+    o.text_encoder = o.text_encoder or meta.get("text_encoder") or "minilm"   # resolved once, and saved
+    o.text_tokenization = o.text_tokenization or meta.get("text_tokenization", "hf")
+    return init, meta
+
+
+def run_meta(o: TrainOptions, d: RunData, cfg: NestedUNetConfig, init_meta: dict) -> dict:
+    """What sample.py needs besides the weights (a checkpoint adds its stage's configs): a video
+    run is sampled as its grids are, with DDIM and guidance 4."""
+    sampling = init_meta.get("sampling") or ({"sampler": "ddim", "num_inference_steps": 50, "guidance_scale": 4.0}
+                                            if cfg.frames > 1 else None)
+    return {"cond": d.cond_kind, "text_encoder": o.text_encoder if d.encoder else None,
+            "class_names": d.class_names, "text_tokenization": o.text_tokenization, "data": o.data, "res": o.res,
+            "video": cfg.frames > 1, "data_limit": o.data_limit, **({"sampling": sampling} if sampling else {})}
+
+
+# ---------------------------------------------------------------------------------------
+# A stage's model: built, or grown from the previous stage's
+# ---------------------------------------------------------------------------------------
 
 @dataclass
 class Stage:
@@ -247,7 +407,7 @@ class Stage:
     train_model: torch.nn.Module
     diffusion: MatryoshkaDiffusion
     scaler: torch.amp.GradScaler | None
-    batches: runs.Batches | None = None
+    batches: data.Batches | None = None
 
 
 def build_stage(o: TrainOptions, index: int, cfg_full, dcfg, device, world, init=None, previous: Stage = None,
@@ -256,34 +416,33 @@ def build_stage(o: TrainOptions, index: int, cfg_full, dcfg, device, world, init
     the previous one (section 3.3), model and EMA alike."""
     sizes = parse_sizes(o.res)
     cfg = cfg_full.truncated(sizes[index][1], sizes[index][0])
-    build = video.build_level if any(c.temporal_axis for c in cfg_full.levels()) else NestedUNet
     if previous is None:
         torch.manual_seed(o.seed)                  # the same initial weights on every rank
         if init is not None and init.config.to_dict() != cfg.to_dict():
             # --init-from a smaller model: it becomes this stage's inner levels, and the new
             # levels start as grow() starts them.
             try:
-                model = grow(init.to(device), cfg, build)
+                model = grow(init.to(device), cfg, build_model)
             except ValueError as e:
                 raise SystemExit(f"train.py: --init-from {o.init_from}: {e}")
         else:
-            model = build(cfg).to(device)
+            model = build_model(cfg).to(device)
             if init is not None:                   # --init-from the same model: fine-tuning
                 model.load_state_dict(init.state_dict())
-        ema = build(cfg).to(device)
+        ema = build_model(cfg).to(device)
         ema.load_state_dict(model.state_dict())
     else:
         # The new level starts from the same random weights in the model and its EMA.
         torch.manual_seed(o.seed + index)
-        model = grow(previous.model, cfg, build)
+        model = grow(previous.model, cfg, build_model)
         torch.manual_seed(o.seed + index)
-        ema = grow(previous.ema, cfg, build)
+        ema = grow(previous.ema, cfg, build_model)
     ema.requires_grad_(False).eval()
     if o.grad_ckpt:
         for level in model.levels()[1:]:
             level.gradient_checkpointing = True
-    layout = utils.memory_format(o.channels_last, device, cfg.frames)
-    model, ema = model.to(memory_format=layout), ema.to(memory_format=layout)
+    # The device's memory format (channels-last on a CPU), and a CPU's faster layers.
+    model, ema = prepare(model, device, o.channels_last), prepare(ema, device, o.channels_last)
     # A fresh optimizer per stage (the grown model has new parameters), with its own
     # warm-up: appendix B's 30k steps, or a tenth of a short stage.
     opt = make_optimizer(model, o.lr)
@@ -300,16 +459,22 @@ def build_stage(o: TrainOptions, index: int, cfg_full, dcfg, device, world, init
     # takes those of its own levels. A video run's D^r (first frames) serves its image stage too.
     n = len(model.levels())
     stage_cfg = dataclasses.replace(dcfg, loss_weights=dcfg.loss_weights[:n] if dcfg.loss_weights else None)
-    diffusion = (video.diffusion_for if build is not NestedUNet else MatryoshkaDiffusion.for_model)(model, stage_cfg)
+    diffusion = build_diffusion(model, stage_cfg, clips=cfg_full.frames > 1)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     return Stage(index, model, ema, opt, sched, train_model, diffusion, scaler)
 
 
+def stage_batches(o: TrainOptions, dataset, index: int, rank: int, world: int, position: dict) -> data.Batches:
+    """This rank's batches of stage `index`, from the data position `position` on. --batch is
+    the global batch of a step: world processes x accum micro-batches x micro-batch."""
+    return data.Batches(dataset, o.batch[index] // (world * o.accum), rank, world, o.seed, o.workers, **position)
+
+
 # ---------------------------------------------------------------------------------------
-# A step, and a stage's start
+# A step
 # ---------------------------------------------------------------------------------------
 
-def optimizer_step(st: Stage, d: runs.RunData, o: TrainOptions, step: int, world: int, device, autocast, log: Log):
+def optimizer_step(st: Stage, d: RunData, o: TrainOptions, step: int, world: int, device, autocast, log):
     """Step number `step` (from 0): --accum micro-batches (the time spent waiting for the
     loader is logged as data_wait: workers decode the next batches while the model runs),
     Eq. 3's loss, clipping and Adam (diffusion.training_step), the warm-up, the EMA."""
@@ -333,104 +498,60 @@ def optimizer_step(st: Stage, d: runs.RunData, o: TrainOptions, step: int, world
     log.steps += 1
 
 
-def restore_stage(o: TrainOptions, ckpt, first: int, cfg_full, dcfg, d: runs.RunData, init, rank: int, world: int,
-                  device, precision: str) -> Stage:
-    """The stage a run starts at: stage 0's model (or --init-from's), or for a resumed run its
-    stage's shape grown step by step, then the whole saved state (weights, EMA, Adam's
-    moments, the schedule's step, this rank's RNG states: ranks beyond those saved take the
-    last's) and the data position."""
-    st = build_stage(o, 0, cfg_full, dcfg, device, world, init, precision=precision)
-    for s in range(1, first + 1):
-        st = build_stage(o, s, cfg_full, dcfg, device, world, previous=st, precision=precision)
-    if ckpt:
-        runs.load_state(st, ckpt, rank)
-    else:
-        torch.manual_seed(o.seed * 1000 + rank)    # per-rank seed for everything not per-sample
-    st.batches = stage_batches(o, d.dataset, first, rank, world, ckpt["data"] if ckpt else {})
-    return st
-
-
-def start_stage(o: TrainOptions, index: int, cfg_full, dcfg, data_position: dict, rank: int, world: int, device,
-                precision: str, previous: Stage) -> Stage:
-    """A stage ready to train: its model grown from the previous stage's, and its batches, at
-    its own top resolution, from `data_position` on."""
-    st = build_stage(o, index, cfg_full, dcfg, device, world, previous=previous, precision=precision)
-    dataset = runs.load_data(o, parse_sizes(o.res)[index], cfg_full.frames)
-    st.batches = stage_batches(o, dataset, index, rank, world, data_position)
-    return st
-
-
-def stage_batches(o: TrainOptions, dataset, index: int, rank: int, world: int, position: dict) -> runs.Batches:
-    """This rank's batches of stage `index`, from the data position `position` on. --batch is
-    the global batch of a step: world processes x accum micro-batches x micro-batch."""
-    return runs.Batches(dataset, o.batch[index] // (world * o.accum), rank, world, o.seed, o.workers, **position)
-
-
 # ---------------------------------------------------------------------------------------
 # The training story
 # ---------------------------------------------------------------------------------------
 
 def main(argv=None):
-    # -- the options (a resumed run's own), the model config, their checks, the processes --
-    o, ckpt, run_dir, changes = runs.open_run(*parse_args_given(argv), defaults=parse_args([]))
-    cfg_full = load_model_config(o.config)         # the whole model; each stage trains a truncation of it
-    check_args(o, utils.process_env()[1], cfg_full)
-    rank, world, device = utils.setup_processes(o.device)
-    is_main = rank == 0
-    init, init_meta = runs.load_init(o, ckpt is not None)
+    # -- the options (a resumed run's own) and the model config, checked; the processes --
+    run = Run.open(*parse_args_given(argv), defaults=parse_args([]))
+    o, cfg_full = run.options, run.config          # the whole model; each stage trains a truncation of it
+    rank, world, device = setup_processes(o.device)
+    init, init_meta = load_init(o, run.ckpt is not None)
 
     # -- the data, and the conditioning inputs it sets: the encoder's width, or the classes --
     sizes, stage_ends = parse_sizes(o.res), np.cumsum(o.steps).tolist()   # stage s ends at step stage_ends[s]
-    first, step = (ckpt["stage"], ckpt["step"]) if ckpt else (0, 0)
-    d = runs.setup_data(o, sizes[first], cfg_full.frames, world, device)
+    first, step = run.position()
+    d = setup_data(o, sizes[first], cfg_full.frames, world, device)
     cfg_full = conditioned(cfg_full, d)
     dcfg = DiffusionConfig(shift_power=o.shift_power, loss_weights=o.loss_weights, loss_levels=o.loss_levels,
-                           thresholding=runs.choose_thresholding(o, d.full, init_meta, is_main))
+                           thresholding=choose_thresholding(o, d.full, init_meta, rank == 0))
 
-    # -- the run folder, and the model of the current stage (resumed: its whole state) --
-    run_dir = runs.make_run_dir(o, run_dir, ckpt, changes, is_main)
-    meta = runs.run_meta(o, d, cfg_full, init_meta)
-    precision = utils.resolve_precision(o.precision, device)      # what "auto" means on this device
-    st = restore_stage(o, ckpt, first, cfg_full, dcfg, d, init, rank, world, device, precision)
+    # -- the model of the current stage (resumed: its whole state), its data position --
+    precision = resolve_precision(o.precision, device)      # what "auto" means on this device
+    st = build_stage(o, 0, cfg_full, dcfg, device, world, init, precision=precision)
+    for s in range(1, first + 1):                  # a resumed run's stage: its shape, grown step by step
+        st = build_stage(o, s, cfg_full, dcfg, device, world, previous=st, precision=precision)
+    if run.ckpt:
+        run.restore(st, rank)
+    else:
+        torch.manual_seed(o.seed * 1000 + rank)    # per-rank seed for everything not per-sample
+    st.batches = stage_batches(o, d.dataset, first, rank, world, run.ckpt["data"] if run.ckpt else {})
 
-    # -- precision, sample grids, evaluations, the log, a polite stop (SIGTERM of a cluster) --
-    autocast = utils.autocast(device, precision)
-    grid, evaluate = runs.side_tools(o, d, sizes[-1], device) if is_main else (None, None)
-    log = Log(run_dir, ckpt, len(st.model.resolutions), device, is_main, o.tensorboard)
-    stop = runs.stop_on_sigterm()                  # a threading.Event, set by SIGTERM
-    if is_main:
-        print(runs.start_text(st.model, o, first, len(sizes), run_dir, d.cond_kind, device, world, precision))
-    bar = tqdm(total=stage_ends[-1], initial=step, disable=not is_main, dynamic_ncols=True)
+    # -- the run folder, the log, sample grids, evaluations, a polite stop (SIGTERM) --
+    run.start(st, d, run_meta(o, d, cfg_full, init_meta), rank, world, device, precision)
 
     # -- the loop over stages, and in each the loop over steps --
-    steps_run = 0
     try:
         for stage in range(first, len(sizes)):
-            while step < stage_ends[stage] and not stop.is_set():
-                optimizer_step(st, d, o, step, world, device, autocast, log)
-                step, steps_run = step + 1, steps_run + 1
-                bar.update(1)
-                if step % o.log_every == 0 or step == stage_ends[stage]:
-                    bar.set_postfix_str(runs.loss_text(log.row(step, st, o)))
-                side_work(run_dir, st, step, stage_ends, sizes, o, grid, evaluate, log, autocast, bar, device)
-                if steps_run == o.stop_after and step < stage_ends[-1]:
-                    stop.set()
-                if runs.checkpoint_due(step, stage_ends[stage], stage_ends[-1], o.ckpt_every, stop.is_set()):
-                    save_checkpoint(run_dir, st, step, o, meta, log, world)
+            while step < stage_ends[stage] and not run.stopping.is_set():
+                optimizer_step(st, d, o, step, world, device, run.autocast, run.log)
+                step += 1
+                run.after_step(st, step)          # the log row, grids, evaluations, a checkpoint when due
             if step == stage_ends[stage] and stage < len(sizes) - 1:   # grow (section 3.3); a resume starts here
-                st = start_stage(o, stage + 1, cfg_full, dcfg, st.batches.state(), rank, world, device, precision, st)
-                log.new_stage(st.model, stage + 2, bar)
-                save_checkpoint(run_dir, st, step, o, meta, log, world)
-            if stop.is_set():
+                position = st.batches.state()
+                st = build_stage(o, stage + 1, cfg_full, dcfg, device, world, previous=st, precision=precision)
+                st.batches = stage_batches(o, load_data(o, sizes[stage + 1], cfg_full.frames), stage + 1, rank,
+                                           world, position)
+                run.new_stage(st, step)
+            if run.stopping.is_set():
                 break
     except KeyboardInterrupt:                      # Ctrl-C: saved, like a stop
-        save_checkpoint(run_dir, st, step, o, meta, log, world)
+        run.save(st, step)
     except FloatingPointError:
-        runs.diverged(run_dir, step, is_main)      # says so, and exits with 1: the last good checkpoint stays
-    finally:
-        bar.close()
-    runs.finish(run_dir, sizes, d.cond_kind, step, stage_ends[-1], is_main)
-    return run_dir
+        run.diverged(step)                         # says so, and exits with 1: the last good checkpoint stays
+    run.finish(step, d.cond_kind)
+    return run.dir
 
 
 if __name__ == "__main__":

@@ -20,34 +20,26 @@ on its own. Everything else (res blocks, spatial attention, text conditioning, t
 schedules, loss and samplers of diffusion.py) is the image code, applied to the frames of a
 video folded into the batch.
 
+The emoji that move as their captions say (data.py's emoji-motion) are the CPU demo's data:
+
     python train.py --config CPU-S16T8 --data emoji-motion --res 16,8x16 --steps 600,450 --batch 64,24
-                                                            # the CPU demo (about 15 minutes)
-    python video.py sample "a panda moving to the right"    # a GIF and the frames of every level
-    python video.py evaluate                                # does the motion follow the caption?
-    python video.py MDM-S64T16S256                          # a preset's summary
+    python sample.py --ckpt runs/<that run> "panda moving to the right"   # a GIF, every level's frames
+    python -m tools.evaluate video --ckpt runs/<that run>                 # does the motion follow the caption?
+    python video.py MDM-S64T16S256                                        # a preset's summary
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import Dataset
 
-import data
-import fast_layers
-import utils
-from diffusion import SAMPLERS, DiffusionConfig, MatryoshkaDiffusion
-from nested_unet import CPU_KEYS, PAPER, TINY_INNER, NestedUNet, NestedUNetConfig, mdm_s64, zero_init
-from utils import summary
+from diffusion import DiffusionConfig, MatryoshkaDiffusion
+from nested_unet import CPU_KEYS, PAPER, TINY_INNER, Attention, NestedUNet, NestedUNetConfig, mdm_s64, summary, zero_init
 
 # ---------------------------------------------------------------------------------------
 # Layers with a time axis. Inside a video level a tensor is (B * T, C, H, W): the frames of
@@ -66,7 +58,7 @@ def frame_position_embedding(n: int, stride: int, dim: int, device) -> torch.Ten
     return torch.cat([torch.sin(pos * freqs), torch.cos(pos * freqs)], dim=-1)
 
 
-class TemporalAttention(nn.Module):
+class TemporalAttention(Attention):
     """Self-attention over the frames at each spatial position, then a feed-forward layer:
     (B * T, C, H, W) -> (B * H * W, T, C) -> attention -> back. Zero-initialised outputs: a
     new temporal layer starts as the identity, so an image model grown into a video model
@@ -85,8 +77,8 @@ class TemporalAttention(nn.Module):
         BT, C, H, W = x.shape
         seq = x.reshape(BT // T, T, C, H * W).permute(0, 3, 1, 2).reshape(-1, T, C)   # (B*H*W, T, C)
         h = self.norm(seq) + frame_position_embedding(T, self.stride, C, x.device).to(seq.dtype)
-        q, k, v = (a.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for a in self.qkv(h).chunk(3, dim=-1))
-        seq = seq + self.proj_out(fast_layers.attention(q, k, v).transpose(1, 2).flatten(2))
+        q, k, v = (self.heads(a) for a in self.qkv(h).chunk(3, dim=-1))
+        seq = seq + self.proj_out(self.attend(q, k, v).transpose(1, 2).flatten(2))
         seq = seq + self.ffn(seq)
         return seq.reshape(BT // T, H * W, T, C).permute(0, 2, 3, 1).reshape(BT, C, H, W)
 
@@ -134,11 +126,17 @@ class VideoNestedUNet(NestedUNet):
     def build_inner(self, config):
         return build_level(config)
 
-    def fold_input(self, z):
-        return z.flatten(0, 1) if z.dim() == 5 else z          # (B, T, C, H, W) -> (B * T, C, H, W)
+    def fold(self, z, cond):
+        return z.flatten(0, 1), cond                            # (B, T, C, H, W) -> (B * T, C, H, W)
 
-    def unfold_output(self, x, batch):
-        return x.unflatten(0, (batch, self.config.frames)) if self.config.frames > 1 else x
+    def run_stage(self, stage, x, *cond):
+        # Each sample's embedding, tokens and mask serve all its frames, of which x holds
+        # B * T_i rows (T_i: the frames of this temporal resolution).
+        frames = x.shape[0] // max(cond[0].shape[0], 1)
+        return super().run_stage(stage, x, *(None if a is None else a.repeat_interleave(frames, 0) for a in cond))
+
+    def unfold(self, x, batch):
+        return x.unflatten(0, (batch, self.config.frames))
 
 
 class TemporalUNet(VideoNestedUNet):
@@ -250,91 +248,11 @@ def diffusion_for(model, config: DiffusionConfig | None = None) -> MatryoshkaDif
 
 
 # ---------------------------------------------------------------------------------------
-# A text-video data set a CPU can learn: emoji that move as their caption says
-# ---------------------------------------------------------------------------------------
-
-MOTIONS = ["moving to the left", "moving to the right", "moving up", "moving down", "growing", "shrinking"]
-
-
-class EmojiMotion(Dataset):
-    """Clips of one emoji on the white background, moving as the caption says: "panda moving to
-    the left", "rocket moving up", "grinning face growing", ... 256 emoji (without skin-tone
-    variants, spread over the list) times 6 motions. Clip i shows emoji i // 6 with
-    motion i % 6, with a start position and speed drawn from a generator seeded by i (the same
-    clip every epoch). Frames are drawn with an affine warp of the emoji's RGBA bitmap, so the
-    motion is sub-pixel smooth. Items: {"image": (T, 3, size, size), "caption", "index"}."""
-
-    def __init__(self, size: int = 16, frames: int = 8, num_emoji: int = 256):
-        sprites, names = emoji_sprites(64)
-        keep = [i for i, n in enumerate(names) if "skin tone" not in n]    # no near-duplicates
-        keep = keep[:: max(1, len(keep) // num_emoji)][:num_emoji]        # spread over the (sorted) list
-        self.sprites, self.names = sprites[keep], [names[i] for i in keep]
-        self.size, self.frames = size, frames
-        self.captions = [f"{n} {m}" for n in self.names for m in MOTIONS]
-
-    def __len__(self):
-        return len(self.names) * len(MOTIONS)
-
-    def __getitem__(self, i):
-        clip = render_clip(self.sprites[i // len(MOTIONS)], i % len(MOTIONS), self.size, self.frames,
-                           torch.Generator().manual_seed(i))
-        return {"image": clip, "caption": self.captions[i], "index": i}
-
-
-def emoji_sprites(size: int):
-    """All emoji as RGBA float tensors (N, 4, size, size) in [0, 1], and their names."""
-    path = data.CACHE / f"emoji-rgba-{size}.npz"
-    if not path.exists():
-        from PIL import ImageFont
-        font = ImageFont.truetype(data.EMOJI_FONT, 109)
-        entries = data.emoji_entries()
-        a = np.stack([np.asarray(data.render_emoji(e, font).crop((4, 0, 132, 128)).resize((size, size), Image.Resampling.LANCZOS))
-                      for e, _ in entries])
-        data.CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, rgba=a, names=np.array([n for _, n in entries]))
-        os.replace(tmp, path)
-    f = np.load(path)
-    return torch.from_numpy(f["rgba"]).permute(0, 3, 1, 2).float() / 255, list(f["names"])
-
-
-def render_clip(sprite: torch.Tensor, motion: int, size: int, frames: int, g: torch.Generator) -> torch.Tensor:
-    """One clip (T, 3, size, size) in [-1, 1]: the sprite (4, h, w) composited on white, its
-    scale and position following the motion linearly from the first frame to the last."""
-    u = torch.rand(4, generator=g)
-    s = torch.linspace(0, 1, frames)
-    scale = torch.full((frames,), 0.45 + 0.1 * float(u[0]))            # sprite width / canvas width
-    cx, cy = torch.full((frames,), 0.2 * (float(u[1]) - 0.5)), torch.full((frames,), 0.2 * (float(u[2]) - 0.5))
-    # Canvas coordinates are [-1, 1]; the sprite stays inside while |centre| <= 1 - scale. The
-    # centre travels 70 to 100% of that room: half the canvas or more.
-    travel = (0.7 + 0.3 * float(u[3])) * 2 * (1 - float(scale[0]))
-    if motion < 4:                                                      # left, right, up, down
-        sign = -1 if motion in (0, 2) else 1
-        path = sign * travel * (s - 0.5)
-        if motion < 2:
-            cx = path
-        else:
-            cy = path
-    else:                                                               # growing, shrinking
-        grow = s if motion == 4 else 1 - s
-        scale = 0.25 + 0.6 * grow
-    # Affine grid: canvas point p samples the sprite at (p - centre) / scale.
-    theta = torch.zeros(frames, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
-    theta[:, 0, 2], theta[:, 1, 2] = -cx / scale, -cy / scale
-    grid = F.affine_grid(theta, (frames, 4, size, size), align_corners=False)
-    rgba = F.grid_sample(sprite.expand(frames, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=False)
-    rgb, alpha = rgba[:, :3], rgba[:, 3:]
-    return (rgb * alpha + (1 - alpha)) * 2 - 1                          # on white, to [-1, 1]
-
-
-# ---------------------------------------------------------------------------------------
 # Measuring motion: where is the emoji, and how big, in each frame
 # ---------------------------------------------------------------------------------------
 
 def motion_of(clip: torch.Tensor) -> int:
-    """The motion (index into MOTIONS) that a clip (T, 3, H, W) in [-1, 1] shows, from its
+    """The motion (index into data.MOTIONS) that a clip (T, 3, H, W) in [-1, 1] shows, from its
     non-background pixels: the centre of mass moves left, right, up or down, or the mass
     grows or shrinks, from the first frame to the last; whichever changes most (relative to
     what a clip of the data set changes) wins."""
@@ -350,135 +268,15 @@ def motion_of(clip: torch.Tensor) -> int:
     dx = float(cx[-k:].mean() - cx[:k].mean())
     dy = float(cy[-k:].mean() - cy[:k].mean())
     ds = float(torch.log(mass[-k:].mean() / mass[:k].mean()))
-    scores = [-dx, dx, -dy, dy, ds / 2, -ds / 2]                          # in MOTIONS order
+    scores = [-dx, dx, -dy, dy, ds / 2, -ds / 2]                          # in data.MOTIONS order
     return int(np.argmax(scores))
 
 
-# ---------------------------------------------------------------------------------------
-# Pictures: an animated GIF, and the frames of every level
-# ---------------------------------------------------------------------------------------
-
-def save_gif(clips: torch.Tensor, path, scale: int = 6, fps: int = 6):
-    """Clips (N, T, 3, H, W) in [-1, 1] side by side as one looping GIF."""
-    a = utils.to_uint8(clips)                                   # (N, T, H, W, 3)
-    N, T, H, W, _ = a.shape
-    frames = []
-    for t in range(T):
-        row = np.concatenate([np.pad(a[n, t], ((0, 2), (0, 2), (0, 0)), constant_values=255) for n in range(N)], 1)
-        frames.append(Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.Resampling.NEAREST))
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
-
-
-def save_levels_figure(levels: list, path):
-    """One clip per column block: the image level (first frame), then every frame of each
-    video level, rows from the lowest level to the highest."""
-    rows = []
-    for x in levels:
-        x = x[:1].float()
-        rows.append(x[:, None] if x.dim() == 4 else x)         # (1, T, 3, H, W)
-    T = max(r.shape[1] for r in rows)
-    top = max(r.shape[-1] for r in rows)
-    tiles = []
-    for r in rows:
-        frames = [F.interpolate(r[:, t], size=(top, top), mode="nearest") if t < r.shape[1] else
-                  torch.ones(1, 3, top, top) for t in range(T)]
-        tiles.append(torch.cat(frames))
-    utils.save_matryoshka(tiles, path, captions=[f"frame {t}" for t in range(T)])
-
-
-# ---------------------------------------------------------------------------------------
-# The command line
-# ---------------------------------------------------------------------------------------
-
-def sample_clips(pipe, captions, steps=50, sampler="ddim", guidance=4.0, seed=0):
-    """Clips for captions: every level, lowest first (the top one (N, T, 3, H, W))."""
-    return pipe.generate(pipe.condition(prompts=captions), len(captions), seed=seed, sampler=sampler,
-                         num_inference_steps=steps, guidance_scale=guidance)
-
-
-def evaluate(pipe, names, n_clips=48, **kw):
-    """Sample n_clips clips, one motion per caption in turn, and measure the fraction whose
-    motion (motion_of) is the caption's."""
-    captions, truth = [], []
-    rng = np.random.default_rng(0)
-    for i in range(n_clips):
-        captions.append(f"{names[rng.integers(len(names))]} {MOTIONS[i % len(MOTIONS)]}")
-        truth.append(i % len(MOTIONS))
-    clips = []
-    for i in range(0, n_clips, 16):
-        clips.append(sample_clips(pipe, captions[i:i + 16], seed=i, **kw)[-1].float().cpu())
-    clips = torch.cat(clips)
-    pred = [motion_of(c) for c in clips]
-    per_motion = {m: float(np.mean([p == t for p, t in zip(pred, truth) if t == k])) for k, m in enumerate(MOTIONS)}
-    return float(np.mean([p == t for p, t in zip(pred, truth)])), per_motion, clips, captions
-
-
-def parse_args(argv):
-    p = utils.ArgumentParser(prog="video.py", description=__doc__.strip().split("\n\n")[0],
-                             epilog="python video.py MDM-S64T16S256 (or any video preset) prints its summary; "
-                                    "train with train.py: python train.py --config CPU-S16T8 --data emoji-motion "
-                                    "--res 16,8x16 --steps 600,450 --batch 64,24")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=utils.ArgumentParser)
-    for cmd, what in (("sample", "a GIF and the frames of every level"),
-                      ("evaluate", "does the motion follow the caption?")):
-        c = sub.add_parser(cmd, help=what)
-        c.add_argument("prompt", nargs="?", default="grinning face moving to the right")
-        c.add_argument("--ckpt", default=None, help="a run folder or ema.safetensors (default: the newest video run)")
-        c.add_argument("--num-clips", type=int, default=4)
-        c.add_argument("--num-inference-steps", type=int, default=50)
-        c.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
-        c.add_argument("--guidance-scale", type=float, default=4.0)
-        c.add_argument("--seed", type=int, default=0)
-        c.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    utils.check_flags("video.py", a, [
-        ("--num-clips", utils.at_least(1), "at least 1 clip"),
-        ("--num-inference-steps", utils.at_least(1), "at least 1 step"),
-        ("--guidance-scale", utils.finite, "a finite guidance scale (1: no guidance), e.g. 4"),
-        ("--seed", utils.at_least(0), "an integer >= 0"),
-    ])
-    return a
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in VIDEO_PRESETS:
-        name = argv[0] if argv else "MDM-S64T16S256"
-        with torch.device("meta"):
-            print(summary(build_level(preset(name)), name))
-        return
-    a = parse_args(argv)
-    from pipeline import Pipeline
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        pipe = Pipeline(a.ckpt, device, video=True)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"video.py: {err}")
-    if not pipe.is_video:
-        raise SystemExit(f"video.py: {pipe.path} is an image model: sample it with `python sample.py`")
-    model = pipe.model
-    kw = dict(steps=a.num_inference_steps, sampler=a.sampler, guidance=a.guidance_scale)
-    if a.cmd == "sample":
-        levels = [x.float().cpu() for x in sample_clips(pipe, [a.prompt] * a.num_clips, seed=a.seed, **kw)]
-        prefix = Path(a.out or Path("samples") / ("video-" + "-".join(a.prompt.split())[:50]))
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        save_gif(levels[-1], f"{prefix}.gif")
-        save_levels_figure(levels, f"{prefix}-levels.png")
-        print(f"wrote {prefix}.gif, {prefix}-levels.png")
-    else:                        # evaluate
-        ds = EmojiMotion(size=model.resolutions[-1], frames=model.config.frames)
-        names = ds.names                             # the emoji the model was trained on
-        acc, per_motion, clips, captions = evaluate(pipe, names, n_clips=max(a.num_clips, 32), **kw)
-        real = [motion_of(ds[i]["image"]) == i % len(MOTIONS) for i in range(0, min(len(ds), 600))]
-        out = Path(a.out or "samples/video-eval")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_gif(clips[:12], f"{out}.gif")
-        result = {"clips": len(clips), "motion_accuracy": acc, "per_motion": per_motion,
-                  "measure_on_real_clips": float(np.mean(real)), "chance": 1 / len(MOTIONS), "sampler": a.sampler,
-                  "steps": a.num_inference_steps, "guidance_scale": a.guidance_scale}
-        Path(f"{out}.json").write_text(json.dumps(result, indent=2))
-        print(json.dumps(result, indent=2))
-
-
 if __name__ == "__main__":
-    main()
+    # A preset's summary (training is train.py's, sampling sample.py's, the motion measure tools/evaluate.py's).
+    import argparse
+    p = argparse.ArgumentParser(prog="video.py", description="Print a video preset's summary: its levels and sizes.")
+    p.add_argument("preset", nargs="?", default="MDM-S64T16S256", choices=list(VIDEO_PRESETS))
+    name = p.parse_args().preset
+    with torch.device("meta"):
+        print(summary(build_level(preset(name)), name))

@@ -22,13 +22,14 @@ the default layout, which a CPU's base leaves for channels-last), torch.compile,
 gradient checkpointing of the outer levels, gradient accumulation; and the same sizes in the
 released models' architecture (release), the one release.py converts their weights into.
 
-    python bench.py                                   # the CPU demo's model, batch 32
-    python bench.py --config MDM-S64 --batch 64 --text-channels 2048 --knobs base,compile
-    python bench.py --count-flops --config MDM-S64S256 --text-channels 2048   # FLOPs only
+    python -m tools.bench                             # the CPU demo's model, batch 32
+    python -m tools.bench --config MDM-S64 --batch 64 --text-channels 2048 --knobs base,compile
+    python -m tools.bench --count-flops --config MDM-S64S256 --text-channels 2048   # FLOPs only
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import resource
@@ -40,9 +41,13 @@ from contextlib import nullcontext
 
 import torch
 
-import utils
-from diffusion import MatryoshkaDiffusion, cat_conditions, make_optimizer, training_step
-from nested_unet import GLOBAL_KEYS, PRESETS, RELEASE_ARCHITECTURE, NestedUNet, NestedUNetConfig, preset
+from diffusion import cat_conditions, make_optimizer, training_step
+from helpers import options as opt
+from helpers.devices import autocast as device_autocast
+from helpers.devices import memory_format, prepare, reuse_freed_memory, timed
+from helpers.models import build_diffusion, build_model, load_model_config
+from nested_unet import GLOBAL_KEYS, NestedUNetConfig, sum_params
+from tools import release
 
 # Dense bf16 peak of the GPUs we know, for MFU (FLOP/s), without 2:4 sparsity; others: pass
 # --peak-flops. Matched by substring of the device name, first match first (the PCIe H100
@@ -85,8 +90,8 @@ def flattened(config: NestedUNetConfig) -> NestedUNetConfig:
     # ("cosine"), which changes the diffusion's schedule but not the cost of a step.
     globals_ = {k: getattr(config, k) for k in (*GLOBAL_KEYS, "num_heads")}
     base = config.schedule.split("-shift")[0]
-    return NestedUNetConfig(resolutions=res, resolution_channels=ch, num_res_blocks=blocks,
-                            num_attn_layers_per_block=attn, schedule=base, **globals_)
+    return type(config)(resolutions=res, resolution_channels=ch, num_res_blocks=blocks,
+                        num_attn_layers_per_block=attn, schedule=base, **globals_)
 
 
 def harness(spec: dict, kind: str) -> dict:
@@ -104,30 +109,30 @@ def harness(spec: dict, kind: str) -> dict:
     channels_last, compile, grad_ckpt, accum, sample_steps, release."""
     device = torch.device(spec["device"])
     if device.type == "cpu":
-        utils.reuse_freed_memory()                 # as train.py's set-up does on a CPU
+        reuse_freed_memory()                       # as train.py's set-up does on a CPU
     torch.manual_seed(0)                           # the same weights and batch in every process
     # The "release" knob: the same sizes in the released models' architecture (strided
     # downsampling, a second softmax for the text, GroupNorm feed-forward, one time MLP per
-    # level, ...: nested_unet.RELEASE_ARCHITECTURE), the one that release.py converts into.
-    arch = RELEASE_ARCHITECTURE if spec.get("release") else {}
-    cfg = preset(spec["config"], text_channels=spec.get("text_channels", 0), num_classes=spec.get("num_classes", 0),
-                 **arch)
+    # level, ...), the one that tools/release.py converts into.
+    cfg = dataclasses.replace(load_model_config(spec["config"]), text_channels=spec.get("text_channels", 0),
+                              num_classes=spec.get("num_classes", 0))
+    cfg = release.released(cfg) if spec.get("release") else cfg
     if spec.get("truncate"):
         cfg = cfg.truncated(spec["truncate"])      # the low-resolution stage of progressive training
     if kind == "plain":
         cfg = flattened(cfg)
-    model = NestedUNet(cfg).to(device)
+    model = build_model(cfg)
     if spec.get("grad_ckpt"):
         # As train.py --grad-ckpt: every level but the innermost recomputes its activations in
         # the backward pass; the outer levels' high-resolution activations are the big ones.
         for level in model.levels()[1:]:
             level.gradient_checkpointing = True
     B, accum = spec["batch"], spec.get("accum", 1)
-    cl = utils.memory_format(spec.get("channels_last", "auto"), device)    # train.py's --channels-last
-    model = model.to(memory_format=cl)
+    cl = memory_format(spec.get("channels_last", "auto"), device)       # train.py's --channels-last
+    model = prepare(model, device, spec.get("channels_last", "auto"))
     # `run` is what is timed (compiled or not); `model` stays eager, for FLOPs and parameters.
     run = torch.compile(model) if spec.get("compile") else model
-    diffusion = MatryoshkaDiffusion.for_model(model)
+    diffusion = build_diffusion(model)
     opt = make_optimizer(model, 1e-4)                            # train.py's Adam, the paper's learning rate
     R = model.resolutions[-1]
     # Random pixels: the content of a batch does not change the time of a step.
@@ -138,7 +143,7 @@ def harness(spec: dict, kind: str) -> dict:
         cond = {"label": torch.randint(cfg.num_classes, (B,), device=device)}
     else:
         cond = {}
-    autocast = utils.autocast(device, "bf16") if spec.get("bf16") else nullcontext()   # as train.py autocasts
+    autocast = device_autocast(device, "bf16") if spec.get("bf16") else nullcontext()   # as train.py autocasts
 
     # Gradient accumulation as in train.py: `accum` micro-batches of B / accum.
     micro = [(x[i * B // accum:(i + 1) * B // accum], {k: v[i * B // accum:(i + 1) * B // accum] for k, v in cond.items()},
@@ -183,7 +188,7 @@ def harness(spec: dict, kind: str) -> dict:
     zs = [torch.randn(s, device=device) for s in model.input_shapes(B)]
     # The null condition: no visible token (ours), or for the released models' architecture
     # the encoded empty prompt, here 2 tokens of random features (the cost is the same).
-    if cond and cfg.null_text == "empty_prompt":
+    if cond and model.null_text == "empty_prompt":
         null = {"text": torch.randn(B, 2, cfg.text_channels, device=device)}
         both = cat_conditions(cond, null)
     else:
@@ -204,7 +209,7 @@ def harness(spec: dict, kind: str) -> dict:
         model.eval()
         with autocast:
             diffusion.sample(run, cond, batch_size=B, sampler="ddim", num_inference_steps=spec.get("sample_steps", 20),
-                             guidance_scale=3.0 if cond else 1.0, negative_cond=null if cond and cfg.null_text ==
+                             guidance_scale=3.0 if cond else 1.0, negative_cond=null if cond and model.null_text ==
                              "empty_prompt" else None)
 
     return dict(model=model, train_step=train_step, net_eval=net_eval, sample=sample, count_flops=count_flops)
@@ -228,18 +233,18 @@ def measure(spec: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     h = harness(spec, spec["model"])
-    result = {**spec, "params": utils.sum_params(h["model"])}
+    result = {**spec, "params": sum_params(h["model"])}
     # Warm-up steps are thrown away: the first ones pay for memory allocation, kernel
     # selection and torch.compile's compilation. The median ignores a step slowed by the machine.
-    utils.timed(h["train_step"], spec["warmup"], device)
-    t = statistics.median(utils.timed(h["train_step"], spec["repeats"], device))
+    timed(h["train_step"], spec["warmup"], device)
+    t = statistics.median(timed(h["train_step"], spec["repeats"], device))
     result.update(train_step_s=t, images_per_s=spec["batch"] / t)
     if spec.get("sampling", True):
         # A whole run is sample_steps evaluations, so it is repeated less; the overhead is the
         # fraction of its time spent beyond them (thresholding, the update, Python).
-        utils.timed(h["net_eval"], spec["warmup"], device)
-        t_eval = statistics.median(utils.timed(h["net_eval"], spec["repeats"], device))
-        t_sample = statistics.median(utils.timed(h["sample"], max(1, spec["repeats"] // 3), device))
+        timed(h["net_eval"], spec["warmup"], device)
+        t_eval = statistics.median(timed(h["net_eval"], spec["repeats"], device))
+        t_sample = statistics.median(timed(h["sample"], max(1, spec["repeats"] // 3), device))
         result.update(sample_step_s=t_eval, sampler_overhead=t_sample / (spec["sample_steps"] * t_eval) - 1)
     # ru_maxrss is this process's peak resident memory over its whole life (KiB on Linux): the
     # reason every measurement runs in a process of its own. Both peaks cover the timed steps
@@ -278,13 +283,13 @@ def paired(spec: dict) -> dict:
     # "sample" is one guided network evaluation, the paper's sec/step of inference (Table 2).
     for what, action in (("train", "train_step"), ("sample", "net_eval")):
         for k in runs:
-            utils.timed(runs[k][action], spec["warmup"], device)
+            timed(runs[k][action], spec["warmup"], device)
         r = []
         for rnd in range(spec["repeats"]):
             # The order alternates, so that whatever favours the first (or second) step of a
             # round, such as warm caches or a clock that ramps up, favours both models alike.
             order = ("nested", "plain") if rnd % 2 == 0 else ("plain", "nested")
-            t = {k: utils.timed(runs[k][action], 1, device)[0] for k in order}
+            t = {k: timed(runs[k][action], 1, device)[0] for k in order}
             r.append(t["nested"] / t["plain"])
         ratios[what] = statistics.median(r)
     return ratios
@@ -303,31 +308,27 @@ KNOBS = {"base": {}, "bf16": {"bf16": True}, "fp32": {"bf16": False}, "channels_
 
 def check_args(a):
     """Every flag, checked before the first measurement: one line each."""
-    utils.check_flags("bench.py", a, [
-        ("--batch", utils.at_least(1), "a batch of at least 1"),
-        ("--text-channels", utils.at_least(0), "a width >= 0 (0: no text)"),
-        ("--warmup", utils.at_least(0), "a number of warm-up steps >= 0"),
-        ("--repeats", utils.at_least(1), "at least 1 repeat"),
-        ("--sample-steps", utils.at_least(1), "at least 1 sampling step"),
-        ("--peak-flops", utils.positive, "the chip's peak in FLOP/s, e.g. 989e12"),
+    opt.check_flags("tools/bench.py", a, [
+        ("--batch", opt.at_least(1), "a batch of at least 1"),
+        ("--text-channels", opt.at_least(0), "a width >= 0 (0: no text)"),
+        ("--warmup", opt.at_least(0), "a number of warm-up steps >= 0"),
+        ("--repeats", opt.at_least(1), "at least 1 repeat"),
+        ("--sample-steps", opt.at_least(1), "at least 1 sampling step"),
+        ("--peak-flops", opt.positive, "the chip's peak in FLOP/s, e.g. 989e12"),
     ])
-    utils.check_device("bench.py", a.device if a.device != "meta" else None)
-    if a.config.endswith(".json"):
-        try:
-            preset(a.config)
-        except (OSError, ValueError, TypeError) as e:   # unreadable, not JSON, not a config
-            raise SystemExit(f"bench.py: --config {a.config}: not a NestedUNet config file ({e})")
-    elif a.config not in PRESETS:
-        raise SystemExit(f"bench.py: --config {a.config}: not a preset or a JSON config file; the presets are "
-                         f"{', '.join(PRESETS)}")
+    opt.check_device("tools/bench.py", a.device if a.device != "meta" else None)
+    try:
+        load_model_config(a.config)
+    except ValueError as e:                        # unreadable, not JSON, not a config, not a preset
+        raise SystemExit(f"tools/bench.py: {e}")
     unknown = set((a.knobs or "base").split(",")) - set(KNOBS)
     if unknown:
-        raise SystemExit(f"bench.py: --knobs {a.knobs}: unknown {', '.join(sorted(unknown))}; "
+        raise SystemExit(f"tools/bench.py: --knobs {a.knobs}: unknown {', '.join(sorted(unknown))}; "
                          f"the knobs are {', '.join(KNOBS)}")
 
 
 def main(argv=None):
-    p = utils.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    p = opt.ArgumentParser(prog="tools/bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="CPU-S16S32", help="a preset of nested_unet.py, or a JSON config file "
                    "(e.g. docs/official-shape.json, the shape of the comparison with the official code)")
     p.add_argument("--batch", type=int, default=32)
@@ -356,14 +357,14 @@ def main(argv=None):
     a.knobs = a.knobs or (f"base,{'fp32' if on_gpu else 'bf16'},{'channels_last' if on_gpu else 'nchw'},grad_ckpt,"
                           "accum2,compile,release")
     if "accum2" in a.knobs.split(",") and a.batch % 2:
-        raise SystemExit(f"bench.py: --batch {a.batch}: the accum2 knob splits the batch in two: expected an even batch")
+        raise SystemExit(f"tools/bench.py: --batch {a.batch}: the accum2 knob splits the batch in two: expected an even batch")
     if a.count_flops:
         # FlopCounterMode needs only shapes: on the meta device nothing is computed or stored,
         # so the paper's 450M-parameter models are counted on a laptop.
         for model in ("nested", "plain"):
             h = harness({**base, "device": "meta", "bf16": False}, model)
             per_image = h["count_flops"]() / a.batch
-            print(f"{a.config} {model:<6}  {utils.sum_params(h['model']) / 1e6:7.1f}M params  "
+            print(f"{a.config} {model:<6}  {sum_params(h['model']) / 1e6:7.1f}M params  "
                   f"{per_image / 1e12:.3f} TFLOP per image per training step (forward + backward); "
                   f"40% MFU on an H100 (989 TFLOP/s bf16) = {0.4 * 989e12 / per_image:,.0f} images/s")
         return

@@ -7,8 +7,8 @@ nested resolution of every image updates while the sampler runs (a few frames pe
 most, so that drawing does not slow a CPU down); then the final images, a download link, and
 the sample.py command that draws the same images.
 
-    python demo.py                                    # the newest run in runs/
-    python demo.py --ckpt runs/flickr64 --port 8080   # a converted released model (release.py)
+    python -m tools.demo                                    # the newest run in runs/
+    python -m tools.demo --ckpt runs/flickr64 --port 8080   # a converted released model (tools/release.py)
 
 It listens on 127.0.0.1 only, serves only the page and what it generated (kept in memory,
 the last few generations), runs one generation at a time (a second Generate while one runs
@@ -30,9 +30,13 @@ import uuid
 from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import utils
+import torch
+
 from diffusion import SAMPLERS
-from pipeline import Pipeline, expand
+from helpers import options as opt
+from helpers.devices import autocast, setup_processes
+from helpers.models import Trained
+from helpers.pictures import save_grid, save_matryoshka
 
 LIMITS = dict(prompt_chars=1000, images=16, steps=1000, guidance=100.0, seed=2 ** 31 - 1, body_bytes=16384)
 KEEP = 8                 # generations kept in memory (their images), the oldest dropped first
@@ -47,7 +51,7 @@ class Cancelled(Exception):
 # What the page may ask for, checked
 # ---------------------------------------------------------------------------------------
 
-def settings_from(request: dict, pipe: Pipeline) -> dict:
+def settings_from(request: dict, pipe: Trained) -> dict:
     """The JSON of a Generate -> the settings of one generation, every value checked: a
     ValueError says which field is wrong and what it expects."""
     if not isinstance(request, dict):
@@ -127,7 +131,7 @@ class Job:
 class Demo:
     """The model, the generation running now (at most one) and the last KEEP generations."""
 
-    def __init__(self, pipe: Pipeline, ckpt: str):
+    def __init__(self, pipe: Trained, ckpt: str):
         self.pipe, self.ckpt = pipe, ckpt
         self.lock, self.running, self.jobs = threading.Lock(), None, OrderedDict()
 
@@ -148,9 +152,9 @@ class Demo:
         s, pipe = job.settings, self.pipe
         try:
             # settings_from gave a prompt to a text model only, a label to a class-conditional one
-            cond = pipe.condition(prompts=[s["prompt"]] if "prompt" in s else None,
-                                  labels=[s["label"]] if "label" in s else None)
             n, last = s["num_images"], [0.0]
+            cond = pipe.condition(prompts=[s["prompt"]] if "prompt" in s else None,
+                                  labels=[s["label"]] if "label" in s else None, repeat=n)
             shown = pipe.class_name(s["label"]) if "label" in s else s.get("prompt", "")
             captions = [shown] * n                 # under each column: the prompt, or the class's name
 
@@ -161,18 +165,22 @@ class Demo:
                 now = time.monotonic()
                 if now - last[0] >= FRAME_SECONDS or i == s["num_inference_steps"] - 1:
                     last[0] = now
-                    figure = utils.save_matryoshka([x.float().cpu() for x in x_preds], None, captions=captions)
+                    figure = save_matryoshka([x.float().cpu() for x in x_preds], None, captions=captions)
                     job.send({"type": "progress", "step": i + 1, "steps": s["num_inference_steps"], "t": t,
                               "image": "data:image/png;base64," + base64.b64encode(png(figure)).decode()},
                              drop_if_full=True)
-            levels = pipe.generate(expand(cond, n), n, seed=s["seed"], callback=frame,
-                                   negative_prompt=s.get("negative_prompt"), sampler=s["sampler"],
-                                   num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"])
+            # As sample.py draws (its draw()): the same images for the same settings and seed.
+            settings = pipe.settings(sampler=s["sampler"], num_inference_steps=s["num_inference_steps"],
+                                     guidance_scale=s["guidance_scale"])
+            with autocast(pipe.device):
+                levels = pipe.diffusion.sample(pipe.model, cond, batch_size=n, callback=frame,
+                                               negative_cond=pipe.negative_condition(n, s.get("negative_prompt")),
+                                               generator=torch.Generator(pipe.device).manual_seed(s["seed"]), **settings)
             levels = [x.float().cpu() for x in levels]
             # The grid as sample.py writes it (the same images for the same settings), and
             # every nested resolution.
-            job.images["grid"] = png(utils.save_grid(levels[-1], None, nrow=n))
-            job.images["matryoshka"] = png(utils.save_matryoshka(levels, None, captions=captions))
+            job.images["grid"] = png(save_grid(levels[-1], None, nrow=n))
+            job.images["matryoshka"] = png(save_matryoshka(levels, None, captions=captions))
             job.send({"type": "done", "grid": f"/images/{job.id}/grid.png",
                       "matryoshka": f"/images/{job.id}/matryoshka.png", "command": job.command,
                       "settings": s})
@@ -365,10 +373,10 @@ load();
 def serve(ckpt=None, port: int = 8000, device=None, ready=None):
     """Load the run and serve the page on 127.0.0.1:port (0: a free port). `ready(port)` is
     called once it listens (the tests use it)."""
-    device = utils.setup_processes(device, join=False)[2]
-    pipe = Pipeline(ckpt, device)
+    device = setup_processes(device, join=False)[2]
+    pipe = Trained(ckpt, device)
     if pipe.is_video:
-        raise ValueError(f"{pipe.path} is a video model: the demo draws images (python video.py sample)")
+        raise ValueError(f"{pipe.path} is a video model: the demo draws images (python sample.py draws clips)")
     Handler.demo = Demo(pipe, str(pipe.path.parent))
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
@@ -386,19 +394,19 @@ def serve(ckpt=None, port: int = 8000, device=None, ready=None):
 
 
 def main(argv=None):
-    p = utils.ArgumentParser(prog="demo.py", description=__doc__.strip().split("\n\n")[0])
+    p = opt.ArgumentParser(prog="tools/demo.py", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--ckpt", default=None, help="a run folder or ema.safetensors (default: the newest run in runs/)")
     p.add_argument("--port", type=int, default=8000, help="the port on 127.0.0.1 (0: a free one)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if there is one)")
     a = p.parse_args(argv)
-    utils.check_flags("demo.py", a, [("--port", lambda v: 0 <= v <= 65535, "a port from 0 to 65535")])
-    utils.check_device("demo.py", a.device)
+    opt.check_flags("tools/demo.py", a, [("--port", lambda v: 0 <= v <= 65535, "a port from 0 to 65535")])
+    opt.check_device("tools/demo.py", a.device)
     try:
         serve(a.ckpt, a.port, a.device)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"demo.py: {e}")
+        raise SystemExit(f"tools/demo.py: {e}")
     except OSError as e:                           # the port is taken
-        raise SystemExit(f"demo.py: --port {a.port}: cannot listen there ({e.strerror}); pick another, or 0")
+        raise SystemExit(f"tools/demo.py: --port {a.port}: cannot listen there ({e.strerror}); pick another, or 0")
 
 
 if __name__ == "__main__":

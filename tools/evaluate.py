@@ -1,6 +1,6 @@
 """
-Evaluating Matryoshka Diffusion models (with metrics.py: FD-EffNet, class accuracy, CLIP
-score), and the paper's main comparison at small scale.
+Evaluating Matryoshka Diffusion models (with helpers/measures.py: FD-EffNet, class accuracy,
+CLIP score, the motion of video samples), and the paper's main comparison at small scale.
 
 The comparison (section 4.2, Fig. 4): with equal network size and equal compute, train
   simple DM     the same NestedUNet, only the highest resolution's loss (loss_levels=top)
@@ -8,11 +8,12 @@ The comparison (section 4.2, Fig. 4): with equal network size and equal compute,
   MDM (PT)      progressive: the low resolution first, then the grown model
 and follow FD-EffNet (and class accuracy) along training and wall time:
 
-    python evaluate.py compare          # both: Fashion-MNIST (class-conditional, ImageNet's
+    python -m tools.evaluate compare    # both: Fashion-MNIST (class-conditional, ImageNet's
                                         # stand-in), then emoji (text-conditional, CC12M's)
-    python evaluate.py compare --data fashion-mnist      # one of them
-    python evaluate.py sweep --ckpt runs/<run>           # guidance scale: FD vs accuracy (Fig. 8c)
-    python evaluate.py fd --ckpt runs/<run>              # FD-EffNet of one trained model
+    python -m tools.evaluate compare --data fashion-mnist     # one of them
+    python -m tools.evaluate sweep --ckpt runs/<run>          # guidance scale: FD vs accuracy (Fig. 8c)
+    python -m tools.evaluate fd --ckpt runs/<run>             # FD-EffNet of one trained model
+    python -m tools.evaluate video --ckpt runs/<video run>    # does the motion follow the caption?
 """
 
 from __future__ import annotations
@@ -26,23 +27,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import metrics
-import pipeline
-import utils
+import data
+import video
 from diffusion import SAMPLERS, THRESHOLDING, MatryoshkaDiffusion, make_optimizer, training_step
-from nested_unet import NestedUNet, preset
+from helpers import measures as metrics
+from helpers import options as opt
+from helpers.devices import autocast, prepare, timed
+from helpers.models import Trained
+from helpers.pictures import save_gif
+from nested_unet import PRESETS, NestedUNet, preset
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_run(ckpt: str, device="cpu"):
-    """A trained run (a folder or an ema.safetensors file; None: the newest run in runs/) ->
-    (model in eval mode, its metadata, its diffusion process, its text encoder or None)."""
+def load_run(ckpt: str, device="cpu", video: bool | None = None) -> Trained:
+    """A trained run (a folder or an ema.safetensors file; None: the newest run in runs/)."""
     try:
-        pipe = pipeline.Pipeline(ckpt, device)
+        return Trained(ckpt, device, video=video)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"evaluate.py: {err}")
-    return pipe.model, pipe.meta, pipe.diffusion, pipe.encoder
+        raise SystemExit(f"tools/evaluate.py: {err}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -68,14 +71,14 @@ def step_costs(config_name: str, low: int, batch: int, cond: dict, reps: int = 5
     for truncate in (low, None):                   # the stage-1 model, then the whole NestedUNet
         torch.manual_seed(0)
         cfg = preset(config_name, **cond)
-        model = NestedUNet(cfg.truncated(truncate) if truncate else cfg).to(device)
+        model = prepare(NestedUNet(cfg.truncated(truncate) if truncate else cfg), device)    # as train.py runs it
         diffusion, opt = MatryoshkaDiffusion.for_model(model), make_optimizer(model, 1e-4)
         R = model.resolutions[-1]
         x = torch.rand(batch, 3, R, R, device=device) * 2 - 1    # random pixels: the content costs nothing
         c = {"text": torch.randn(batch, 16, cfg.text_channels, device=device)} if cfg.text_channels else \
             {"label": torch.randint(cfg.num_classes, (batch,), device=device)}
-        times = utils.timed(lambda: training_step(diffusion, model, opt, [(x, c, None, None, None)],
-                                                  autocast=utils.autocast(device)), reps + 3, device)
+        times = timed(lambda: training_step(diffusion, model, opt, [(x, c, None, None, None)],
+                                            autocast=autocast(device)), reps + 3, device)
         out.append(float(np.median(times[3:])))    # the first steps warm up
     return out
 
@@ -109,7 +112,7 @@ def compare(args):
             batch = ",".join([str(args.batch)] * len(res.split(",")))    # the same batch in every stage
             # Evaluations only at the final resolution (PT's curves start after its first stage);
             # checkpoints only at stage ends and the end: writing one counts as training time.
-            cmd = [sys.executable, str(Path(__file__).with_name("train.py")), "--config", args.config,
+            cmd = [sys.executable, str(Path(__file__).parent.parent / "train.py"), "--config", args.config,
                    "--data", args.data, "--res", res, "--steps", steps, "--batch", batch, "--seed", str(seed),
                    "--lr", str(args.lr), "--out", str(out), "--name", name,
                    "--no-samples", "--log-every", "25", "--eval-every", str(args.eval_every),
@@ -180,9 +183,10 @@ def sweep(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    model, meta, diffusion, _ = load_run(args.ckpt, args.device)
+    run = load_run(args.ckpt, args.device)
+    model, meta, diffusion = run.model, run.meta, run.diffusion
     if meta["cond"] != "label":
-        raise SystemExit("evaluate.py sweep: needs a class-conditional model (Fashion-MNIST)")
+        raise SystemExit("tools/evaluate.py sweep: needs a class-conditional model (Fashion-MNIST)")
     # Class accuracy stands in for the paper's CLIP score (does the image show what was asked
     # for?), FD-EffNet for its FID. The classifier stays on the CPU, with the images.
     res = model.resolutions[-1]
@@ -193,7 +197,7 @@ def sweep(args):
     for w in args.scales:
         # The same seed at every scale (generate_set's default): the same starting noise, so
         # the rows differ by the guidance alone.
-        with utils.autocast(args.device):
+        with autocast(args.device):
             imgs, labels = metrics.generate_set(model, diffusion, "label", args.num, meta["class_names"], guidance=w,
                                                 steps=args.steps, sampler=args.sampler)
         rows.append({"guidance_scale": w, "fd_effnet": metrics.fd_effnet(imgs, real, feats),
@@ -215,55 +219,83 @@ def sweep(args):
     fig.savefig(out / "guidance_sweep.png", dpi=110)
 
 
+def video_motion(a):
+    """Clips of a trained video model (the emoji-motion demo), one motion per caption in turn:
+    the fraction whose motion (video.motion_of) is the caption's, per motion and in all, and
+    the same measure read on the data set's real clips (how far it can be trusted)."""
+    run = load_run(a.ckpt, a.device, video=True)
+    if not run.is_video:
+        raise SystemExit(f"tools/evaluate.py video: {run.path} is an image model")
+    ds = data.EmojiMotion(size=run.model.resolutions[-1], frames=run.model.config.frames)
+    rng, M = np.random.default_rng(0), len(data.MOTIONS)
+    captions = [f"{ds.names[rng.integers(len(ds.names))]} {data.MOTIONS[i % M]}" for i in range(a.num)]
+    settings = run.settings(sampler=a.sampler, num_inference_steps=a.steps, guidance_scale=a.guidance_scale)
+    clips = []
+    for i in range(0, a.num, 16):                  # 16 clips at a time, each batch its own seed
+        with autocast(run.device):
+            clips.append(run.diffusion.sample(run.model, run.condition(prompts=captions[i:i + 16]),
+                                              batch_size=len(captions[i:i + 16]), **settings,
+                                              generator=torch.Generator(run.device).manual_seed(i))[-1].float().cpu())
+    right = [video.motion_of(c) == i % M for i, c in enumerate(torch.cat(clips))]
+    real = [video.motion_of(ds[i]["image"]) == i % M for i in range(min(len(ds), 600))]
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_gif(torch.cat(clips)[:12], f"{out}.gif")
+    result = {"clips": a.num, "motion_accuracy": float(np.mean(right)), "chance": 1 / M,
+              "per_motion": {m: float(np.mean(right[k::M])) for k, m in enumerate(data.MOTIONS)},
+              "measure_on_real_clips": float(np.mean(real)), **settings}
+    Path(f"{out}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
 def check_args(a):
     """Every flag of the subcommand, checked before any work: one line each."""
-    utils.check_flags("evaluate.py", a, [
-        ("--steps", utils.at_least(1), "at least 1 step"),
-        ("--batch", utils.at_least(1), "a batch of at least 1"),
-        ("--lr", utils.positive, "a positive learning rate, e.g. 6e-4"),
-        ("--seeds", utils.at_least(0), "seeds >= 0, e.g. 0,1"),
-        ("--eval-every", utils.at_least(1), "a number of steps >= 1"),
-        ("--eval-samples", utils.at_least(2), "at least 2 images (a covariance needs 2)"),
-        ("--num", utils.at_least(2), "at least 2 images (a covariance needs 2)"),
-        ("--scales", utils.finite, "finite guidance scales, e.g. 1,3,5"),
-        ("--guidance-scale", utils.finite, "a finite guidance scale (1: no guidance)"),
+    opt.check_flags("tools/evaluate.py", a, [
+        ("--steps", opt.at_least(1), "at least 1 step"),
+        ("--batch", opt.at_least(1), "a batch of at least 1"),
+        ("--lr", opt.positive, "a positive learning rate, e.g. 6e-4"),
+        ("--seeds", opt.at_least(0), "seeds >= 0, e.g. 0,1"),
+        ("--eval-every", opt.at_least(1), "a number of steps >= 1"),
+        ("--eval-samples", opt.at_least(2), "at least 2 images (a covariance needs 2)"),
+        ("--num", opt.at_least(2), "at least 2 images (a covariance needs 2)"),
+        ("--scales", opt.finite, "finite guidance scales, e.g. 1,3,5"),
+        ("--guidance-scale", opt.finite, "a finite guidance scale (1: no guidance)"),
     ])
-    utils.check_device("evaluate.py", getattr(a, "device", None))
+    opt.check_device("tools/evaluate.py", getattr(a, "device", None))
     if a.cmd == "compare":
-        from nested_unet import PRESETS
         unknown = [d for d in a.data.split(",") if d not in ("fashion-mnist", "emoji")]
         if unknown:
-            raise SystemExit(f"evaluate.py: --data {a.data}: the comparison runs on the built-in sets "
+            raise SystemExit(f"tools/evaluate.py: --data {a.data}: the comparison runs on the built-in sets "
                              f"fashion-mnist and emoji (comma-separated), not {', '.join(unknown)}")
         if a.config not in PRESETS:
-            raise SystemExit(f"evaluate.py: --config {a.config}: not a preset; the presets are {', '.join(PRESETS)}")
+            raise SystemExit(f"tools/evaluate.py: --config {a.config}: not a preset; the presets are {', '.join(PRESETS)}")
         lo_hi = a.res
         if len(lo_hi) != 2 or lo_hi[0] < 1 or lo_hi[1] <= lo_hi[0] or lo_hi[1] % lo_hi[0]:
-            raise SystemExit(f"evaluate.py: --res {','.join(map(str, lo_hi))}: expected two resolutions, the low "
+            raise SystemExit(f"tools/evaluate.py: --res {','.join(map(str, lo_hi))}: expected two resolutions, the low "
                              f"one dividing the high one, e.g. 16,32")
         if a.steps < 2:
-            raise SystemExit(f"evaluate.py: --steps {a.steps}: expected at least 2 (progressive training "
+            raise SystemExit(f"tools/evaluate.py: --steps {a.steps}: expected at least 2 (progressive training "
                              f"splits them over two stages)")
 
 
 def main(argv=None):
-    p = utils.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=utils.ArgumentParser)
+    p = opt.ArgumentParser(prog="tools/evaluate.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=opt.ArgumentParser)
     c = sub.add_parser("compare", help="simple DM vs MDM vs MDM with progressive training")
     c.add_argument("--data", default="fashion-mnist,emoji", help="one data set or several, comma-separated")
     c.add_argument("--config", default="CPU-tiny-S16S32")
-    c.add_argument("--res", type=utils.comma_list(int, "16,32"), default=[16, 32])
+    c.add_argument("--res", type=opt.comma_list(int, "16,32"), default=[16, 32])
     c.add_argument("--steps", type=int, default=800, help="steps of the full model; PT gets the same time")
     c.add_argument("--batch", type=int, default=32)
     c.add_argument("--lr", type=float, default=6e-4)
-    c.add_argument("--seeds", type=utils.comma_list(int, "0,1"), default=[0, 1])
+    c.add_argument("--seeds", type=opt.comma_list(int, "0,1"), default=[0, 1])
     c.add_argument("--eval-every", type=int, default=200)
     c.add_argument("--eval-samples", type=int, default=200)
     c.add_argument("--out", default="runs/compare")
     c.add_argument("--redo", action="store_true", help="train again the runs that exist")
     s = sub.add_parser("sweep", help="guidance scale: FD-EffNet vs class accuracy")
     s.add_argument("--ckpt", required=True)
-    s.add_argument("--scales", type=utils.comma_list(float, "1,3,5"), default=[1, 1.5, 2, 3, 5, 8])
+    s.add_argument("--scales", type=opt.comma_list(float, "1,3,5"), default=[1, 1.5, 2, 3, 5, 8])
     s.add_argument("--num", type=int, default=500)
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
@@ -279,6 +311,14 @@ def main(argv=None):
                    help="of the predicted x while sampling (default: the one the run records)")
     f.add_argument("--clip", default=None, help="a CLIP model (local folder or cache) for the CLIP score")
     f.add_argument("--device", default=DEVICE)
+    v = sub.add_parser("video", help="does the motion of a video model's clips follow the caption?")
+    v.add_argument("--ckpt", default=None, help="a video run (default: the newest)")
+    v.add_argument("--num", type=int, default=48, help="clips, 8 of each motion")
+    v.add_argument("--steps", type=int, default=50)
+    v.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
+    v.add_argument("--guidance-scale", type=float, default=4.0)
+    v.add_argument("--out", default="samples/video-eval")
+    v.add_argument("--device", default=DEVICE)
     a = p.parse_args(argv)
     check_args(a)
     if a.cmd == "compare":
@@ -286,12 +326,15 @@ def main(argv=None):
             compare(argparse.Namespace(**{**vars(a), "data": name}))
     elif a.cmd == "sweep":
         sweep(a)
+    elif a.cmd == "video":
+        video_motion(a)
     else:
         # fd: a set of samples of one model against 1,000 real training images.
-        model, meta, diffusion, encoder = load_run(a.ckpt, a.device)
+        run = load_run(a.ckpt, a.device)
+        model, meta, diffusion, encoder = run.model, run.meta, run.diffusion, run.encoder
         res = model.resolutions[-1]
         caps = metrics.dataset_captions(meta["data"], res, a.num) if meta["cond"] == "text" else None
-        with utils.autocast(a.device):
+        with autocast(a.device):
             imgs, conds = metrics.generate_set(model, diffusion, meta["cond"], a.num, meta.get("class_names"), caps,
                                                encoder, guidance=a.guidance_scale, steps=a.steps, sampler=a.sampler,
                                                thresholding=a.thresholding)

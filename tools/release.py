@@ -1,15 +1,29 @@
 """
-The paper's released models in this project: convert a downloaded checkpoint of the authors'
-code into a run folder that sample.py, evaluate.py and train.py --init-from read.
+The paper's released models: what they are, and converting a downloaded checkpoint of the
+authors' code into a run folder that sample.py, tools/evaluate.py and train.py --init-from read.
 
 Gu et al. released three text-to-image models, trained on about 50M Flickr text-image pairs
-with FLAN-T5 XL as the text encoder: 64x64 (a UNet, the paper's MDM-S64), 256x256 (one
-nested level, MDM-S64S256) and 1024x1024 (two, MDM-S64S256S1024). Their architecture is the
-MDM-flickr presets of nested_unet.py; their diffusion process is the discrete 1000-step
-"squaredcos_cap_v2" schedule of diffusion.py. Download, convert, sample:
+with FLAN-T5 XL as the text encoder: 64x64 (a UNet, the paper's MDM-S64), 256x256 (one nested
+level, MDM-S64S256) and 1024x1024 (two, MDM-S64S256S1024). They compute a few things their own
+way; each difference is one override of nested_unet.py's or diffusion.py's hooks below, so
+their weights load into this project's model, strictly, tensor by tensor:
+
+    1. down-sampling: a stride-2 3x3 conv, not average pooling then a 3x3 conv
+    2. text: its own softmax, added to the pixels' (not one softmax over both), and padding
+       tokens are attended to (their prompts are padded as their code padded them)
+    3. the feed-forward layer after attention normalises with GroupNorm(32) over the map
+    4. every level has its own time MLP; its sinusoid is sin then cos, of the integer step k - 1
+    5. the pooled text's projection into the embedding has no bias
+    6. the 256 px level inside the 1024 px model divides its input by its standard deviation
+    7. guidance's null text is the encoded empty prompt (they never saw a null mask)
+    8. the schedule is discrete: diffusers' "squaredcos_cap_v2" over 1000 steps, shifted per
+       level (their 256 px model divides the SNR by 4, their 1024 px one by 16 and 256)
+    9. prompts are split into T5 pieces as their code split them (mdm_token_ids)
+
+Download, convert, sample:
 
     curl -O https://docs-assets.developer.apple.com/ml-research/models/mdm/flickr64/vis_model.pth
-    python release.py vis_model.pth --out runs/flickr64       # which model it is: from the file
+    python -m tools.release vis_model.pth --out runs/flickr64     # which model it is: from the file
     python sample.py --ckpt runs/flickr64 "a panda playing guitar"
     python train.py --config MDM-flickr256 --res 64,256 --init-from runs/flickr64 ...   # grow it
 
@@ -18,30 +32,192 @@ function to call while it is read. Here the names it holds (its stored arguments
 of the authors' classes) are listed first without unpickling anything, every one but the
 tensors' is bound to an inert stand-in that only records its data, and torch.load reads the
 file with weights_only=True. The stored arguments are then checked against the release, and
-every tensor is mapped to exactly one of ours, by shape too: nothing left over, nothing
+every tensor is mapped to exactly one of ours, shape included: nothing left over, nothing
 missing (the authors' own loader is not strict and skips what does not fit).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import pickletools
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import utils
-from diffusion import DiffusionConfig
-from nested_unet import NestedUNet, parse_schedule, preset, sinusoid
-from pipeline import save_weights
+from diffusion import DiffusionConfig, MatryoshkaDiffusion, parse_schedule
+from helpers.files import load_torch_file, save_weights
+from helpers.options import ArgumentParser
+from nested_unet import (AttentionBlock, NestedUNet, NestedUNetConfig, group_norm, mdm_s64, outer_level, sinusoid,
+                         time_mlp)
 
 URL = "https://docs-assets.developer.apple.com/ml-research/models/mdm/{name}/vis_model.pth"
 
-# What a run folder needs beyond the weights, per release: the preset (the authors' config
-# files cc12m_64x64.yaml, cc12m_256x256.yaml, cc12m_1024x1024.yaml), and the settings of the
-# authors' web demo: guidance 7.5; 50 DDIM steps at 64 px, 100 at 256, 250 with eta 1 at
-# 1024; its default thresholding, DeepFloyd's.
+# ---------------------------------------------------------------------------------------
+# The released models' architecture: a variant of the NestedUNet
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReleasedConfig(NestedUNetConfig):
+    """A NestedUNetConfig of the released models' kind, with their one per-level key."""
+    normalize_input: bool = False         # (6) this level divides its input by its per-sample std
+
+    def to_dict(self) -> dict:
+        return {"architecture": "released", **super().to_dict()}
+
+
+def released(config: NestedUNetConfig, **kw) -> ReleasedConfig:
+    """The same sizes in the released models' architecture and schedule (every level)."""
+    def level(d: dict) -> dict:
+        inner = d["inner_config"] and level(d["inner_config"])
+        return {**d, "inner_config": inner, "schedule": d["schedule"].replace("cosine", ReleasedDiffusion.base_schedule)}
+    return ReleasedConfig(**{**level(dataclasses.asdict(config)), **kw})
+
+
+class StridedDownsample(nn.Module):
+    """(1) A 3x3 conv with stride `factor`."""
+
+    def __init__(self, channels: int, factor: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, stride=factor)
+
+    def forward(self, x, *args):
+        return self.conv(x)
+
+
+class ReleasedAttentionBlock(AttentionBlock):
+    def ffn_norm(self, channels):
+        return group_norm(channels)                       # (3)
+
+    def attend_text(self, q, k, v, k_txt, v_txt, mask):
+        # (2) softmax(q k^T) v + softmax(q k_txt^T) v_txt, every token visible
+        return self.attend(q, k, v) + self.attend(q, k_txt, v_txt)
+
+    def feed_forward(self, x):
+        # (3) GroupNorm over the map, then the MLP at each position
+        return self.ffn[1:](self.ffn[0](x).flatten(2).transpose(1, 2)).transpose(1, 2).unflatten(2, x.shape[2:])
+
+
+class ReleasedNestedUNet(NestedUNet):
+    null_text = "empty_prompt"            # (7)
+
+    def __init__(self, config: ReleasedConfig):
+        super().__init__(config)
+        E = config.emb_channels
+        self.time_mlp = time_mlp(E)                                   # (4) its own time MLP
+        if self.inner is None:
+            del self.cond_embed.time_mlp
+            if config.text_channels:                                  # (5)
+                self.cond_embed.text_pool = nn.Linear(config.lm_feature_projected_channels, E, bias=False)
+
+    def make_attention(self, ch):
+        return ReleasedAttentionBlock(ch, self.config.num_heads, self.cond_ch)
+
+    def make_downsample(self, ch, i):
+        return StridedDownsample(ch, self.config.resolutions[i] // self.config.resolutions[i + 1])
+
+    def time_embedding(self, t, cond):
+        return t, cond                    # (4) each level embeds the time itself: level_embedding
+
+    def level_embedding(self, emb, batch):
+        t, cond = emb
+        mlp = self.time_mlp
+        e = mlp(timestep_embedding(t[:batch], mlp[0].in_features, mlp[0].weight.dtype))
+        return F.silu(e if cond is None else e + cond[:batch])
+
+
+    def fold(self, z, cond):
+        if self.config.normalize_input:   # (6) over C, H, W, unbiased, as the release computes it
+            z = z / z.std(dim=(1, 2, 3), keepdim=True)
+        return z, cond
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, dtype=torch.float32) -> torch.Tensor:
+    """(4) The sinusoid of their integer step k - 1 (t = k / 1000), sin first, then cos."""
+    step = (1000 * t.double()).round() - 1                          # exact
+    return sinusoid(step, dim, dtype).roll(dim // 2, -1)
+
+
+# (8) The discrete schedule: diffusers' "squaredcos_cap_v2" (Nichol & Dhariwal 2021's cosine,
+# offset 0.008, each beta capped at 0.999) over steps k = 1..1000, whose alpha^2 is alpha_bar_k =
+# prod_{j <= k} (1 - beta_j). Step k is the time t = k / 1000, and its log-SNR
+# log(alpha_bar / (1 - alpha_bar)) is shifted per level as diffusion.py shifts the cosine.
+
+def squaredcos_cap_v2(num_steps: int = 1000) -> torch.Tensor:
+    """alpha_bar_k for k = 0..num_steps (alpha_bar_0 = 1), computed in float64 and stored in
+    float32, as the released models' schedule was."""
+    f = [math.cos((k / num_steps + 0.008) / 1.008 * math.pi / 2) ** 2 for k in range(num_steps + 1)]
+    betas = torch.tensor([0.0] + [min(1 - f[k + 1] / f[k], 0.999) for k in range(num_steps)], dtype=torch.float64)
+    return torch.exp(torch.cumsum(torch.log1p(-betas), 0)).float()
+
+
+ALPHA_BAR = squaredcos_cap_v2()
+
+
+def discrete_logsnr(t: torch.Tensor, shift: float, power: float = 2.0) -> torch.Tensor:
+    """The log-SNR of step k = round(1000 t) of squaredcos_cap_v2, shifted: +inf at t = 0.
+    The shift divides the SNR in float32, as the released models' tables were computed: the
+    noise levels they were trained at, to the last bit."""
+    abar = ALPHA_BAR.to(t.device)[(1000 * t.double()).round().long().clamp(0, 1000)]
+    if shift != 1:
+        abar = 1 / (1 + 1 / (abar / (1 - abar) / shift ** power))
+    abar = abar.double()
+    return torch.log(abar) - torch.log1p(-abar)
+
+
+class ReleasedDiffusion(MatryoshkaDiffusion):
+    base_schedule = "squaredcos_cap_v2"
+
+    def logsnr(self, t, level):
+        return discrete_logsnr(t, self.shifts[level], self.config.shift_power)
+
+    def training_times(self, u):
+        return (u * 1000).ceil().clamp(1, 1000) / 1000          # a step k uniform in 1..1000
+
+    def time_grid(self, num_inference_steps, sampler="ddpm"):
+        """Their grid: steps round(i * 1001 / (N + 1)), i = N..0 (50 steps: 981, 962, ..., 20, 0)."""
+        if sampler == "dpm++2m":
+            return self.logsnr_grid(num_inference_steps)
+        N = num_inference_steps
+        steps = np.round(np.arange(N + 1) * (1001 / (N + 1)))[::-1].copy()     # numpy's round: half to even
+        return torch.from_numpy(steps) / 1000
+
+    def logsnr_grid(self, N):
+        """The steps nearest to a grid even in log-SNR (repeats removed), then 0."""
+        k = torch.arange(1, 1001, dtype=torch.float64)
+        lam = self.logsnr(k / 1000, 0)                                 # decreasing in k
+        targets = torch.linspace(float(lam[-1]), float(lam[0]), N + 1, dtype=torch.float64)
+        steps = k[torch.searchsorted(-lam, -targets).clamp(max=999)].unique().flip(0)
+        return torch.cat([steps / 1000, torch.zeros(1, dtype=torch.float64)])
+
+
+# The three releases: the authors' configs cc12m_64x64.yaml, cc12m_256x256.yaml and
+# cc12m_1024x1024.yaml (their 256 px model shifts by "power" 1, in our power-2 names "shift2"),
+# and the settings of the authors' web demo: guidance 7.5; 50 DDIM steps at 64 px, 100 at 256,
+# 250 with eta 1 at 1024; its thresholding, DeepFloyd's.
+KEYS = dict(emb_channels=1024, num_lm_attn_layers=0, lm_feature_projected_channels=2048, text_channels=2048)
+
+
+def release64(**kw) -> ReleasedConfig:
+    return released(mdm_s64(schedule="squaredcos_cap_v2"), **kw)
+
+
+PRESETS = {
+    "MDM-flickr64": lambda **kw: release64(**{**KEYS, **kw}),
+    "MDM-flickr256": lambda **kw: outer_level(release64(), [256, 128, 64], [64, 128, 256], [2, 2, 1],
+                                              "squaredcos_cap_v2-shift2", **{**KEYS, **kw}),
+    "MDM-flickr1024": lambda **kw: outer_level(
+        outer_level(release64(), [256, 128, 64], [64, 128, 256], [2, 2, 1], "squaredcos_cap_v2-shift4",
+                    normalize_input=True),
+        [1024, 512, 256], [32, 32, 64], [2, 2, 1], "squaredcos_cap_v2-shift16", **{**KEYS, **kw}),
+}
 RELEASES = {
     "flickr64": dict(preset="MDM-flickr64",
                      sampling=dict(sampler="ddim", num_inference_steps=50, eta=0.0, guidance_scale=7.5)),
@@ -50,6 +226,13 @@ RELEASES = {
     "flickr1024": dict(preset="MDM-flickr1024",
                        sampling=dict(sampler="ddim", num_inference_steps=250, eta=1.0, guidance_scale=7.5)),
 }
+
+
+def preset(name: str, **overrides) -> ReleasedConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; the released models are: {', '.join(PRESETS)}")
+    return PRESETS[name](**overrides)
+
 
 # ---------------------------------------------------------------------------------------
 # Reading the checkpoint without running code from it
@@ -107,20 +290,19 @@ def plain(obj):
 
 def read_checkpoint(path) -> tuple[dict, dict | None]:
     """-> (the state dict, the stored arguments as plain data or None). Raises ValueError
-    with what is wrong."""
-    path = Path(path)
+    saying what is wrong (the caller names the file)."""
     try:
         with zipfile.ZipFile(path) as zf:
             pkl = next(n for n in zf.namelist() if n.endswith("data.pkl"))
             names = pickle_globals(zf.read(pkl))
     except (zipfile.BadZipFile, StopIteration, OSError) as e:
-        raise ValueError(f"{path}: not a checkpoint of the released models (a torch zip file with a "
-                         f"data.pkl): {type(e).__name__} {e}") from None
+        raise ValueError(f"not a checkpoint of the released models (a torch zip file with a data.pkl): "
+                         f"{type(e).__name__} {e}") from None
     stand_ins = [(type(n, (Stored,), {"fqn": n}), n) for n in sorted(names) if not n.startswith(NATIVE)]
     with torch.serialization.safe_globals(stand_ins):
-        ckpt = utils.load_torch_file(path, "checkpoint of the released models")
+        ckpt = load_torch_file(path, "checkpoint of the released models")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: holds no 'state_dict' (its keys: {list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__}); "
+        raise ValueError(f"holds no 'state_dict' (its keys: {list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__}); "
                          f"expected the vis_model.pth of a released model")
     args = plain(ckpt.get("args"))
     return dict(ckpt["state_dict"]), args if isinstance(args, dict) else None
@@ -185,15 +367,16 @@ def official_names(model: NestedUNet) -> dict[str, str]:
     return {ours: out[ours] for ours in model.state_dict()}   # raises KeyError for a tensor not named
 
 
-def convert(state: dict, config, micro_scales: list[float] | None = None) -> dict:
-    """The released model's state dict -> ours for `config` (an MDM-flickr preset, or a smaller
+def convert(state: dict, config: ReleasedConfig, micro_scales: list[float] | None = None) -> dict:
+    """The released model's state dict -> ours for `config` (a release preset, or a smaller
     model of the same kind). Strict: every tensor of theirs is used once, every one of ours is
-    given, with the same number of values. Raises ValueError listing what does not fit.
+    given, with our shape (their 1x1 convolutions are our Linear layers: (out, in, 1, 1) for
+    (out, in)). Raises ValueError listing what does not fit.
 
     Their micro-conditioning ("scale:64", one MLP per level on the image's scale, lowest level
     first in `micro_scales`; default: each level's resolution) is constant when sampling:
     its output is folded into the bias of the level's time MLP, to which it was added."""
-    model = NestedUNet(config)
+    model = ReleasedNestedUNet(config)
     names = official_names(model)
     levels, theirs = model.levels(), dict(state)
     prefixes = ["inner_unet." * (len(levels) - 1 - i) for i in range(len(levels))]   # lowest level first
@@ -205,27 +388,27 @@ def convert(state: dict, config, micro_scales: list[float] | None = None) -> dic
             raise ValueError(f"no micro-conditioning MLP '{prefix}cond_layers.scale' in the file: "
                              f"not a released model of this kind")
         w0, b0, w1, b1 = (m.double() for m in mlp)
-        # Their value: the default scale itself (64.0, 256.0, 1024.0), in their sinusoid.
-        feats = sinusoid(torch.tensor([float(scale)]), w0.shape[1], "sin,cos", torch.float64)
-        folded[prefix] = (torch.nn.functional.silu(feats @ w0.T + b0) @ w1.T + b1)[0]
+        # Their value: the default scale itself (64.0, 256.0, 1024.0), in their sinusoid (sin, cos).
+        feats = sinusoid(torch.tensor([float(scale)]), w0.shape[1], torch.float64).roll(w0.shape[1] // 2, -1)
+        folded[prefix] = (F.silu(feats @ w0.T + b0) @ w1.T + b1)[0]
     ours, wrong = {}, []
     own = model.state_dict()
     for key, their_key in names.items():
         if their_key not in theirs:
             wrong.append(f"{their_key} is missing")
             continue
-        value = theirs.pop(their_key)
-        if value.numel() != own[key].numel():
-            wrong.append(f"{their_key} has shape {tuple(value.shape)}, ours {tuple(own[key].shape)}")
+        value, shape = theirs.pop(their_key), tuple(own[key].shape)
+        if tuple(value.shape) not in (shape, shape + (1, 1)):
+            wrong.append(f"{their_key} has shape {tuple(value.shape)}, ours {shape}")
             continue
-        value = value.reshape(own[key].shape)    # their 1x1 convs are our Linear layers
+        value = value.reshape(shape)
         prefix = next(p for p in sorted(prefixes, key=len, reverse=True) if their_key.startswith(p))
         if their_key == f"{prefix}temb_layer2.bias":
             value = (value.double() + folded[prefix]).to(value.dtype)
         ours[key] = value.float()
     wrong += [f"{k} has no place in this model" for k in theirs]
     if wrong:
-        raise ValueError(f"the checkpoint does not fit {len(levels)}-level model: {len(wrong)} problem(s), "
+        raise ValueError(f"the checkpoint does not fit the {len(levels)}-level model: {len(wrong)} problem(s), "
                          f"e.g. {'; '.join(wrong[:4])}")
     return ours
 
@@ -273,7 +456,7 @@ def check_arguments(args: dict | None, config):
         base = levels[-1].resolutions[0]
         for lvl in levels[:-1]:
             want = (lvl.resolutions[0] / base) ** (power / 2)
-            if abs(parse_schedule(lvl.schedule) - want) > 1e-6:
+            if abs(parse_schedule(lvl.schedule, ReleasedDiffusion.base_schedule) - want) > 1e-6:
                 raise ValueError(f"its stored arguments shift the {lvl.resolutions[0]} px level's SNR by "
                                  f"{(lvl.resolutions[0] / base) ** power:g} (schedule_shifted_power={power}); "
                                  f"the model it is converted into has {lvl.schedule}")
@@ -296,7 +479,7 @@ def micro_scales(args: dict | None, levels: int) -> list[float] | None:
 
 
 # ---------------------------------------------------------------------------------------
-# Their tokenisation of prompts (data.TextEncoder(tokenization="ml-mdm") uses it)
+# (9) Their tokenisation of prompts (data.TextEncoder(split=mdm_splitter) uses it)
 # ---------------------------------------------------------------------------------------
 
 def unigram_pieces(tokenizer) -> dict[str, tuple[int, float]]:
@@ -352,11 +535,17 @@ def mdm_token_ids(text: str, pieces: dict, max_length: int = 128, max_chars: int
     return (ids[::-1] + [1])[:max_length]
 
 
+def mdm_splitter(tokenizer, max_length: int = 128):
+    """A T5 tokenizer's caption -> token ids, as the released models' code split them."""
+    pieces = unigram_pieces(tokenizer)
+    return lambda caption: mdm_token_ids(caption, pieces, max_length)
+
+
 # ---------------------------------------------------------------------------------------
 # Writing the run folder
 # ---------------------------------------------------------------------------------------
 
-def run_metadata(name: str, config, text_encoder: str = "google/flan-t5-xl") -> dict:
+def run_metadata(name: str, config: ReleasedConfig, text_encoder: str = "google/flan-t5-xl") -> dict:
     """What sample.py reads: the model and diffusion configs, the text encoder and its
     tokenisation, and the demo's sampling settings."""
     return {"model_config": config.to_dict(),
@@ -384,8 +573,8 @@ def convert_file(path, out, name: str | None = None, config=None, text_encoder: 
 
 
 def main(argv=None):
-    p = utils.ArgumentParser(prog="release.py", description=__doc__.strip().split("\n\n")[0],
-                             epilog="download: " + URL.format(name="flickr64 | flickr256 | flickr1024"))
+    p = ArgumentParser(prog="tools/release.py", description=__doc__.strip().split("\n\n")[0],
+                       epilog="download: " + URL.format(name="flickr64 | flickr256 | flickr1024"))
     p.add_argument("checkpoint", help="a downloaded vis_model.pth")
     p.add_argument("--out", required=True, help="the run folder to write (sample.py --ckpt reads it)")
     p.add_argument("--release", choices=list(RELEASES), default=None,
@@ -394,7 +583,7 @@ def main(argv=None):
     try:
         out = convert_file(a.checkpoint, a.out, a.release)
     except ValueError as e:
-        raise SystemExit(f"release.py: {a.checkpoint}: {e}")
+        raise SystemExit(f"tools/release.py: {a.checkpoint}: {e}")
     print(f"wrote {out}/ema.safetensors; sample with: python sample.py --ckpt {out} \"a panda playing guitar\"")
 
 

@@ -1,13 +1,15 @@
 """
-Faster ways to compute three of the NestedUNet's layers, the same values (the tests check it,
-gradients included), chosen per device: attention, a Linear layer applied at every position of
-a map, and the group norm. nested_unet.py (and video.py's temporal attention) calls them;
-none of this is Matryoshka Diffusion.
+Faster ways for a CPU to compute the NestedUNet's layers, swapped into a model by one call,
+`use_fast_layers(model)` (helpers.devices.prepare makes it on a CPU): the same parameters, the
+same state dict, the same values (the tests check them, gradients included, against the plain
+layers). On a GPU the plain layers are what to keep: PyTorch's flash attention, nn.Linear,
+F.group_norm. The CPU's differ where oneDNN's convolutions beat its matmuls and where PyTorch's
+kernels carry fixed costs that dominate at small sizes (docs/results.md has the figures):
 
-On a GPU each is PyTorch's own (scaled_dot_product_attention with its flash and
-memory-efficient kernels, nn.Linear, F.group_norm): that is what to keep there. The other
-paths are for a CPU, where oneDNN's convolutions are faster than its matmuls and PyTorch's
-flash and group-norm kernels carry fixed costs that dominate at small sizes.
+    attention        on small maps, a plain matmul and softmax instead of the CPU flash kernel
+    Linear           at every position of a channels-last map, as a 1x1 convolution
+    group norm       of channels-last maps, by sums over positions, with its own backward; in a
+                     res block the time embedding's scale and shift fold into it
 """
 
 from __future__ import annotations
@@ -18,6 +20,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nested_unet import Attention, AttentionBlock, ResBlock
+
+
+def use_fast_layers(model: nn.Module) -> nn.Module:
+    """Swap the CPU's ways in, in place. A layer keeps its parameters and only changes how it
+    computes; each checks at run time that its input is what it is faster for (a CPU, float32,
+    channels-last), and computes as the plain layer does otherwise."""
+    channels_last = any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+                        and not p.is_contiguous() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.attend = attention                   # an instance attribute: this layer's attend
+        if isinstance(m, nn.GroupNorm):
+            m.__class__ = GroupNorm
+        if isinstance(m, ResBlock):
+            m.__class__ = FoldedResBlock
+        if isinstance(m, AttentionBlock) and channels_last:
+            for linear in (m.qkv, m.proj_out, m.ffn[1], m.ffn[3]):
+                linear.__class__ = PointwiseLinear
+    return model
+
 
 # ---------------------------------------------------------------------------------------
 # Attention
@@ -27,19 +50,9 @@ SMALL_ATTENTION = 8192      # query-key pairs up to which a CPU attends with a p
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) queries and (B, heads, M, d) keys and
-    values; `mask` (broadcast to (B, heads, N, M), True = may attend) hides keys.
-
-    This is F.scaled_dot_product_attention, whose flash and memory-efficient kernels are the
-    fastest on a GPU and, at 16x16 positions and more, on a CPU too. One case is written out:
-    a CPU at small maps (N * M <= SMALL_ATTENTION: up to 8x8 positions and 64 keys more), where
-    the CPU flash kernel's fixed cost dominates and a plain matmul and softmax (the mask added
-    as a 0 / -inf bias), with autograd's backward through them, are faster. Forward and backward,
-    batch 32, 8 heads, on the 2-core CI machine (torch 2.13.0): 0.67 against 1.73 ms at 4x4
-    positions and 32 keys, 4.5 against 7.1 ms at 8x8 and 80 keys; at 16x16 and 272 keys the
-    kernel wins, 69 against 129 ms. Sampling alone (batch 64, no gradients): 0.8 against 2.1 ms
-    at 4x4, 5.9 against 8.1 ms at 8x8 (masked). Both give the same values to float rounding
-    (the tests check it, gradients included)."""
+    """softmax(q k^T / sqrt(d)) v, as F.scaled_dot_product_attention computes it, written out
+    (the mask as a 0 / -inf bias) on a CPU's small maps (N * M <= SMALL_ATTENTION: up to 8x8
+    positions and 64 keys more), where the CPU flash kernel's fixed cost dominates."""
     if q.device.type == "cpu" and q.shape[-2] * k.shape[-2] <= SMALL_ATTENTION:
         weights = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
         if mask is not None:
@@ -49,67 +62,53 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 # ---------------------------------------------------------------------------------------
-# A Linear layer at every position of a map
+# A Linear layer at every position of a channels-last map
 # ---------------------------------------------------------------------------------------
 
-def as_tokens(m: torch.Tensor) -> torch.Tensor:
-    """A map (B, C, H, W) as its positions' tokens (B, HW, C): a view (of a channels-last map, a
-    contiguous one)."""
-    return m.flatten(2).transpose(1, 2)
+class PointwiseLinear(nn.Linear):
+    """nn.Linear on the tokens (B, N, C) of a channels-last map (whose memory they are, in
+    that order) as a 1x1 convolution with the Linear's weights: oneDNN runs it faster than the
+    matmul. Other inputs: nn.Linear."""
 
-
-def as_map(tokens: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """Tokens (B, HW, C) as the map (B, C, H, W) they came from: a view."""
-    return tokens.transpose(1, 2).unflatten(2, (H, W))
-
-
-def pointwise(layer: nn.Linear, m: torch.Tensor, conv: bool) -> torch.Tensor:
-    """A Linear layer applied at every position of a map (B, C, H, W): as a 1x1 convolution
-    with the Linear's weights (conv=True: for channels-last models, on a CPU, where oneDNN runs
-    it faster than the matmul: an attention block's forward and backward take 16-27% less at
-    the CPU demo's sizes, on the 2-core CI machine), or as the Linear on the map's tokens
-    (the default layout, GPUs)."""
-    if conv:
-        return F.conv2d(m, layer.weight[:, :, None, None], layer.bias)
-    return as_map(layer(as_tokens(m)), *m.shape[-2:])
+    def forward(self, x):
+        if x.dim() != 3 or not x.is_contiguous() or x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        maps = x.transpose(1, 2).unsqueeze(-2)                               # (B, C, 1, N), channels-last
+        return F.conv2d(maps, self.weight[:, :, None, None], self.bias).squeeze(-2).transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------
-# A group norm for channels-last maps on a CPU
+# The group norm of channels-last maps
 # ---------------------------------------------------------------------------------------
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (the same parameters and state dict), run by group_norm below: on a CPU's
-    channels-last maps it is computed faster than by PyTorch's kernel. forward(x, scale, shift)
-    also applies a per-sample scale and shift after the norm (a ResBlock's time embedding)."""
+    """nn.GroupNorm, computed by group_norm below."""
 
-    def forward(self, x, scale=None, shift=None):
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift)
+    def forward(self, x):
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class FoldedResBlock(ResBlock):
+    """ResBlock, whose second norm takes the time embedding's scale and shift in one pass."""
+
+    def forward(self, x, emb, tokens=None, mask=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+        n = self.norm2
+        h = F.silu(group_norm(h, n.num_groups, n.weight, n.bias, n.eps, scale, shift))
+        return self.skip(x) + self.conv2(self.dropout(h))
 
 
 def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float, scale=None, shift=None) -> torch.Tensor:
     """F.group_norm(x, groups, weight, bias, eps), times (1 + scale) plus shift if they are
-    given ((B, C, 1, 1) each), computed another way for float32 channels-last CPU maps larger
-    than 4x4 (the CPU's layout: utils.memory_format).
-
-    PyTorch's CPU kernel is slow on channels-last maps of fewer than 1024 positions (it
-    parallelises over groups there), and its backward on them is slow at every size;
-    ChannelsLastGroupNorm, made of sums over positions and fused multiply-adds on the map's
-    (B, HW, C) view, took 41-44 ms per training step of the official-comparison shape where
-    the kernel took 78-93 ms (forward and backward of its 54 norms at their 16 shapes, two
-    runs; forward alone 14 against 21-32 ms; 2-core CI machine, 2026-12-02), and is as exact
-    (1e-7 against float64).
-    At 4x4 its fixed cost of a dozen small operations loses to the kernel, which stays there,
-    under autocast and everywhere else.
+    given ((B, C, 1, 1) each), computed by ChannelsLastGroupNorm for float32 channels-last CPU
+    maps larger than 4x4 (at 4x4 its fixed cost of a dozen small operations loses to PyTorch's
+    kernel, which stays there, under autocast and everywhere else).
 
     The scale and shift fold into the norm's own weight and bias, which become per sample:
     (x_hat w + b) (1 + s) + t = x_hat w' + b' with w' = w (1 + s), b' = b (1 + s) + t, so the
     map is written once instead of three times (norm, product, sum), and read once less in the
-    backward pass (autograd takes the gradients of s and t through w' and b', which are small).
-    This fold and ChannelsLastGroupNorm's native forward at 32x32 together, against neither,
-    A/B in one process (21 rounds, 2-core CI machine, 2026-12-03): the official-comparison
-    shape's training step 0.98x the time and its sampling forward 0.98x (release architecture 0.99x
-    and 0.96x; the demo's model, 25 and 15 rounds, 1.00x and 0.97x)."""
+    backward pass (autograd takes the gradients of s and t through w' and b', which are small)."""
     if (x.device.type == "cpu" and x.dim() == 4 and x.shape[2] * x.shape[3] > 16 and x.dtype == torch.float32
             and weight is not None and not torch.is_autocast_enabled("cpu")
             and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
@@ -132,12 +131,10 @@ class ChannelsLastGroupNorm(torch.autograd.Function):
     total variance; then y = x * scale + shift with per-(sample, channel) scale and shift.
 
     From 1024 positions on (32x32 maps), the forward is PyTorch's kernel's (torch.native_group_norm,
-    which returns the same mean and rstd for the backward below): there its statistics are
-    one contiguous pass over the map, 2-3x faster than these sums (microbenchmark, maps of 32
-    to 96 channels at batch 32 and 64; below 1024 positions it parallelises over groups and
-    is 5-7x slower than these). Its variance is one-pass (mean of squares minus squared mean):
-    errors of a few 1e-5 for a map whose mean is 2.5 standard deviations from zero, where the
-    two-pass variance gives 1e-6.
+    which returns the same mean and rstd for the backward below): there its statistics are one
+    contiguous pass over the map, faster than these sums (below, it parallelises over groups and
+    is slower). Its variance is one-pass (mean of squares minus squared mean): errors of a few
+    1e-5 for a map whose mean is 2.5 standard deviations from zero (1e-6 with the two-pass).
 
     Backward, with x_hat = (x - mean) * rstd and sums over a group's values: dx = rstd * (w dy
     - mean(w dy) - x_hat * mean(w dy x_hat)), dw = sum over samples and positions of dy x_hat,

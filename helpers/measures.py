@@ -1,6 +1,6 @@
 """
-Measuring Matryoshka Diffusion models with what can be had offline (train.py --eval-every,
-evaluate.py and video.py use it).
+Measuring Matryoshka Diffusion models with what can be had offline (train.py --eval-every and
+tools/evaluate.py use it).
 
 The paper measures FID (Heusel et al., 2017) in Inception features and the CLIP score
 (Radford et al., 2021; section 4.1). Neither network's weights can be had offline here, so:
@@ -26,8 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-import pipeline
-import utils
+from helpers.files import load_torch_file
 
 # ---------------------------------------------------------------------------------------
 # The Frechet distance, in float64
@@ -90,7 +89,7 @@ class EffNetFeatures:
     def __call__(self, images: torch.Tensor, batch: int = 100) -> torch.Tensor:
         out = []
         for i in range(0, len(images), batch):     # batches: images grow to 224x224 inside
-            # Clamped like a saved PNG (utils.to_uint8): samples drawn without dynamic thresholding
+            # Clamped like a saved PNG (pictures.to_uint8): samples drawn without dynamic thresholding
             # may stray outside [-1, 1], and the metric should see the image a person sees.
             x = images[i:i + batch].to(self.device).float().clamp(-1, 1)
             if x.shape[1] == 1:
@@ -154,7 +153,7 @@ def train_classifier(dataset_name: str, res: int, epochs: int = 5, seed: int = 0
     """A classifier of the real training set at res x res, cached: (model, test accuracy)."""
     path = data.CACHE / f"classifier-grey-{dataset_name}-{res}-{epochs}.pt"
     if path.exists():
-        ck = utils.load_torch_file(path, "classifier cache")    # tensors and numbers only
+        ck = load_torch_file(path, "classifier cache")          # tensors and numbers only
         model = SmallCNN(ck["num_classes"])
         model.load_state_dict(ck["model"])
         return model.eval(), ck["test_accuracy"]
@@ -274,9 +273,8 @@ def generate_set(model, diffusion, kind, n, class_names=None, captions=None, enc
         else:
             cond = {}
         # [-1]: the highest resolution only, (b, 3, R, R), in [-1, 1] (dynamic thresholding).
-        images.append(pipeline.generate(model, diffusion, cond, b, sampler=sampler, num_inference_steps=steps,
-                                        guidance_scale=guidance, thresholding=thresholding,
-                                        generator=g)[-1].float().cpu())
+        images.append(diffusion.sample(model, cond, batch_size=b, sampler=sampler, num_inference_steps=steps,
+                                       guidance_scale=guidance, thresholding=thresholding, generator=g)[-1].float().cpu())
     # (n, 3, R, R) on the CPU, and labels (n,), or n captions, or [] for an unconditional model
     return torch.cat(images), (torch.cat(conds) if kind == "label" else conds)
 

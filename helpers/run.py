@@ -1,0 +1,518 @@
+"""
+A training run's bookkeeping, kept out of the training story (train.py), in one object, Run:
+its options checked (each mistake said in one line before any work), its folder opened (new,
+or resumed with what a resume may change), the log of its losses and speed, its checkpoints,
+the sample grids and evaluations made along the way, a polite stop, and what to do at the end.
+
+A run folder holds options.json, log.jsonl (a row every --log-every steps), loss.png,
+samples/, checkpoint.pt (the whole state, written atomically), checkpoints/ (the last few and
+every stage's last) and ema.safetensors (the EMA weights with what sample.py needs).
+
+`st` below is train.py's Stage (a stage's model, EMA, optimizer, schedule, diffusion process
+and batches) and `o` its TrainOptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from diffusion import THRESHOLDING
+from helpers import measures, options
+from helpers.devices import autocast, mean_over_ranks, process_env
+from helpers.files import atomic_save, find_weights, keep_history, load_torch_file, save_weights
+from helpers.models import load_model_config
+from helpers.pictures import plot_log, save_gif, save_levels_figure, save_matryoshka
+from nested_unet import summary
+
+# ---------------------------------------------------------------------------------------
+# The stages (--res 64,256; video: 64,16x64), and the checks of the options
+# ---------------------------------------------------------------------------------------
+
+
+def parse_sizes(s: str) -> list[tuple[int, int]]:
+    """--res "64,256" -> [(1, 64), (1, 256)]; video stages "64,16x64,16x256" -> frames x size."""
+    try:
+        return [tuple(int(u) for u in v.split("x")) if "x" in v else (1, int(v)) for v in s.split(",")]
+    except ValueError:
+        raise SystemExit(f"train.py: --res {s}: expected sizes like 64,256 (or 64,16x64 for video: frames x size)")
+
+
+def fmt(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def fmt_size(size) -> str:
+    frames, res = size
+    return f"{frames}x{res}" if frames > 1 else str(res)
+
+
+def sample_prompts(o) -> list[str] | None:
+    """--sample-prompts: a file of prompts, one per line, or prompts separated by |."""
+    if o.sample_prompts is None:
+        return None
+    path = Path(o.sample_prompts)
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else o.sample_prompts.replace("|", "\n")
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def check_args(o, world_size: int, cfg):
+    """Every mistake we can see before training starts, each said in one line that names the
+    flag, its value and what is expected."""
+    def fail(msg):
+        raise SystemExit(f"train.py: {msg}")
+
+    options.check_options("train.py", o)
+    options.check_device("train.py", o.device)
+    if o.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            fail("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if o.sample_prompts is not None and not sample_prompts(o):
+        fail(f"--sample-prompts {o.sample_prompts}: expected prompts separated by |, or a file of them")
+    if o.name is not None and (not o.name.strip() or "/" in o.name or o.name in (".", "..")):
+        fail(f"--name {o.name!r}: expected a folder name (no '/'), e.g. --name my-run")
+    if o.loss_weights is not None and not any(o.loss_weights):
+        fail(f"--loss-weights {fmt(o.loss_weights)}: at least one weight must be > 0")
+    sizes = parse_sizes(o.res)
+    if not (len(sizes) == len(o.steps) == len(o.batch)):
+        fail(f"--res {o.res}, --steps {fmt(o.steps)} and --batch {fmt(o.batch)} must have "
+             f"one entry per stage each (got {len(sizes)}, {len(o.steps)} and {len(o.batch)})")
+    for lo, hi in zip(sizes, sizes[1:]):
+        if hi == lo or any(h < l or h % l for h, l in zip(hi, lo)):
+            fail(f"--res {o.res}: each resolution must be an integer multiple of the previous one, "
+                 f"and larger ({fmt_size(hi)} / {fmt_size(lo)} is not)")
+    levels = cfg.level_sizes()
+    names = fmt(fmt_size(s) for s in levels)
+    if len(sizes) > len(levels):
+        fail(f"--res {o.res} has {len(sizes)} stages, but {o.config} has only {len(levels)} levels ({names})")
+    for s in sizes:
+        if s not in levels:
+            fail(f"--res {o.res}: {o.config} has no level of size {fmt_size(s)}; its levels are {names}")
+    for b in o.batch:
+        if b % (world_size * o.accum):
+            fail(f"--batch {fmt(o.batch)}: each batch must be divisible by the number of processes "
+                 f"({world_size}) times --accum ({o.accum})")
+    if o.loss_weights is not None and len(o.loss_weights) != len(levels):
+        fail(f"--loss-weights {fmt(o.loss_weights)}: expected one weight per level of the model, "
+             f"lowest first ({len(levels)}: {names})")
+    if o.channels_last in (True, "on") and cfg.frames > 1:
+        fail("--channels-last on is for images (4-D tensors); a video model's inputs are 5-D")
+    if o.eval_every and (o.streaming or cfg.frames > 1):
+        fail("--eval-every measures images against a local data set's real images; for a streamed "
+             "data set or a video model, evaluate the saved model afterwards (python -m tools.evaluate)")
+
+
+# What a resumed run may change: how long its stages are (and more stages of the same
+# config), the learning rate, logging, checkpoints, sample grids and thresholding,
+# evaluations, where and how fast it runs. Everything else (the config, the data, the
+# objective) is the run's.
+MAY_CHANGE = {"steps", "res", "batch", "lr", "warmup", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
+              "sample_steps", "sample_guidance", "sample_prompts", "thresholding", "no_samples", "eval_every",
+              "eval_samples", "eval_real", "eval_steps", "tensorboard", "precision", "compile", "grad_ckpt"}
+WHERE = {"resume", "out", "name"}                  # which run, not how it trains
+HERE = ("device", "workers", "stop_after")         # this machine and this invocation's: never the saved ones
+
+
+def check_extension(before, after, ckpt):
+    """Stages may be added (--res, --steps, --batch one entry longer each) and lengthened, but
+    not changed where the run has been: a finished stage keeps its steps and batch, the
+    current one its batch and at least the steps it has taken."""
+    def fail(msg):
+        raise SystemExit(f"train.py: --resume: {msg}")
+    old, new = parse_sizes(before.res), parse_sizes(after.res)
+    if new[:len(old)] != old:
+        fail(f"--res {after.res}: the run's stages are {before.res}; stages may only be added after them")
+    stage, step = ckpt["stage"], ckpt["step"]
+    done = int(np.sum(before.steps[:stage]))
+    if list(after.steps[:stage]) != list(before.steps[:stage]) or list(after.batch[:stage + 1]) != \
+            list(before.batch[:stage + 1]):
+        fail(f"--steps {fmt(after.steps)} --batch {fmt(after.batch)}: the run has finished its first {stage} "
+             f"stage(s) with steps {fmt(before.steps[:stage])} and is in stage {stage + 1} with batch "
+             f"{before.batch[stage]}; those stay (later stages may change)")
+    if len(after.steps) > stage and done + after.steps[stage] < step:
+        fail(f"--steps {fmt(after.steps)}: stage {stage + 1} has taken {step - done} steps already")
+
+
+def choose_thresholding(o, full, init_meta: dict, is_main: bool) -> str:
+    """The thresholding that the run records for sampling: the one asked for, else --init-from's
+    run's, else chosen from the data. Imagen's dynamic thresholding (the paper's, appendix C)
+    divides a sample by the 99.5th percentile of |x| whenever it exceeds 1, so at most 0.5% of
+    its pixels can reach -1 or 1: data with black or white backgrounds (Fashion-MNIST's are
+    black, the emoji's white) would come out grey. Such data is clipped instead."""
+    if o.thresholding != "auto":
+        return o.thresholding
+    if "diffusion_config" in init_meta:
+        return init_meta["diffusion_config"].get("thresholding", "imagen")
+    images = getattr(full, "images", None)         # the data held in memory as uint8 (N, H, W, C)
+    if images is None:                             # a stream, or a folder read lazily: the paper's
+        return "imagen"
+    sample = images[:: max(1, len(images) // 1000)]
+    saturated = float(((sample == 0) | (sample == 255)).mean())
+    reachable = 1 - THRESHOLDING["imagen"][0]     # the share of pixels above Imagen's percentile
+    mode = "clip" if saturated > reachable else "imagen"
+    if is_main:
+        print(f"thresholding: {mode} ({saturated:.0%} of the data's pixels are black or white; Imagen's "
+              f"dynamic thresholding lets {reachable:.1%} reach them; --thresholding chooses)")
+    return mode
+
+
+# ---------------------------------------------------------------------------------------
+# The state of every random generator, as plain data (a checkpoint loads with weights_only)
+# ---------------------------------------------------------------------------------------
+
+def rng_states() -> dict:
+    """numpy's state is (name, 624 uint32 keys, pos, has_gauss, cached_gaussian); its key
+    array is stored as an int64 tensor."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(s: dict):
+    torch.set_rng_state(s["torch"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+
+class Run:
+    """A training run: `Run.open` (its options and the checkpoint it resumes), `start` (its
+    folder, log, grids, evaluations), then per step `after_step`, per grown stage `new_stage`,
+    and `finish`. `stopping` is set by SIGTERM (a cluster's job is out of time) or --stop-after."""
+
+    def __init__(self, o, ckpt: dict | None, run_dir: Path | None, changes: dict):
+        self.options, self.ckpt, self.dir, self.changes = o, ckpt, run_dir, changes
+        self.config = None
+        self.stopping = threading.Event()
+
+    @classmethod
+    def open(cls, o, given: set, defaults) -> Run:
+        """The options `o` parsed from a command line that gave the options named in `given`
+        (`defaults`: what an empty command line gives) -> a run, new or resumed, with its model
+        config, every option checked. Resuming, the run's own options hold, except those given
+        that may change (MAY_CHANGE), which are applied; a given option that may not change
+        and differs is refused. --resume auto resumes the run named by --name (or the newest)
+        if it has a checkpoint, and starts it otherwise: the same command launches and restarts
+        a job. A new run never writes into the folder of an existing one."""
+        path = None
+        if o.resume == "auto":                     # the named run, or the newest: if it has a checkpoint
+            try:
+                path = find_weights(Path(o.out) / o.name if o.name else None, o.out, name="checkpoint.pt")
+            except FileNotFoundError:
+                pass
+        elif o.resume is not None:
+            try:
+                path = find_weights(None if o.resume == "latest" else o.resume, o.out, name="checkpoint.pt",
+                                    flag="--resume")
+            except FileNotFoundError as e:
+                raise SystemExit(f"train.py: --resume: {e}")
+        if path is None:                           # a new run
+            run_dir = Path(o.out) / o.name if o.name else None
+            if run_dir is not None and any((run_dir / f).exists() for f in ("checkpoint.pt", "log.jsonl")):
+                raise SystemExit(f"train.py: --name {o.name}: {run_dir} holds a run already; resume it with --resume "
+                                 f"{run_dir} (or --resume auto), or choose another --name")
+            run = cls(o, None, None, {})
+        else:
+            try:
+                ckpt = load_torch_file(path)
+            except ValueError as e:
+                raise SystemExit(f"train.py: --resume {path}: {e}")
+            fields = {f.name for f in dataclasses.fields(o)}
+            saved = {k: v for k, v in ckpt["args"].items() if k in fields}     # newer options take their defaults
+            base = dataclasses.replace(defaults, **saved)
+            fixed = sorted(k for k in given - MAY_CHANGE - WHERE - set(HERE) if getattr(o, k) != getattr(base, k))
+            if fixed:
+                shown = ", ".join(f"--{k.replace('_', '-')} {getattr(base, k)} (given: {getattr(o, k)})" for k in fixed)
+                raise SystemExit(f"train.py: --resume: a run keeps its {shown}; start a new run (another --name) "
+                                 f"to change them")
+            changes = {k: [getattr(base, k), getattr(o, k)] for k in sorted(given & MAY_CHANGE)
+                       if getattr(o, k) != getattr(base, k)}
+            o = dataclasses.replace(base, **{k: new for k, (_, new) in changes.items()}, resume=o.resume,
+                                    **{k: getattr(o, k) for k in HERE})
+            check_extension(base, o, ckpt)
+            # A checkpoint of the history (checkpoints/step*.pt) resumes its run folder, from its step.
+            run = cls(o, ckpt, path.parent.parent if path.parent.name == "checkpoints" else path.parent, changes)
+        try:
+            run.config = load_model_config(run.options.config)   # the whole model; stages train truncations
+        except ValueError as e:
+            raise SystemExit(f"train.py: {e}")
+        check_args(run.options, process_env()[1], run.config)
+        return run
+
+    def position(self) -> tuple[int, int]:
+        """(stage, step) where the run starts: a resumed run's, else (0, 0)."""
+        return (self.ckpt["stage"], self.ckpt["step"]) if self.ckpt else (0, 0)
+
+    def restore(self, st, rank: int):
+        """A resumed stage's whole saved state: weights, EMA, Adam's moments, the schedule's step,
+        the gradient scaler, and this rank's RNG states (ranks beyond those saved take the last's)."""
+        for part, obj in (("model", st.model), ("ema", st.ema), ("optimizer", st.opt), ("scheduler", st.sched),
+                          ("scaler", st.scaler)):
+            if obj is not None and self.ckpt.get(part) is not None:
+                obj.load_state_dict(self.ckpt[part])
+        set_rng_states(self.ckpt["rng"][min(rank, len(self.ckpt["rng"]) - 1)])
+
+    def start(self, st, data, meta: dict, rank: int, world: int, device, precision: str):
+        """The run folder (with log.jsonl cut back to the checkpoint when resuming: what was
+        logged after it is logged again), the log, the main process's sample grids and
+        evaluations, the progress bar; says what runs where."""
+        o, self.world, self.device, self.is_main, self.meta = self.options, world, device, rank == 0, meta
+        self.dir = self.dir or Path(o.out) / (o.name or f"{datetime.now():%Y%m%d-%H%M%S}-{Path(o.data).name}")
+        self.sizes, self.ends = parse_sizes(o.res), np.cumsum(o.steps).tolist()   # stage s ends at step ends[s]
+        log_path = self.dir / "log.jsonl"
+        if self.is_main:
+            (self.dir / "samples").mkdir(parents=True, exist_ok=True)
+            (self.dir / "options.json").write_text(json.dumps(dataclasses.asdict(o), indent=2))
+            if self.ckpt and log_path.exists():
+                rows = [r for r in log_path.read_text().splitlines() if r.strip()]
+                log_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= self.ckpt["step"]))
+            if self.changes:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": self.ckpt["step"], "resumed_with": self.changes}) + "\n")
+                print("resumed with " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}"
+                                                  for k, (old, new) in self.changes.items()))
+        self.log = Log(self.dir, self.ckpt, len(st.model.resolutions), device, self.is_main, o.tensorboard)
+        self.grid = self.evaluate = None
+        if self.is_main and not o.no_samples:
+            try:
+                self.grid = SampleGrid(data, device, o.sample_steps, o.sample_guidance, sample_prompts(o))
+            except ValueError as e:
+                raise SystemExit(f"train.py: --sample-prompts: {e}")
+        if self.is_main and o.eval_every:
+            self.evaluate = measures.DuringTraining(
+                o.data, self.sizes[-1][1], o.eval_real, data.cond_kind, data.class_names,
+                None if o.streaming else getattr(data.full, "captions", None), data.encoder, o.eval_samples,
+                o.eval_steps, device)
+        signal.signal(signal.SIGTERM, lambda *a: self.stopping.set())     # a polite stop, with a checkpoint
+        self.steps_run, self.autocast = 0, autocast(device, precision)
+        first, step = self.position()
+        if self.is_main:
+            print(summary(st.model, f"{o.config} (stage {first + 1} of {len(self.sizes)})") +
+                  f"\nrun folder: {self.dir}   data: {o.data} ({data.cond_kind}-conditional)   device: {device} x "
+                  f"{world}   precision: {precision}{' (auto)' if o.precision == 'auto' else ''}")
+        self.bar = tqdm(total=self.ends[-1], initial=step, disable=not self.is_main, dynamic_ncols=True)
+
+    def after_step(self, st, step: int):
+        """After step `step` (from 1): a log row (and the losses on the progress bar), sample
+        grids and evaluations, a checkpoint when one is due."""
+        o, end = self.options, self.ends[st.index]
+        self.steps_run += 1
+        self.bar.update(1)
+        if step % o.log_every == 0 or step == end:
+            row = self.log.row(step, st, o)
+            self.bar.set_postfix_str(" ".join(f"{k[5:]}px {v:.4f}" for k, v in row.items() if k.startswith("loss_")))
+        self.side_work(st, step)
+        if self.steps_run == o.stop_after and step < self.ends[-1]:
+            self.stopping.set()
+        # A checkpoint every --ckpt-every steps, when stopping, and at the run's end; not at the
+        # end of an earlier stage, where the grown model is checkpointed instead (new_stage).
+        if step < end and (step % o.ckpt_every == 0 or self.stopping.is_set()) or step == self.ends[-1]:
+            self.save(st, step)
+
+    def new_stage(self, st, step: int):
+        """A grown model: a longer row of losses, the next row marks where the stage began; the
+        main process says what grew; the grown model is checkpointed (a resume starts here)."""
+        self.log.sums = torch.zeros(len(st.model.resolutions) + 1, device=self.log.sums.device)
+        self.log.stage_start = True
+        if self.is_main:
+            self.bar.write(f"stage {st.index + 1}: grown to {fmt(fmt_size(s) for s in st.model.config.level_sizes())}\n"
+                           + summary(st.model))
+        self.save(st, step)
+
+    def side_work(self, st, step: int):
+        """Sample grids (every --sample-every steps and at each stage's end) and evaluations
+        (every --eval-every steps of the final stage). Not training: their time is left out of
+        the logged training time and speed; on a GPU the step's queued work is waited for first,
+        so that it counts as training."""
+        o = self.options
+        grids = self.grid is not None and (step % o.sample_every == 0 or step in self.ends)
+        evals = self.evaluate is not None and self.sizes[st.index] == self.sizes[-1] and \
+            (step % o.eval_every == 0 or step == self.ends[-1])
+        if not (grids or evals):
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t_aside = time.perf_counter()
+        if grids:
+            picture = self.grid.save(st.ema, st.diffusion, self.dir / "samples" / f"step{step:07d}", self.autocast)
+            if self.log.tensorboard is not None:
+                from PIL import Image
+                self.log.tensorboard.add_image("samples", np.asarray(Image.open(picture).convert("RGB")), step,
+                                               dataformats="HWC")
+            plot_log(self.log.path, self.dir / "loss.png")
+        if evals:
+            row = self.evaluate(st.ema, st.diffusion, step, self.log.train_time + t_aside - self.log.t0, self.autocast)
+            self.log.write(row)
+            self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("eval_")))
+        self.log.t0 += time.perf_counter() - t_aside      # not training time
+
+    def save(self, st, step: int):
+        """The whole state (weights, EMA, Adam's moments, the schedule's step, each rank's RNG
+        states, the data position, the options), written atomically to checkpoint.pt and kept in
+        checkpoints/ (the last --keep-checkpoints, and every stage's last), and the EMA weights
+        with what sample.py needs. A diverged model (on any rank) is never saved."""
+        bad = self.log.nonfinite | ~torch.stack([torch.isfinite(p).all() for p in st.model.parameters()]).all()
+        if mean_over_ranks(bad.float()).item() > 0:
+            raise FloatingPointError
+        states = [rng_states()]
+        if dist.is_initialized():
+            states = [None] * self.world
+            dist.all_gather_object(states, rng_states())
+        # The model and diffusion configs of this stage: a file saved before the last stage holds
+        # a smaller model's weights, and its metadata says so.
+        meta = {**self.meta, "model_config": st.ema.config.to_dict(), "diffusion_config": vars(st.diffusion.config)}
+        if self.is_main:
+            o = self.options
+            atomic_save({"model": st.model.state_dict(), "ema": st.ema.state_dict(), "optimizer": st.opt.state_dict(),
+                         "scheduler": st.sched.state_dict(), "step": step, "stage": st.index, "rng": states,
+                         "data": st.batches.state(), "args": dataclasses.asdict(o), "meta": meta,
+                         "scaler": st.scaler.state_dict() if st.scaler else None,
+                         "train_time": self.log.train_time}, self.dir / "checkpoint.pt")
+            keep_history(self.dir, step, set(self.ends), o.keep_checkpoints)
+            save_weights(self.dir / "ema.safetensors", st.ema.state_dict(), {**meta, "step": step})
+
+    def diverged(self, step: int):
+        if self.is_main:
+            print(f"\ntrain.py: the loss is NaN or infinite at step {step}: stopping. The last good checkpoint "
+                  f"({self.dir / 'checkpoint.pt'}) is kept; try a lower --lr or a smaller --clip.", file=sys.stderr)
+        sys.exit(1)
+
+    def finish(self, step: int, cond_kind: str):
+        """What to do next: resume a run that stopped before its last step, or sample it."""
+        self.bar.close()
+        if self.is_main:
+            plot_log(self.dir / "log.jsonl", self.dir / "loss.png")
+            if step < self.ends[-1]:
+                print(f"\nstopped at step {step}; saved. Resume with: python train.py --resume {self.dir}")
+            else:
+                what = {"label": " --label <class>", "text": " \"a prompt\""}.get(cond_kind, "")
+                print(f"done: {self.dir}/ema.safetensors (sample with: python sample.py --ckpt {self.dir}{what})")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------
+# The log
+# ---------------------------------------------------------------------------------------
+
+class Log:
+    """Losses summed on the device between log rows (reading a loss every step, .item(),
+    would make the CPU wait for the GPU at every step), the time spent training and waiting
+    for data, and the rows of log.jsonl (and TensorBoard's, with --tensorboard)."""
+
+    def __init__(self, run_dir: Path, ckpt: dict | None, levels: int, device, is_main: bool, tensorboard: bool):
+        self.path, self.is_main = run_dir / "log.jsonl", is_main
+        self.train_time = ckpt.get("train_time", 0.0) if ckpt else 0.0
+        self.tensorboard = None
+        if tensorboard and is_main:               # a resumed run purges what was written after its checkpoint
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=(ckpt or {}).get("step") or None)
+        self.reset(levels, device)
+        self.stage_start = ckpt is None            # a new run's first row marks the stage's start
+
+    def reset(self, levels: int, device):
+        self.sums = torch.zeros(levels + 1, device=device)   # per level, then the total
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.steps, self.wait, self.t0, self.stage_start = 0, 0.0, time.perf_counter(), False
+
+    def write(self, row: dict):
+        if self.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for k, v in row.items():
+                if k not in ("step", "stage", "stage_start") and isinstance(v, (int, float)):
+                    group = "loss" if k.startswith("loss") or k == "mse_sum" else "eval" if k.startswith("eval") \
+                        else "train"
+                    self.tensorboard.add_scalar(f"{group}/{k}", v, row["step"])
+            self.tensorboard.flush()
+
+    def row(self, step: int, stage, o) -> dict:
+        """The mean of the losses since the last row (over ranks: the one sync of a log
+        interval), speed and data wait. Raises FloatingPointError on a NaN or infinity."""
+        *losses, total = (mean_over_ranks(self.sums) / self.steps).tolist()
+        if not all(math.isfinite(v) for v in losses) or self.nonfinite.item():
+            raise FloatingPointError
+        dt = time.perf_counter() - self.t0
+        self.train_time += dt
+        sizes = stage.model.config.level_sizes()
+        row = {"step": step, "stage": stage.index + 1, "time": self.train_time, "mse_sum": sum(losses),
+               "loss": total, "lr": stage.sched.get_last_lr()[0], "steps_per_s": self.steps / dt,
+               "images_per_s": self.steps * o.batch[stage.index] / dt, "data_wait": self.wait / dt,
+               "skipped": stage.batches.skipped, **{f"loss_{fmt_size(z)}": v for z, v in zip(sizes, losses)}}
+        if self.stage_start:
+            row["stage_start"] = step - self.steps  # the step the stage began at
+        self.reset(len(sizes), self.sums.device)
+        self.write(row)
+        return row
+
+
+# ---------------------------------------------------------------------------------------
+# The sample grids of a run
+# ---------------------------------------------------------------------------------------
+
+class SampleGrid:
+    """The sample grids of a training run: the EMA model (what sample.py will use), guided,
+    with DDIM and a fixed seed, on a fixed condition (8 of the data's captions, or every class
+    in turn): the grids of successive steps start from the same noise and differ by training
+    alone. A matryoshka figure of every level (video: the frames of every level, and a GIF).
+    `prompts`: what to draw instead (for a class-conditional model, class names or indices);
+    a class the model does not have raises ValueError."""
+
+    def __init__(self, data, device, steps: int, guidance: float, prompts: list[str] | None = None, n=8):
+        self.captions, self.steps, self.guidance, self.device = None, steps, guidance, device
+        if data.cond_kind == "text":
+            pool = getattr(data.full, "captions", None) or ["a smiling face", "a red heart", "a cat", "a rocket"]
+            self.captions = prompts or ([pool[i] for i in np.random.default_rng(0).choice(len(pool), n, replace=False)]
+                                        if len(pool) >= n else pool)
+            self.cond = data.encoder.condition(self.captions, device)
+        elif data.cond_kind == "label":
+            lowered = [c.lower() for c in data.class_names]
+            labels = torch.arange(n) % len(data.class_names)
+            if prompts:
+                bad = [p for p in prompts if p.lower() not in lowered and not (p.isdigit() and int(p) < len(lowered))]
+                if bad:
+                    raise ValueError(f"{bad[0]!r} is not a class of this data set: {', '.join(data.class_names)}")
+                labels = torch.tensor([lowered.index(p.lower()) if p.lower() in lowered else int(p) for p in prompts])
+            self.captions, self.cond = [data.class_names[i] for i in labels], {"label": labels.to(device)}
+        else:
+            self.cond = {}
+        self.n = len(self.captions or [0] * n)
+
+    def save(self, model, diffusion, path: Path, autocast) -> Path:
+        """The grid of this step at `path` (.png; for video also .gif). Returns the picture's path."""
+        with autocast:
+            levels = diffusion.sample(model, self.cond, batch_size=self.n, sampler="ddim",
+                                      num_inference_steps=self.steps, guidance_scale=self.guidance,
+                                      generator=torch.Generator(self.device).manual_seed(0))
+        if model.config.frames > 1:
+            save_levels_figure(levels, path.with_suffix(".png"))
+            save_gif(levels[-1], path.with_suffix(".gif"))
+        else:
+            save_matryoshka(levels, path.with_suffix(".png"), captions=self.captions)
+        return path.with_suffix(".png")
