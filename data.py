@@ -47,7 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from helpers.devices import to_device
-from helpers.pictures import to_uint8
+from helpers.pictures import save_grid, to_uint8
 
 CACHE = Path(os.environ.get("MATRYOSHKA_CACHE", Path.home() / ".cache" / "matryoshka"))
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -598,6 +598,5 @@ if __name__ == "__main__":
     items = [ds[int(i)] for i in idx]
     names = [it.get("caption") or ds.class_names[it["label"]] for it in items]
     out = f"data-{which}.png"
-    from helpers.pictures import save_grid
     save_grid(torch.stack([it["image"] for it in items]), out, captions=names, scale=2 if which != "emoji" else 1)
     print(f"{which}: {len(ds)} images; wrote {out}")

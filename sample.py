@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffusion import SAMPLERS, THRESHOLDING
-from helpers import options as opt
+import helpers.options as opt
 from helpers.devices import autocast, setup_processes
 from helpers.models import Trained
 from helpers.pictures import save_gif, save_grid, save_levels_figure, save_matryoshka, to_uint8

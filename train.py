@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from diffusion import CLIP_NORM, THRESHOLDING, DiffusionConfig, MatryoshkaDiffusion, make_optimizer, training_step
-from helpers import options as opt
+import helpers.options as opt
 from helpers.devices import memory_format, prepare, resolve_precision, setup_processes, to_device
 from helpers.files import find_weights
 from helpers.models import build_diffusion, build_model, load_weights, text_encoder

@@ -13,7 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from helpers import fast_cpu
+import helpers.fast_cpu as fast_cpu
 
 
 def process_env() -> tuple[int, int, int]:

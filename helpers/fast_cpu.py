@@ -1,10 +1,9 @@
 """
 Faster ways for a CPU to compute the NestedUNet's layers, swapped into a model by one call,
-`use_fast_layers(model)` (helpers.devices.prepare makes it on a CPU): the same parameters, the
-same state dict, the same values (the tests check them, gradients included, against the plain
-layers). On a GPU the plain layers are what to keep: PyTorch's flash attention, nn.Linear,
-F.group_norm. The CPU's differ where oneDNN's convolutions beat its matmuls and where PyTorch's
-kernels carry fixed costs that dominate at small sizes (docs/results.md has the figures):
+`use_fast_layers(model)` (helpers.devices.prepare makes it on a CPU): the same parameters and
+state dict, the same values (tests check them, gradients included, against the plain layers).
+A GPU keeps the plain layers. A CPU differs where oneDNN's convolutions beat its matmuls and
+where PyTorch's kernels carry fixed costs that dominate at small sizes (docs/results.md):
 
     attention        on small maps, a plain matmul and softmax instead of the CPU flash kernel
     Linear           at every position of a channels-last map, as a 1x1 convolution
@@ -42,10 +41,6 @@ def use_fast_layers(model: nn.Module) -> nn.Module:
     return model
 
 
-# ---------------------------------------------------------------------------------------
-# Attention
-# ---------------------------------------------------------------------------------------
-
 SMALL_ATTENTION = 8192      # query-key pairs up to which a CPU attends with a plain matmul and softmax
 
 
@@ -61,10 +56,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-# ---------------------------------------------------------------------------------------
-# A Linear layer at every position of a channels-last map
-# ---------------------------------------------------------------------------------------
-
 class PointwiseLinear(nn.Linear):
     """nn.Linear on the tokens (B, N, C) of a channels-last map (whose memory they are, in
     that order) as a 1x1 convolution with the Linear's weights: oneDNN runs it faster than the
@@ -76,10 +67,6 @@ class PointwiseLinear(nn.Linear):
         maps = x.transpose(1, 2).unsqueeze(-2)                               # (B, C, 1, N), channels-last
         return F.conv2d(maps, self.weight[:, :, None, None], self.bias).squeeze(-2).transpose(1, 2)
 
-
-# ---------------------------------------------------------------------------------------
-# The group norm of channels-last maps
-# ---------------------------------------------------------------------------------------
 
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm, computed by group_norm below."""
@@ -106,9 +93,8 @@ def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float, scale=Non
     kernel, which stays there, under autocast and everywhere else).
 
     The scale and shift fold into the norm's own weight and bias, which become per sample:
-    (x_hat w + b) (1 + s) + t = x_hat w' + b' with w' = w (1 + s), b' = b (1 + s) + t, so the
-    map is written once instead of three times (norm, product, sum), and read once less in the
-    backward pass (autograd takes the gradients of s and t through w' and b', which are small)."""
+    (x_hat w + b) (1 + s) + t = x_hat w' + b' with w' = w (1 + s), b' = b (1 + s) + t: the map is
+    written once instead of three times (autograd takes the gradients of s and t through w', b')."""
     if (x.device.type == "cpu" and x.dim() == 4 and x.shape[2] * x.shape[3] > 16 and x.dtype == torch.float32
             and weight is not None and not torch.is_autocast_enabled("cpu")
             and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
@@ -124,22 +110,17 @@ NATIVE_FORWARD = 1024      # positions from which ChannelsLastGroupNorm's forwar
 
 
 class ChannelsLastGroupNorm(torch.autograd.Function):
-    """Group norm of a channels-last map x (B, C, H, W), whose memory is (B, HW, C): each
-    group of D = C / G channels is normalised over its D * HW values, y = (x - mean) * rstd *
-    w + b. Statistics per channel first (a sum over positions, then the squared deviations
-    from the channel's mean: the two-pass variance), combined into the group's by the law of
-    total variance; then y = x * scale + shift with per-(sample, channel) scale and shift.
+    """Group norm of a channels-last map x (B, C, H, W), whose memory is (B, HW, C): each group
+    of D = C / G channels normalised over its D * HW values, y = (x - mean) * rstd * w + b.
+    Statistics per channel first (a sum over positions, then the two-pass variance), combined
+    into the group's by the law of total variance; then y = x * scale + shift per (sample,
+    channel). From 1024 positions (32x32 maps) the forward is PyTorch's kernel's, one contiguous
+    pass there (its one-pass variance errs by a few 1e-5 where the mean is 2.5 standard
+    deviations from zero); below, that kernel parallelises over groups and is slower.
 
-    From 1024 positions on (32x32 maps), the forward is PyTorch's kernel's (torch.native_group_norm,
-    which returns the same mean and rstd for the backward below): there its statistics are one
-    contiguous pass over the map, faster than these sums (below, it parallelises over groups and
-    is slower). Its variance is one-pass (mean of squares minus squared mean): errors of a few
-    1e-5 for a map whose mean is 2.5 standard deviations from zero (1e-6 with the two-pass).
-
-    Backward, with x_hat = (x - mean) * rstd and sums over a group's values: dx = rstd * (w dy
-    - mean(w dy) - x_hat * mean(w dy x_hat)), dw = sum over samples and positions of dy x_hat,
-    db = of dy; with a = sum dy and s = sum dy x per (sample, channel), sum dy x_hat = rstd
-    (s - mean a), so dx = A dy + Bx x + Bc, again per-(sample, channel) coefficients. The
+    Backward, with x_hat = (x - mean) * rstd and sums over a group: dx = rstd (w dy - mean(w dy)
+    - x_hat mean(w dy x_hat)), dw = sum dy x_hat, db = sum dy; with a = sum dy and s = sum dy x
+    per (sample, channel), sum dy x_hat = rstd (s - mean a), so dx = A dy + Bx x + Bc. The
     weight and bias are (C,), or (B, C): one per sample (group_norm's scale and shift)."""
 
     @staticmethod

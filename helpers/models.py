@@ -22,7 +22,7 @@ from diffusion import DiffusionConfig, MatryoshkaDiffusion
 from helpers.devices import prepare
 from helpers.files import find_weights, read_weights
 from nested_unet import PRESETS, NestedUNet, NestedUNetConfig, preset
-from tools import release
+import tools.release as release
 
 # Appendix C's sampling, for a run whose metadata names no settings of its own: 250 DDPM
 # steps, classifier-free guidance 3 (ours), no extra DDIM noise. Each can be overridden.

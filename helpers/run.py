@@ -3,13 +3,8 @@ A training run's bookkeeping, kept out of the training story (train.py), in one 
 its options checked (each mistake said in one line before any work), its folder opened (new,
 or resumed with what a resume may change), the log of its losses and speed, its checkpoints,
 the sample grids and evaluations made along the way, a polite stop, and what to do at the end.
-
-A run folder holds options.json, log.jsonl (a row every --log-every steps), loss.png,
-samples/, checkpoint.pt (the whole state, written atomically), checkpoints/ (the last few and
-every stage's last) and ema.safetensors (the EMA weights with what sample.py needs).
-
-`st` below is train.py's Stage (a stage's model, EMA, optimizer, schedule, diffusion process
-and batches) and `o` its TrainOptions.
+`st` below is train.py's Stage (model, EMA, optimizer, schedule, diffusion, batches) and `o`
+its TrainOptions.
 """
 
 from __future__ import annotations
@@ -31,17 +26,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from diffusion import THRESHOLDING
-from helpers import measures, options
+import helpers.measures as measures
+import helpers.options as options
 from helpers.devices import autocast, mean_over_ranks, process_env
 from helpers.files import atomic_save, find_weights, keep_history, load_torch_file, save_weights
 from helpers.models import load_model_config
 from helpers.pictures import plot_log, save_gif, save_levels_figure, save_matryoshka
 from nested_unet import summary
-
-# ---------------------------------------------------------------------------------------
-# The stages (--res 64,256; video: 64,16x64), and the checks of the options
-# ---------------------------------------------------------------------------------------
-
 
 def parse_sizes(s: str) -> list[tuple[int, int]]:
     """--res "64,256" -> [(1, 64), (1, 256)]; video stages "64,16x64,16x256" -> frames x size."""
@@ -153,10 +144,9 @@ def check_extension(before, after, ckpt):
 
 def choose_thresholding(o, full, init_meta: dict, is_main: bool) -> str:
     """The thresholding that the run records for sampling: the one asked for, else --init-from's
-    run's, else chosen from the data. Imagen's dynamic thresholding (the paper's, appendix C)
-    divides a sample by the 99.5th percentile of |x| whenever it exceeds 1, so at most 0.5% of
-    its pixels can reach -1 or 1: data with black or white backgrounds (Fashion-MNIST's are
-    black, the emoji's white) would come out grey. Such data is clipped instead."""
+    run's, else chosen from the data. Imagen's (appendix C) divides a sample by the 99.5th
+    percentile of |x| whenever it exceeds 1, so at most 0.5% of its pixels reach -1 or 1: data
+    with black or white backgrounds (Fashion-MNIST, the emoji) would come out grey; it is clipped."""
     if o.thresholding != "auto":
         return o.thresholding
     if "diffusion_config" in init_meta:
@@ -174,13 +164,9 @@ def choose_thresholding(o, full, init_meta: dict, is_main: bool) -> str:
     return mode
 
 
-# ---------------------------------------------------------------------------------------
-# The state of every random generator, as plain data (a checkpoint loads with weights_only)
-# ---------------------------------------------------------------------------------------
-
 def rng_states() -> dict:
-    """numpy's state is (name, 624 uint32 keys, pos, has_gauss, cached_gaussian); its key
-    array is stored as an int64 tensor."""
+    """Every generator's state as plain data (a checkpoint loads with weights_only): numpy's
+    (name, 624 uint32 keys, pos, has_gauss, cached) with its keys as an int64 tensor."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
@@ -212,13 +198,12 @@ class Run:
 
     @classmethod
     def open(cls, o, given: set, defaults) -> Run:
-        """The options `o` parsed from a command line that gave the options named in `given`
-        (`defaults`: what an empty command line gives) -> a run, new or resumed, with its model
-        config, every option checked. Resuming, the run's own options hold, except those given
-        that may change (MAY_CHANGE), which are applied; a given option that may not change
-        and differs is refused. --resume auto resumes the run named by --name (or the newest)
-        if it has a checkpoint, and starts it otherwise: the same command launches and restarts
-        a job. A new run never writes into the folder of an existing one."""
+        """The options `o` of a command line that gave those named in `given` (`defaults`: an empty
+        command line's) -> a run, new or resumed, with its model config, every option checked.
+        Resuming, the run's own options hold, but for those given that may change (MAY_CHANGE);
+        one that may not, and differs, is refused. --resume auto resumes the run named by --name
+        (or the newest) if it has a checkpoint, and starts it otherwise: the same command launches
+        and restarts a job. A new run never writes into the folder of an existing one."""
         path = None
         if o.resume == "auto":                     # the named run, or the newest: if it has a checkpoint
             try:
@@ -269,8 +254,8 @@ class Run:
         return (self.ckpt["stage"], self.ckpt["step"]) if self.ckpt else (0, 0)
 
     def restore(self, st, rank: int):
-        """A resumed stage's whole saved state: weights, EMA, Adam's moments, the schedule's step,
-        the gradient scaler, and this rank's RNG states (ranks beyond those saved take the last's)."""
+        """A resumed stage's whole state: weights, EMA, Adam's moments, the schedule's step, the
+        gradient scaler, this rank's RNG states (ranks beyond those saved take the last's)."""
         for part, obj in (("model", st.model), ("ema", st.ema), ("optimizer", st.opt), ("scheduler", st.sched),
                           ("scaler", st.scaler)):
             if obj is not None and self.ckpt.get(part) is not None:
@@ -278,9 +263,8 @@ class Run:
         set_rng_states(self.ckpt["rng"][min(rank, len(self.ckpt["rng"]) - 1)])
 
     def start(self, st, data, meta: dict, rank: int, world: int, device, precision: str):
-        """The run folder (with log.jsonl cut back to the checkpoint when resuming: what was
-        logged after it is logged again), the log, the main process's sample grids and
-        evaluations, the progress bar; says what runs where."""
+        """The run folder (log.jsonl cut back to the checkpoint when resuming: what came after it
+        is logged again), the log, the main process's grids and evaluations, the progress bar."""
         o, self.world, self.device, self.is_main, self.meta = self.options, world, device, rank == 0, meta
         self.dir = self.dir or Path(o.out) / (o.name or f"{datetime.now():%Y%m%d-%H%M%S}-{Path(o.data).name}")
         self.sizes, self.ends = parse_sizes(o.res), np.cumsum(o.steps).tolist()   # stage s ends at step ends[s]
@@ -346,9 +330,8 @@ class Run:
 
     def side_work(self, st, step: int):
         """Sample grids (every --sample-every steps and at each stage's end) and evaluations
-        (every --eval-every steps of the final stage). Not training: their time is left out of
-        the logged training time and speed; on a GPU the step's queued work is waited for first,
-        so that it counts as training."""
+        (every --eval-every steps of the final stage), left out of the logged training time (on
+        a GPU the step's queued work is waited for first: it counts as training)."""
         o = self.options
         grids = self.grid is not None and (step % o.sample_every == 0 or step in self.ends)
         evals = self.evaluate is not None and self.sizes[st.index] == self.sizes[-1] and \
@@ -373,9 +356,9 @@ class Run:
 
     def save(self, st, step: int):
         """The whole state (weights, EMA, Adam's moments, the schedule's step, each rank's RNG
-        states, the data position, the options), written atomically to checkpoint.pt and kept in
-        checkpoints/ (the last --keep-checkpoints, and every stage's last), and the EMA weights
-        with what sample.py needs. A diverged model (on any rank) is never saved."""
+        states, the data position, the options) to checkpoint.pt, atomically, kept in
+        checkpoints/ (the last --keep-checkpoints, every stage's last); the EMA weights with what
+        sample.py needs to ema.safetensors. A diverged model (on any rank) is never saved."""
         bad = self.log.nonfinite | ~torch.stack([torch.isfinite(p).all() for p in st.model.parameters()]).all()
         if mean_over_ranks(bad.float()).item() > 0:
             raise FloatingPointError
@@ -415,10 +398,6 @@ class Run:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
-# ---------------------------------------------------------------------------------------
-# The log
-# ---------------------------------------------------------------------------------------
 
 class Log:
     """Losses summed on the device between log rows (reading a loss every step, .item(),
@@ -472,17 +451,11 @@ class Log:
         return row
 
 
-# ---------------------------------------------------------------------------------------
-# The sample grids of a run
-# ---------------------------------------------------------------------------------------
-
 class SampleGrid:
-    """The sample grids of a training run: the EMA model (what sample.py will use), guided,
-    with DDIM and a fixed seed, on a fixed condition (8 of the data's captions, or every class
-    in turn): the grids of successive steps start from the same noise and differ by training
-    alone. A matryoshka figure of every level (video: the frames of every level, and a GIF).
-    `prompts`: what to draw instead (for a class-conditional model, class names or indices);
-    a class the model does not have raises ValueError."""
+    """The sample grids of a training run: the EMA model, guided, DDIM, a fixed seed and a fixed
+    condition (8 of the data's captions, every class in turn, or `prompts`; a class the data
+    does not have raises ValueError), so that successive grids differ by training alone. A
+    matryoshka figure of every level (video: the frames of every level, and a GIF)."""
 
     def __init__(self, data, device, steps: int, guidance: float, prompts: list[str] | None = None, n=8):
         self.captions, self.steps, self.guidance, self.device = None, steps, guidance, device

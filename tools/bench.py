@@ -1,30 +1,22 @@
 """
-Speed and memory of a NestedUNet, against a plain UNet of the same size (appendix D.1,
-Table 2: 0.52 vs 0.50 s per training iteration, 0.41 vs 0.40 s per sampling step).
+Speed and memory of a NestedUNet against a plain UNet of the same size (appendix D.1, Table 2:
+0.52 vs 0.50 s per training iteration, 0.41 vs 0.40 s per sampling step), and of sampling the
+released models.
 
-The plain UNet is the NestedUNet flattened: one UNet over the same feature resolutions,
-channels and attention layers, without the nesting (no inner input convs, no adapters, no
-lower-resolution outputs), at the highest resolution, with as many parameters and FLOPs
-(`flattened`). Every measurement runs in a fresh process (so that peak memory is its own),
-with warm-up steps and the median of several repeats:
-
-    training step   forward + backward + Adam step, in seconds, and images per second
-    sampling step   one network evaluation (classifier-free guidance: condition and null
-                    condition in one batch), and the sampler's own overhead: N DDIM steps
-                    against N bare network evaluations of the same batch
-    peak memory     CPU RSS; CUDA peak allocation on a GPU
-    FLOPs           of a training step, counted by FlopCounterMode (shapes only, on the
-                    meta device): TFLOP/s on every device, and model FLOPs utilisation
-                    (MFU) on a GPU whose peak is known, or with --peak-flops
-
-and the memory/speed knobs of train.py: bf16 autocast, the memory format (channels_last; nchw:
-the default layout, which a CPU's base leaves for channels-last), torch.compile,
-gradient checkpointing of the outer levels, gradient accumulation; and the same sizes in the
-released models' architecture (release), the one release.py converts their weights into.
+The plain UNet is the NestedUNet flattened (`flattened`): one UNet over the same feature
+resolutions, channels and attention layers, without the nesting, with as many parameters and
+FLOPs. Every measurement runs in a fresh process (its peak memory is its own), after warm-up
+steps, as the median of repeats: a training step (forward, backward, Adam), a guided sampling
+step (one network evaluation) and the sampler's overhead beyond it, peak memory (CPU RSS; CUDA
+allocation on a GPU), FLOPs of a training step (FlopCounterMode on the meta device) with TFLOP/s
+and MFU on a GPU whose peak is known (or --peak-flops). The knobs are train.py's: bf16 autocast,
+the memory format, torch.compile, gradient checkpointing, gradient accumulation, and the same
+sizes in the released models' architecture (release).
 
     python -m tools.bench                             # the CPU demo's model, batch 32
     python -m tools.bench --config MDM-S64 --batch 64 --text-channels 2048 --knobs base,compile
     python -m tools.bench --count-flops --config MDM-S64S256 --text-channels 2048   # FLOPs only
+    python -m tools.bench --release-sampling flickr64,flickr256 --precisions fp32,bf16
 """
 
 from __future__ import annotations
@@ -42,157 +34,97 @@ from contextlib import nullcontext
 import torch
 
 from diffusion import cat_conditions, make_optimizer, training_step
-from helpers import options as opt
+import helpers.options as opt
 from helpers.devices import autocast as device_autocast
 from helpers.devices import memory_format, prepare, reuse_freed_memory, timed
 from helpers.models import build_diffusion, build_model, load_model_config
 from nested_unet import GLOBAL_KEYS, NestedUNetConfig, sum_params
-from tools import release
+import tools.release as release
 
-# Dense bf16 peak of the GPUs we know, for MFU (FLOP/s), without 2:4 sparsity; others: pass
-# --peak-flops. Matched by substring of the device name, first match first (the PCIe H100
-# before the SXM one).
+# Dense bf16 peak FLOP/s of the GPUs we know, matched by substring of the device name, first
+# match first (the PCIe H100 before the SXM one); others: --peak-flops.
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-# ---------------------------------------------------------------------------------------
-# The two models: the NestedUNet, and the plain UNet with its layers
-# ---------------------------------------------------------------------------------------
-
-
 def flattened(config: NestedUNetConfig) -> NestedUNetConfig:
-    """The plain UNet of the same size: the NestedUNet's levels joined into one UNet over the
-    same resolutions, channels and attention layers, with as many parameters and FLOPs.
-    Where a level hands over to its inner level (both work at that resolution), the two
-    stages become one stage with the res blocks of both, plus one."""
-    # E.g. CPU-S16S32: the outer level [32, 16] and the inner UNet [16, 8, 4] become one UNet
-    # [32, 16, 8, 4] with 1 + 1 + 1 res blocks at 16. Why the one more: a level's up path has
-    # one res block more than its down path (as in ADM), so the two levels have
-    # (1 + 1) + (1 + 1) = 4 up blocks at 16, and the plain UNet with 3 has 3 down and 4 up.
-    # Its extra down block stands in for what only the nesting has (the two adapters, the
-    # inner level's input and output convs). For every image preset, parameters and training
-    # FLOPs then agree within 0.4% (with b_o + b_i blocks the NestedUNet would have 1% more
-    # parameters and 5-9% more FLOPs than its baseline; test_mdm.py checks the agreement).
-    levels = config.levels()[::-1]                 # highest first
+    """The plain UNet of the same size: the levels joined into one UNet. Where a level hands
+    over to its inner level (both work at that resolution), the two stages become one with the
+    res blocks of both, plus one: a level's up path has one res block more than its down path,
+    so the plain UNet's extra down block stands in for what only the nesting has (adapters,
+    the inner input and output convs); parameters and FLOPs then agree within 0.5% (a test)."""
     res, ch, blocks, attn = [], [], [], []
-    for i, c in enumerate(levels):
+    for c in config.levels()[::-1]:                # highest first
         r, cc, b, a = (list(v) for v in (c.resolutions, c.resolution_channels, c.num_res_blocks,
                                          c.num_attn_layers_per_block))
-        if res:                                    # merge the shared resolution
-            # The inner level's width wins, and the larger attention count; both are exact for
-            # the presets (equal widths, no attention at a hand-over resolution).
+        if res:                                    # merge the shared resolution (the inner width wins)
             blocks[-1] += b.pop(0) + 1
             attn[-1] = max(attn[-1], a.pop(0))
             ch[-1] = cc.pop(0)
             r.pop(0)
         res, ch, blocks, attn = res + r, ch + cc, blocks + b, attn + a
-    # The whole-model keys (embedding, conditioning) are shared; the one level is a base level
-    # ("cosine"), which changes the diffusion's schedule but not the cost of a step.
-    globals_ = {k: getattr(config, k) for k in (*GLOBAL_KEYS, "num_heads")}
-    base = config.schedule.split("-shift")[0]
-    return type(config)(resolutions=res, resolution_channels=ch, num_res_blocks=blocks,
-                        num_attn_layers_per_block=attn, schedule=base, **globals_)
+    return type(config)(resolutions=res, resolution_channels=ch, num_res_blocks=blocks, num_attn_layers_per_block=attn,
+                        schedule=config.schedule.split("-shift")[0],
+                        **{k: getattr(config, k) for k in (*GLOBAL_KEYS, "num_heads")})
 
 
 def harness(spec: dict, kind: str) -> dict:
-    """The model of `kind` ("nested" or "plain") with spec's knobs, and the timed actions on
-    one fixed batch:
-
-        train_step   forward + backward + clipping + Adam step
-        net_eval     one network evaluation of a guided sampling step (condition and null
-                     condition in one batch, as diffusion.sample calls the network)
-        sample       a whole DDIM sampling run of spec["sample_steps"] steps
-        count_flops  the FLOPs of one forward + backward, counted on the eager model
-
-    spec: config (a preset name), batch, device, and optionally text_channels or num_classes
-    (the conditioning), truncate (train only the levels up to this resolution), bf16,
-    channels_last, compile, grad_ckpt, accum, sample_steps, release."""
+    """The model of `kind` ("nested" or "plain") with spec's knobs, and what is timed on one
+    fixed batch of random pixels: train_step (train.py's step), net_eval (one guided network
+    evaluation, condition and null condition in one batch), sample (a DDIM run of
+    spec["sample_steps"] steps, guidance 3), count_flops (one forward and backward, eager).
+    spec: config, batch, device, and optionally text_channels or num_classes, truncate (the
+    levels up to this resolution), bf16, channels_last, compile, grad_ckpt, accum, release."""
     device = torch.device(spec["device"])
     if device.type == "cpu":
         reuse_freed_memory()                       # as train.py's set-up does on a CPU
     torch.manual_seed(0)                           # the same weights and batch in every process
-    # The "release" knob: the same sizes in the released models' architecture (strided
-    # downsampling, a second softmax for the text, GroupNorm feed-forward, one time MLP per
-    # level, ...), the one that tools/release.py converts into.
     cfg = dataclasses.replace(load_model_config(spec["config"]), text_channels=spec.get("text_channels", 0),
                               num_classes=spec.get("num_classes", 0))
     cfg = release.released(cfg) if spec.get("release") else cfg
-    if spec.get("truncate"):
-        cfg = cfg.truncated(spec["truncate"])      # the low-resolution stage of progressive training
-    if kind == "plain":
-        cfg = flattened(cfg)
-    model = build_model(cfg)
-    if spec.get("grad_ckpt"):
-        # As train.py --grad-ckpt: every level but the innermost recomputes its activations in
-        # the backward pass; the outer levels' high-resolution activations are the big ones.
-        for level in model.levels()[1:]:
-            level.gradient_checkpointing = True
-    B, accum = spec["batch"], spec.get("accum", 1)
-    cl = memory_format(spec.get("channels_last", "auto"), device)       # train.py's --channels-last
-    model = prepare(model, device, spec.get("channels_last", "auto"))
-    # `run` is what is timed (compiled or not); `model` stays eager, for FLOPs and parameters.
-    run = torch.compile(model) if spec.get("compile") else model
-    diffusion = build_diffusion(model)
-    opt = make_optimizer(model, 1e-4)                            # train.py's Adam, the paper's learning rate
+    cfg = cfg.truncated(spec["truncate"]) if spec.get("truncate") else cfg     # progressive training's stage 1
+    model = build_model(flattened(cfg) if kind == "plain" else cfg)
+    for level in model.levels()[1:]:               # train.py --grad-ckpt: the outer levels recompute
+        level.gradient_checkpointing = bool(spec.get("grad_ckpt"))
+    B, accum, layout = spec["batch"], spec.get("accum", 1), spec.get("channels_last", "auto")
+    model = prepare(model, device, layout)
+    run = torch.compile(model) if spec.get("compile") else model     # `model` stays eager: FLOPs, parameters
+    diffusion, adam = build_diffusion(model), make_optimizer(model, 1e-4)
     R = model.resolutions[-1]
-    # Random pixels: the content of a batch does not change the time of a step.
-    x = (torch.rand(B, 3, R, R, device=device) * 2 - 1).contiguous(memory_format=cl)   # (B, 3, R, R)
-    if cfg.text_channels:      # 16 text tokens, none of them padding (as data.TextEncoder gives: no mask)
-        cond = {"text": torch.randn(B, 16, cfg.text_channels, device=device)}
-    elif cfg.num_classes:
-        cond = {"label": torch.randint(cfg.num_classes, (B,), device=device)}
-    else:
-        cond = {}
-    autocast = device_autocast(device, "bf16") if spec.get("bf16") else nullcontext()   # as train.py autocasts
-
-    # Gradient accumulation as in train.py: `accum` micro-batches of B / accum.
+    x = (torch.rand(B, 3, R, R, device=device) * 2 - 1).contiguous(memory_format=memory_format(layout, device))
+    cond = {"text": torch.randn(B, 16, cfg.text_channels, device=device)} if cfg.text_channels else \
+        {"label": torch.randint(cfg.num_classes, (B,), device=device)} if cfg.num_classes else {}
+    autocast = device_autocast(device, "bf16") if spec.get("bf16") else nullcontext()
     micro = [(x[i * B // accum:(i + 1) * B // accum], {k: v[i * B // accum:(i + 1) * B // accum] for k, v in cond.items()},
               None, None, None) for i in range(accum)]
 
     def train_step():
-        # train.py's step (diffusion.training_step): the loss, backward, clipping, Adam.
         model.train()
-        training_step(diffusion, model, opt, micro, run, autocast=autocast)
-
-    def loss_backward(net):
-        for mb_x, mb_cond, *_ in micro:
-            with autocast:
-                (diffusion.loss(net, mb_x, mb_cond)[0] / accum).backward()
+        training_step(diffusion, model, adam, micro, run, autocast=autocast)
 
     def count_flops() -> int:
-        # The "model FLOPs" of MFU: the matrix multiplications, convolutions and attention of
-        # one forward and backward pass (FlopCounterMode counts those aten ops; norms,
-        # activations and the optimizer are left out, as in MFU's usual definition). Counted
-        # on the eager model: a compiled graph runs fused kernels that the counter cannot see.
-        # FlopCounterMode knows the GPU attention kernels (flash, memory-efficient, cuDNN) but
-        # not the CPU one; on a CPU the attention runs as plain batched matmuls to be counted.
-        # Gradient checkpointing is switched off for the count: its recomputed forward pass is
-        # work the hardware does, not FLOPs the model needs, and MFU counts the latter.
+        # MFU's "model FLOPs": matmuls, convolutions and attention of one forward and backward
+        # (norms, activations and the optimizer left out), on the eager model, without gradient
+        # checkpointing's recomputation; a CPU's attention as matmuls, which the counter knows.
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
         model.train()
         ckpt = [level.gradient_checkpointing for level in model.levels()]
         for level in model.levels():
             level.gradient_checkpointing = False
-        kernels = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
-        with FlopCounterMode(display=False) as fc, kernels:
-            loss_backward(model)
-        opt.zero_grad(set_to_none=True)
+        with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext():
+            for mb_x, mb_cond, *_ in micro:
+                with autocast:
+                    (diffusion.loss(model, mb_x, mb_cond)[0] / accum).backward()
+        adam.zero_grad(set_to_none=True)
         for level, c in zip(model.levels(), ckpt):
             level.gradient_checkpointing = c
         return fc.get_total_flops()
 
-    # One guided network evaluation's inputs, as diffusion.predict_v builds them: each level's
-    # z (B, 3, r, r) doubled to 2B rows, the condition in the first half and the null condition
-    # in the second (an unconditional model: B rows, no guidance); t = 0.5 (it costs the same).
+    # A guided evaluation, as diffusion.predict_v makes it: every z doubled, condition and null
+    # condition (the released models': the empty prompt, here 2 tokens) in one batch.
     zs = [torch.randn(s, device=device) for s in model.input_shapes(B)]
-    # The null condition: no visible token (ours), or for the released models' architecture
-    # the encoded empty prompt, here 2 tokens of random features (the cost is the same).
-    if cond and model.null_text == "empty_prompt":
-        null = {"text": torch.randn(B, 2, cfg.text_channels, device=device)}
-        both = cat_conditions(cond, null)
-    else:
-        both = cat_conditions(cond, model.null_condition(cond, torch.ones(B, dtype=torch.bool))) if cond else {}
+    null = {"text": torch.randn(B, 2, cfg.text_channels, device=device)} if cond and model.null_text != "mask" else None
+    both = cat_conditions(cond, null or model.null_condition(cond, torch.ones(B, dtype=torch.bool))) if cond else {}
     zz = [torch.cat([z, z]) for z in zs] if cond else zs
     tt = torch.full((zz[0].shape[0],), 0.5, device=device)
 
@@ -204,90 +136,67 @@ def harness(spec: dict, kind: str) -> dict:
 
     @torch.no_grad()
     def sample():
-        # A whole DDIM run, guided at sample.py's default scale of 3, dynamic thresholding on: its
-        # time over sample_steps network evaluations shows what the sampler itself adds.
         model.eval()
         with autocast:
             diffusion.sample(run, cond, batch_size=B, sampler="ddim", num_inference_steps=spec.get("sample_steps", 20),
-                             guidance_scale=3.0 if cond else 1.0, negative_cond=null if cond and model.null_text ==
-                             "empty_prompt" else None)
+                             guidance_scale=3.0 if cond else 1.0, negative_cond=null)
 
     return dict(model=model, train_step=train_step, net_eval=net_eval, sample=sample, count_flops=count_flops)
 
 
-# ---------------------------------------------------------------------------------------
-# Measuring
-# ---------------------------------------------------------------------------------------
-
 def in_fresh_process(fn, spec: dict):
-    """fn(spec) in a new Python process (spawned, not forked: nothing of this one's memory),
-    so that its peak memory is its own. Returns its result; raises what it raised, or
-    BrokenProcessPool when it died (e.g. out of memory)."""
+    """fn(spec) in a new (spawned) Python process, so that its peak memory is its own."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, spec).result()
 
 
-def measure(spec: dict) -> dict:
-    """One measurement, in this process (so that peak memory is its own)."""
-    device = torch.device(spec["device"])
+def peak_memory(device) -> dict:
+    """This process's peak resident memory over its life (KiB on Linux), and the most that
+    PyTorch's CUDA allocator handed out (tensors only: less than nvidia-smi shows)."""
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return out
+
+
+def measure(spec: dict) -> dict:
+    """One measurement, in this process: warm-up steps thrown away (allocation, kernel
+    selection, compilation), then the median of the repeats."""
+    device = torch.device(spec["device"])
     h = harness(spec, spec["model"])
     result = {**spec, "params": sum_params(h["model"])}
-    # Warm-up steps are thrown away: the first ones pay for memory allocation, kernel
-    # selection and torch.compile's compilation. The median ignores a step slowed by the machine.
     timed(h["train_step"], spec["warmup"], device)
     t = statistics.median(timed(h["train_step"], spec["repeats"], device))
     result.update(train_step_s=t, images_per_s=spec["batch"] / t)
-    if spec.get("sampling", True):
-        # A whole run is sample_steps evaluations, so it is repeated less; the overhead is the
-        # fraction of its time spent beyond them (thresholding, the update, Python).
+    if spec.get("sampling", True):                 # the overhead: a DDIM run beyond its network evaluations
         timed(h["net_eval"], spec["warmup"], device)
         t_eval = statistics.median(timed(h["net_eval"], spec["repeats"], device))
         t_sample = statistics.median(timed(h["sample"], max(1, spec["repeats"] // 3), device))
         result.update(sample_step_s=t_eval, sampler_overhead=t_sample / (spec["sample_steps"] * t_eval) - 1)
-    # ru_maxrss is this process's peak resident memory over its whole life (KiB on Linux): the
-    # reason every measurement runs in a process of its own. Both peaks cover the timed steps
-    # above, and are read before the FLOP count below runs an eager step.
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device.type == "cuda":
-        # The most PyTorch's allocator handed out: tensors only, without its cache or the CUDA
-        # context (less than nvidia-smi shows).
-        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    result.update(peak_memory(device))
     if spec.get("flops", True):
-        # Model FLOPs utilisation: the FLOPs a step needs over the time it took, as a
-        # fraction of what the chip can do (its dense bf16 peak, or --peak-flops). Counted on
-        # a copy of the model on the meta device: one more full step on the GPU could run out
-        # of the memory that the gradient-checkpointing row was there to save.
+        # Counted on the meta device: one more full step on a GPU could run out of memory.
         shapes_only = {**spec, "device": "meta", "bf16": False, "compile": False, "channels_last": False}
         result["train_flops"] = harness(shapes_only, spec["model"])["count_flops"]()
         result["train_tflop_per_s"] = result["train_flops"] / t / 1e12
         peak = spec.get("peak_flops")
-        if not peak and device.type == "cuda" and spec.get("bf16"):   # the table holds bf16 peaks
-            name = torch.cuda.get_device_name(device)
-            peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        if not peak and device.type == "cuda" and spec.get("bf16"):
+            peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(device)), None)
         if peak:
             result["mfu"] = result["train_flops"] / t / peak
     return result
 
 
 def paired(spec: dict) -> dict:
-    """The NestedUNet/plain UNet time ratio, measured in one process with the two models'
-    steps interleaved (nested, plain, plain, nested, ...): a machine that slows down for a
-    while (another job, the clock) slows both alike, which separate runs cannot promise.
-    Returns the median of the per-round ratios."""
-    device = torch.device(spec["device"])
-    # Both models in memory at once: a ratio of times only, no memory figures from here.
-    runs = {k: harness(spec, k) for k in ("nested", "plain")}
-    ratios = {}
-    # "sample" is one guided network evaluation, the paper's sec/step of inference (Table 2).
+    """The NestedUNet / plain UNet time ratios (training step, guided network evaluation) in
+    one process, the two models' steps interleaved and their order alternated every round: a
+    machine that slows down for a while slows both alike. The median of the per-round ratios."""
+    device, runs, ratios = torch.device(spec["device"]), {k: harness(spec, k) for k in ("nested", "plain")}, {}
     for what, action in (("train", "train_step"), ("sample", "net_eval")):
         for k in runs:
             timed(runs[k][action], spec["warmup"], device)
         r = []
         for rnd in range(spec["repeats"]):
-            # The order alternates, so that whatever favours the first (or second) step of a
-            # round, such as warm caches or a clock that ramps up, favours both models alike.
             order = ("nested", "plain") if rnd % 2 == 0 else ("plain", "nested")
             t = {k: timed(runs[k][action], 1, device)[0] for k in order}
             r.append(t["nested"] / t["plain"])
@@ -295,15 +204,39 @@ def paired(spec: dict) -> dict:
     return ratios
 
 
-# ---------------------------------------------------------------------------------------
-# The script: one fresh process per measurement, then the table and bench.json
-# ---------------------------------------------------------------------------------------
+def release_sampling(spec: dict) -> dict:
+    """A released model at its real size with random weights (seeded), one guided sample
+    (batch 1, the guidance pair in one batch of 2; the null condition two tokens of random
+    features) in spec["precision"]: the seconds per step after a warm-up step, peak memory,
+    and the images (the last step's of every level, to compare precisions on the same noise)."""
+    device = torch.device(spec["device"])
+    if device.type == "cpu":
+        reuse_freed_memory()
+    torch.manual_seed(0)
+    model = release.ReleasedNestedUNet(release.preset(release.RELEASES[spec["release"]]["preset"]))
+    for p in model.parameters():                   # random weights (the zero-initialised ones too)
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    model = prepare(model, device).eval()
+    diffusion = build_diffusion(model)
+    g = torch.Generator().manual_seed(1)
+    cond, null = ({"text": torch.randn(1, L, 2048, generator=g).to(device)} for L in (12, 2))
+    times = []
+
+    def step(i, t, zs, x_preds):
+        times.append(time.perf_counter())
+    with torch.no_grad(), device_autocast(device, spec["precision"]):
+        levels = diffusion.sample(model, cond, batch_size=1, sampler="ddim", num_inference_steps=spec["steps"],
+                                  guidance_scale=7.5, negative_cond=null, generator=torch.Generator(device).manual_seed(0),
+                                  callback=step)
+    return {**spec, "params": sum_params(model), "step_s": statistics.median(b - a for a, b in zip(times, times[1:])),
+            "finite": all(bool(torch.isfinite(x).all()) for x in levels), **peak_memory(device),
+            "images": [x.float().cpu() for x in levels]}
+
 
 KNOBS = {"base": {}, "bf16": {"bf16": True}, "fp32": {"bf16": False}, "channels_last": {"channels_last": "on"},
-         "nchw": {"channels_last": "off"},
-         "grad_ckpt": {"grad_ckpt": True, "sampling": False}, "accum2": {"accum": 2, "sampling": False},
-         "compile": {"compile": True},            # grad_ckpt and accum2 change training only
-         "release": {"release": True}}
+         "nchw": {"channels_last": "off"}, "grad_ckpt": {"grad_ckpt": True, "sampling": False},
+         "accum2": {"accum": 2, "sampling": False}, "compile": {"compile": True}, "release": {"release": True}}
 
 
 def check_args(a):
@@ -321,15 +254,19 @@ def check_args(a):
         load_model_config(a.config)
     except ValueError as e:                        # unreadable, not JSON, not a config, not a preset
         raise SystemExit(f"tools/bench.py: {e}")
-    unknown = set((a.knobs or "base").split(",")) - set(KNOBS)
-    if unknown:
-        raise SystemExit(f"tools/bench.py: --knobs {a.knobs}: unknown {', '.join(sorted(unknown))}; "
-                         f"the knobs are {', '.join(KNOBS)}")
+    for flag, value, known in (("--knobs", a.knobs, KNOBS), ("--release-sampling", a.release_sampling, release.RELEASES),
+                               ("--precisions", a.precisions, ("fp32", "bf16", "fp16"))):
+        unknown = set((value or "").split(",")) - set(known) - {""}
+        if unknown:
+            raise SystemExit(f"tools/bench.py: {flag} {value}: unknown {', '.join(sorted(unknown))}; "
+                             f"expected some of {', '.join(known)}")
+    if "accum2" in a.knobs.split(",") and a.batch % 2:
+        raise SystemExit(f"tools/bench.py: --batch {a.batch}: the accum2 knob splits the batch in two: expected an even batch")
 
 
 def main(argv=None):
     p = opt.ArgumentParser(prog="tools/bench.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="CPU-S16S32", help="a preset of nested_unet.py, or a JSON config file "
+    p.add_argument("--config", default="CPU-S16S32", help="a preset, or a JSON config file "
                    "(e.g. docs/official-shape.json, the shape of the comparison with the official code)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -337,30 +274,24 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--sample-steps", type=int, default=20)
-    p.add_argument("--knobs", default=None, help="comma-separated: base, bf16, fp32, channels_last, nchw, grad_ckpt, "
-                   "accum2, compile, release (the released models' architecture at the same sizes) (default: "
-                   "all; on a CPU, whose base is float32 and channels-last, bf16 and nchw; on a GPU, fp32 and "
-                   "channels_last)")
-    p.add_argument("--peak-flops", type=float, default=None,
-                   help="the chip's peak FLOP/s for MFU (known, dense bf16: H100 SXM and H200 989e12, "
-                   "H100 NVL 835e12, H100 PCIe 756e12, A100 312e12)")
+    p.add_argument("--knobs", default=None, help="comma-separated: " + ", ".join(KNOBS) + " (default: all; base is "
+                   "float32 and channels-last on a CPU, bf16 and the default layout on a GPU)")
+    p.add_argument("--peak-flops", type=float, default=None, help="the chip's peak FLOP/s for MFU (known, dense "
+                   "bf16: " + ", ".join(f"{k} {v:.0e}" for k, v in PEAK_BF16.items()) + ")")
     p.add_argument("--count-flops", action="store_true", help="only count the FLOPs of a training step, per "
-                   "image, for any preset: on the meta device (shapes only), in seconds, without memory")
+                   "image, on the meta device (shapes only: the paper's models on a laptop, in seconds)")
+    p.add_argument("--release-sampling", default=None, help="instead: sampling the released models at their real "
+                   "size (random weights), e.g. flickr64,flickr256,flickr1024; --sample-steps DDIM steps each")
+    p.add_argument("--precisions", default="fp32,bf16", help="of --release-sampling: fp32, bf16, fp16")
     p.add_argument("--json", default="bench.json")
     a = p.parse_args(argv)
-    check_args(a)
-    # Text-conditional (MiniLM's width by default), bf16 on a GPU as train.py uses it, float32
-    # on a CPU. Each knob changes one thing of the base.
     on_gpu = a.device.startswith("cuda")
+    a.knobs = a.knobs or f"base,{'fp32' if on_gpu else 'bf16'},{'channels_last' if on_gpu else 'nchw'},grad_ckpt," \
+                         f"accum2,compile,release"
+    check_args(a)
     base = dict(config=a.config, batch=a.batch, device=a.device, text_channels=a.text_channels, warmup=a.warmup,
                 repeats=a.repeats, sample_steps=a.sample_steps, peak_flops=a.peak_flops, bf16=on_gpu)
-    a.knobs = a.knobs or (f"base,{'fp32' if on_gpu else 'bf16'},{'channels_last' if on_gpu else 'nchw'},grad_ckpt,"
-                          "accum2,compile,release")
-    if "accum2" in a.knobs.split(",") and a.batch % 2:
-        raise SystemExit(f"tools/bench.py: --batch {a.batch}: the accum2 knob splits the batch in two: expected an even batch")
     if a.count_flops:
-        # FlopCounterMode needs only shapes: on the meta device nothing is computed or stored,
-        # so the paper's 450M-parameter models are counted on a laptop.
         for model in ("nested", "plain"):
             h = harness({**base, "device": "meta", "bf16": False}, model)
             per_image = h["count_flops"]() / a.batch
@@ -368,24 +299,21 @@ def main(argv=None):
                   f"{per_image / 1e12:.3f} TFLOP per image per training step (forward + backward); "
                   f"40% MFU on an H100 (989 TFLOP/s bf16) = {0.4 * 989e12 / per_image:,.0f} images/s")
         return
+    if a.release_sampling:
+        return report_release_sampling(a)
     rows = []
-    for knob in a.knobs.split(","):
-        for model in ("nested", "plain"):
-            if model == "plain" and knob in ("grad_ckpt",):
-                continue                           # the plain UNet has no outer levels
-            spec = {**base, **KNOBS[knob], "model": model, "knob": knob}
+    knobs = a.knobs.split(",")
+    for knob in knobs:
+        for model in ("nested", "plain") if knob != "grad_ckpt" else ("nested",):   # the plain UNet has no outer levels
             try:
-                rows.append(in_fresh_process(measure, spec))
+                rows.append(in_fresh_process(measure, {**base, **KNOBS[knob], "model": model, "knob": knob}))
             except Exception as e:                 # e.g. out of memory, or no compiler: the others go on
                 print(f"{knob}/{model} failed: {type(e).__name__}: {e}", file=sys.stderr)
                 continue
             print(format_row(rows[-1]), flush=True)
-    # The headline ratio: both models in one process, their steps interleaved, for our
-    # architecture and (if asked) the release one. More rounds, as single steps scatter; an odd
-    # number, so that the median is one round's ratio.
-    interleaved = {}
+    interleaved = {}                               # the fair figures: an odd number of rounds
     for knob in ("base", "release"):
-        if knob in a.knobs.split(","):
+        if knob in knobs:
             try:
                 interleaved[knob] = in_fresh_process(paired, {**base, **KNOBS[knob], "repeats": 2 * a.repeats + 1})
             except Exception as e:
@@ -400,38 +328,55 @@ def format_row(r):
     if "sample_step_s" in r:
         s += f"  sample step {r['sample_step_s'] * 1e3:7.1f} ms  sampler overhead {100 * r['sampler_overhead']:+5.1f}%"
     s += f"  peak RSS {r['peak_rss_mb']:7.0f} MB"
-    if "cuda_peak_mb" in r:
-        s += f"  CUDA peak {r['cuda_peak_mb']:7.0f} MB"
-    if "train_tflop_per_s" in r:
-        s += f"  {r['train_tflop_per_s']:.3g} TFLOP/s"
-    if "mfu" in r:
-        s += f"  MFU {100 * r['mfu']:.1f}%"
-    return s
+    for key, fmt in (("cuda_peak_mb", "  CUDA peak {:7.0f} MB"), ("train_tflop_per_s", "  {:.3g} TFLOP/s")):
+        s += fmt.format(r[key]) if key in r else ""
+    return s + (f"  MFU {100 * r['mfu']:.1f}%" if "mfu" in r else "")
+
+
+def machine(a) -> dict:
+    return {"machine": torch.cuda.get_device_name() if a.device.startswith("cuda") else
+            f"CPU, {torch.get_num_threads()} threads", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
 def report(rows, a, interleaved=None):
     """NestedUNet / plain UNet ratios for each knob, printed and written to --json with the
     rows and the machine."""
     by = {(r["knob"], r["model"]): r for r in rows}
-    ratios = {}
-    for knob in dict.fromkeys(r["knob"] for r in rows):      # in the order measured
-        n, p = by.get((knob, "nested")), by.get((knob, "plain"))
-        if n and p:                                # both measured (grad_ckpt has no plain row)
-            # From separate processes: each a median, but the machine may differ between them.
-            ratios[knob] = {"train": n["train_step_s"] / p["train_step_s"],
-                            "sample": n.get("sample_step_s", float("nan")) / p.get("sample_step_s", float("nan")),
-                            "params": n["params"] / p["params"]}
+    ratios = {knob: {"train": n["train_step_s"] / p["train_step_s"],
+                     "sample": n.get("sample_step_s", float("nan")) / p.get("sample_step_s", float("nan")),
+                     "params": n["params"] / p["params"]}
+              for knob in dict.fromkeys(r["knob"] for r in rows)
+              if (n := by.get((knob, "nested"))) and (p := by.get((knob, "plain")))}
     print("\nNestedUNet / plain UNet of the same size (parameters and FLOPs; the paper's Table 2 has 1.04 and 1.03):")
     for knob, v in ratios.items():
         print(f"  {knob:<14} params {v['params']:.3f}  train step {v['train']:.3f}  sampling step {v['sample']:.3f}")
     for knob, v in (interleaved or {}).items():
         print(f"  {knob:<14} interleaved in one process (the fair figure): train step {v['train']:.3f}  "
               f"sampling step {v['sample']:.3f}")
-    meta = {"machine": torch.cuda.get_device_name() if a.device.startswith("cuda") else
-            f"CPU, {torch.get_num_threads()} threads", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d")}
     with open(a.json, "w") as f:
-        json.dump({"meta": meta, "rows": rows, "ratios": ratios, "interleaved_ratios": interleaved}, f, indent=2)
+        json.dump({"meta": machine(a), "rows": rows, "ratios": ratios, "interleaved_ratios": interleaved}, f, indent=2)
+    print(f"wrote {a.json}")
+
+
+def report_release_sampling(a):
+    """Each release in each precision (a fresh process each), then the difference of each
+    precision's images to fp32's, on the same noise, level by level."""
+    rows = []
+    for name in a.release_sampling.split(","):
+        images = {}
+        for precision in a.precisions.split(","):
+            r = in_fresh_process(release_sampling, dict(release=name, precision=precision, steps=a.sample_steps,
+                                                        device=a.device))
+            images[precision] = r.pop("images")
+            if "fp32" in images and precision != "fp32":
+                r["max_abs_diff_to_fp32"] = [float((x - y).abs().max()) for x, y in zip(images[precision], images["fp32"])]
+            rows.append(r)
+            print(f"{name:<11}{precision:<6}{r['params'] / 1e6:7.1f}M  {r['step_s']:8.2f} s/step  peak RSS "
+                  f"{r['peak_rss_mb']:8.0f} MB  finite {r['finite']}  "
+                  f"{'diff to fp32 ' + str([round(d, 4) for d in r['max_abs_diff_to_fp32']]) if 'max_abs_diff_to_fp32' in r else ''}",
+                  flush=True)
+    with open(a.json, "w") as f:
+        json.dump({"meta": machine(a), "release_sampling": rows}, f, indent=2)
     print(f"wrote {a.json}")
 
 

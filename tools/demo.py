@@ -33,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from diffusion import SAMPLERS
-from helpers import options as opt
+import helpers.options as opt
 from helpers.devices import autocast, setup_processes
 from helpers.models import Trained
 from helpers.pictures import save_grid, save_matryoshka

@@ -30,8 +30,8 @@ import torch
 import data
 import video
 from diffusion import SAMPLERS, THRESHOLDING, MatryoshkaDiffusion, make_optimizer, training_step
-from helpers import measures as metrics
-from helpers import options as opt
+import helpers.measures as metrics
+import helpers.options as opt
 from helpers.devices import autocast, prepare, timed
 from helpers.models import Trained
 from helpers.pictures import save_gif

@@ -1,12 +1,11 @@
 """
-The paper's released models: what they are, and converting a downloaded checkpoint of the
-authors' code into a run folder that sample.py, tools/evaluate.py and train.py --init-from read.
+The paper's released models, and converting a downloaded checkpoint of the authors' code into
+a run folder that sample.py, tools/evaluate.py and train.py --init-from read.
 
-Gu et al. released three text-to-image models, trained on about 50M Flickr text-image pairs
-with FLAN-T5 XL as the text encoder: 64x64 (a UNet, the paper's MDM-S64), 256x256 (one nested
-level, MDM-S64S256) and 1024x1024 (two, MDM-S64S256S1024). They compute a few things their own
-way; each difference is one override of nested_unet.py's or diffusion.py's hooks below, so
-their weights load into this project's model, strictly, tensor by tensor:
+Gu et al. released three text-to-image models (about 50M Flickr text-image pairs, FLAN-T5 XL):
+64x64 (the paper's MDM-S64), 256x256 (MDM-S64S256) and 1024x1024 (MDM-S64S256S1024). They
+compute a few things their own way, each one override of nested_unet.py's or diffusion.py's
+hooks below, so that their weights load into this project's model strictly, tensor by tensor:
 
     1. down-sampling: a stride-2 3x3 conv, not average pooling then a 3x3 conv
     2. text: its own softmax, added to the pixels' (not one softmax over both), and padding
@@ -27,13 +26,11 @@ Download, convert, sample:
     python sample.py --ckpt runs/flickr64 "a panda playing guitar"
     python train.py --config MDM-flickr256 --res 64,256 --init-from runs/flickr64 ...   # grow it
 
-Reading the file runs no code from it: the checkpoint is a pickle, which may name any Python
-function to call while it is read. Here the names it holds (its stored arguments are objects
-of the authors' classes) are listed first without unpickling anything, every one but the
-tensors' is bound to an inert stand-in that only records its data, and torch.load reads the
-file with weights_only=True. The stored arguments are then checked against the release, and
-every tensor is mapped to exactly one of ours, shape included: nothing left over, nothing
-missing (the authors' own loader is not strict and skips what does not fit).
+Reading the file runs no code from it: the names its pickle holds (its stored arguments are
+objects of the authors' classes) are listed without unpickling anything, each bound to an inert
+stand-in that records its data, and torch.load reads it with weights_only=True. The stored
+arguments are checked against the release, and every tensor is mapped to exactly one of ours,
+shape included (the authors' own loader is not strict and skips what does not fit).
 """
 
 from __future__ import annotations
@@ -234,10 +231,6 @@ def preset(name: str, **overrides) -> ReleasedConfig:
     return PRESETS[name](**overrides)
 
 
-# ---------------------------------------------------------------------------------------
-# Reading the checkpoint without running code from it
-# ---------------------------------------------------------------------------------------
-
 class Stored:
     """An object the checkpoint names (an argparse.Namespace, one of the authors' config
     dataclasses or enums, a numpy scalar), rebuilt as inert data: the arguments and state
@@ -307,10 +300,6 @@ def read_checkpoint(path) -> tuple[dict, dict | None]:
     args = plain(ckpt.get("args"))
     return dict(ckpt["state_dict"]), args if isinstance(args, dict) else None
 
-
-# ---------------------------------------------------------------------------------------
-# Names: every tensor of ours and the released one it comes from
-# ---------------------------------------------------------------------------------------
 
 RESBLOCK = {"norm1": "norm1", "conv1": "conv1", "emb_proj": "time_layer", "norm2": "norm2", "conv2": "conv2",
             "skip": "conv3"}
@@ -413,10 +402,6 @@ def convert(state: dict, config: ReleasedConfig, micro_scales: list[float] | Non
     return ours
 
 
-# ---------------------------------------------------------------------------------------
-# Which release a file holds, and checking it against its stored arguments
-# ---------------------------------------------------------------------------------------
-
 def detect(state: dict) -> str:
     """The release a state dict belongs to, from its nesting depth."""
     depth = max((k.count("inner_unet.") for k in state), default=0)
@@ -478,9 +463,7 @@ def micro_scales(args: dict | None, levels: int) -> list[float] | None:
     return out[::-1] if len(out) == levels and None not in out else None
 
 
-# ---------------------------------------------------------------------------------------
-# (9) Their tokenisation of prompts (data.TextEncoder(split=mdm_splitter) uses it)
-# ---------------------------------------------------------------------------------------
+# (9) Their tokenisation of prompts (data.TextEncoder(split=mdm_splitter) uses it).
 
 def unigram_pieces(tokenizer) -> dict[str, tuple[int, float]]:
     """A T5 tokenizer's SentencePiece vocabulary: piece (its "\u2581" written as a space, as
@@ -540,10 +523,6 @@ def mdm_splitter(tokenizer, max_length: int = 128):
     pieces = unigram_pieces(tokenizer)
     return lambda caption: mdm_token_ids(caption, pieces, max_length)
 
-
-# ---------------------------------------------------------------------------------------
-# Writing the run folder
-# ---------------------------------------------------------------------------------------
 
 def run_metadata(name: str, config: ReleasedConfig, text_encoder: str = "google/flan-t5-xl") -> dict:
     """What sample.py reads: the model and diffusion configs, the text encoder and its
