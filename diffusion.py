@@ -320,21 +320,25 @@ class MatryoshkaDiffusion:
     @torch.no_grad()
     def predict_v(self, model, zs, t, cond, guidance_scale=1.0, negative_cond=None):
         """The network's v at every level, with classifier-free guidance in one network
-        evaluation: the condition and the null (or negative) condition go in one batch."""
+        evaluation: the condition and the null (or negative) condition go in one batch.
+        guidance_scale: one number, or one per level (lowest first)."""
         B = zs[0].shape[0]
         tt = torch.full((B,), float(t), device=zs[0].device)
-        if guidance_scale == 1.0 or not cond:
+        scales = list(guidance_scale) if isinstance(guidance_scale, (list, tuple)) else [guidance_scale] * len(zs)
+        if all(w == 1.0 for w in scales) or not cond:
             return [v.to(zs[0].dtype) for v in model(zs, tt, **cond)]   # no guidance: one half only
         null = negative_cond if negative_cond is not None else \
             model.null_condition(cond, torch.ones(B, dtype=torch.bool, device=zs[0].device))
         vs = model([torch.cat([z, z]) for z in zs], torch.cat([tt, tt]), **cat_conditions(cond, null))
-        return [guided_v(*v.to(zs[0].dtype).chunk(2), guidance_scale) for v in vs]
+        return [guided_v(*v.to(zs[0].dtype).chunk(2), w) for v, w in zip(vs, scales)]
 
     @torch.no_grad()
     def sample(self, model, cond: dict | None = None, batch_size: int = 1, sampler: str = "ddpm",
-               num_inference_steps: int = 250, guidance_scale: float = 1.0, negative_cond=None,
+               num_inference_steps: int = 250, guidance_scale: float | list = 1.0, negative_cond=None,
                thresholding: str | None = None, eta: float = 0.0, generator: torch.Generator | None = None,
-               device=None, dtype=torch.float32, callback=None, progress: bool = False) -> list:
+               device=None, dtype=torch.float32, callback=None, progress: bool = False,
+               known: list | None = None, init: torch.Tensor | None = None, strength: float = 1.0,
+               resample: int = 0) -> list:
         """Appendix C: start every resolution from its own independent Gaussian noise, run the
         NestedUNet on all of them in parallel, take one denoising step per resolution with its
         own schedule, repeat. Returns the final images, one tensor per resolution, lowest
@@ -343,9 +347,22 @@ class MatryoshkaDiffusion:
         sampler="ddpm": ancestral sampling (Ho et al., 2020); "ddim": the DDIM update (Song et
         al., 2021), deterministic with eta = 0, as noisy as DDPM with eta = 1; "dpm++2m": the
         second-order multistep DPM-Solver++ (Lu et al., 2022), in each level's own log-SNR. The
-        time grid is `time_grid`. thresholding: of the predicted x at every step (THRESHOLDING; None: the
-        config's). callback(i, t, zs, x_preds) is called after every step (sample.py --show-steps);
-        progress: a progress bar."""
+        time grid is `time_grid`. guidance_scale: one, or one per level (lowest first: strong
+        for the layout, weaker for the texture). thresholding: of the predicted x at every step
+        (THRESHOLDING; None: the config's). callback(i, t, zs, x_preds) after every step.
+
+        What only a nested model can do, through its levels:
+          known     one entry per level, None or (x, keep): the pixels of x (B, C, r, r) where
+                    keep (B, 1, r, r) is 1 (keep=None: all of them) are known. At every step
+                    they are put back, noised to that step's time by their own level's schedule
+                    (Eq. 2's marginal), and the model draws the rest around them (RePaint,
+                    Lugmayr et al. 2022): a lower level known is super-resolution, a mask at
+                    every level inpainting. The result holds them exactly.
+          resample  RePaint's resampling: after each step, back to the step's time with fresh
+                    noise and the step again, `resample` times (harmonises the known and drawn).
+          init      image-to-image (SDEdit, Meng et al. 2022): every level starts from init
+                    (B, C, R, R) down-sampled to it (D^r) and noised to the time `strength`
+                    (1: pure noise, the plain sample of the same seed; 0: init itself)."""
         cond = cond or {}
         thresholding = thresholding or self.config.thresholding
         if num_inference_steps < 1:
@@ -354,24 +371,61 @@ class MatryoshkaDiffusion:
             raise ValueError(f"sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
         if thresholding not in THRESHOLDING:
             raise ValueError(f"thresholding={thresholding!r}: expected one of {', '.join(THRESHOLDING)}")
+        if isinstance(guidance_scale, (list, tuple)) and len(guidance_scale) != len(self.resolutions):
+            raise ValueError(f"{len(guidance_scale)} guidance scales for {len(self.resolutions)} levels: give one, "
+                             f"or one per level, lowest first")
+        if not 0 <= strength <= 1 or (resample and sampler == "dpm++2m"):
+            raise ValueError(f"strength={strength} must be in [0, 1]; resampling is for ddpm and ddim")
         device = device or next(model.parameters()).device
         shapes = model.input_shapes(batch_size)
         # The sampler's state stays in float32 (dtype) even when the network runs in bf16.
         zs = [torch.randn(s, generator=generator, device=device, dtype=dtype) for s in shapes]
         ts = self.time_grid(num_inference_steps, sampler)
+        if init is not None and strength < 1:      # SDEdit: start at t = strength from init, noised
+            ts = ts[round((1 - strength) * (len(ts) - 1)):]
+            xs = self.downsample(init.to(device, dtype))
+            zs = [self.noised(x, ts[0], r, eps) for r, (x, eps) in enumerate(zip(xs, zs))]
+            if len(ts) == 1:                       # strength 0: nothing to denoise
+                return xs
         memory = [{} for _ in zs]                  # per level: what a multistep solver keeps
         for i in tqdm(range(len(ts) - 1), desc=f"{sampler} x{batch_size}", disable=not progress, leave=False):
-            t, s = ts[i], ts[i + 1]
-            vs = self.predict_v(model, zs, t, cond, guidance_scale, negative_cond)
-            x_preds = []
-            for r, (z, v) in enumerate(zip(zs, vs)):
-                x_pred, z_next = self.step(z, v, t, s, r, sampler, thresholding, generator,
-                                           last=(i == len(ts) - 2), eta=eta, memory=memory[r])
-                x_preds.append(x_pred)
-                zs[r] = z_next
+            t, s, last = ts[i], ts[i + 1], i == len(ts) - 2
+            for again in range(0 if last or not known else resample, -1, -1):
+                zs = self.put_back(zs, known, t, generator)
+                vs = self.predict_v(model, zs, t, cond, guidance_scale, negative_cond)
+                x_preds, zs = zip(*(self.step(z, v, t, s, r, sampler, thresholding, generator, last=last, eta=eta,
+                                              memory=memory[r]) for r, (z, v) in enumerate(zip(zs, vs))))
+                if again:                          # RePaint: back from s to t, q(z_t | z_s), and again
+                    zs = [self.noised(z, t, r, torch.randn(z.shape, generator=generator, device=device, dtype=dtype),
+                                      since=s) for r, z in enumerate(zs)]
+            zs = list(zs)
             if callback is not None:
-                callback(i, float(t), zs, x_preds)
-        return zs
+                callback(i, float(t), zs, list(x_preds))
+        return self.put_back(zs, known, None, generator)
+
+    def noised(self, x, t, level, eps, since=None):
+        """Eq. 2's z_t = alpha_t x + sigma_t eps at a level, with its schedule; from z_s at an
+        earlier time s (since=s): q(z_t | z_s) = N(alpha_t / alpha_s z_s, sigma_t^2 - (alpha_t /
+        alpha_s)^2 sigma_s^2)."""
+        a, sig = (u.to(x.dtype) for u in self.alpha_sigma(t.reshape(1), level))
+        if since is not None:
+            a_s, s_s = (u.to(x.dtype) for u in self.alpha_sigma(since.reshape(1), level))
+            a, sig = a / a_s, (sig ** 2 - (a / a_s) ** 2 * s_s ** 2).clamp(min=0).sqrt()
+        return a * x + sig * eps
+
+    def put_back(self, zs, known, t, generator):
+        """The known pixels of every level (`known` of sample), noised to time t with fresh
+        noise (t None: as they are)."""
+        out = []
+        for r, (z, k) in enumerate(zip(zs, known or [None] * len(zs))):
+            if k is not None:
+                x, keep = k
+                if t is not None:
+                    x = self.noised(x.to(z.dtype), t, r, torch.randn(z.shape, generator=generator, device=z.device,
+                                                                    dtype=z.dtype))
+                z = x.to(z.dtype) if keep is None else torch.where(keep > 0.5, x.to(z.dtype), z)
+            out.append(z)
+        return out
 
     def step(self, z, v, t, s, level, sampler, thresholding="imagen", generator=None, last=False, eta=0.0,
              memory=None):

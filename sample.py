@@ -16,6 +16,11 @@ frames of every level).
     python sample.py --label sandal                         # a class-conditional model
     python sample.py --ckpt runs/<name> "a rocket" --negative-prompt "a face"
     python sample.py --ckpt runs/flickr64 "a panda playing guitar"   # a released model (tools/release.py)
+What only a nested model can do, through its levels (the given pixels stay as they are):
+    python sample.py --label bag --upscale bag16.png           # super-resolution: 16x16 -> 32x32
+    python sample.py --label bag --init-image bag.png --strength 0.5           # image-to-image
+    python sample.py --label bag --init-image bag.png --mask right-half.png    # inpainting
+    python sample.py "red heart" --guidance-scale 5,1          # a guidance scale per level
 Many images for evaluation, into a folder, in batches (one process, or one per GPU):
     torchrun --nproc_per_node=8 sample.py --prompts-file prompts.txt --out-dir gen/ --batch-size 64
 """
@@ -23,18 +28,22 @@ Many images for evaluation, into a folder, in batches (one process, or one per G
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from diffusion import SAMPLERS, THRESHOLDING
 import helpers.options as opt
-from helpers.devices import autocast, setup_processes
+from data import to_tensor
+from diffusion import SAMPLERS, THRESHOLDING
+from helpers.devices import autocast, resolve_precision, setup_processes
 from helpers.models import Trained
 from helpers.pictures import save_gif, save_grid, save_levels_figure, save_matryoshka, to_uint8
 
@@ -52,8 +61,9 @@ def parse_args(argv=None):
                    "(default: the newest run in runs/)")
     # Images per prompt; with --prompts-file, the number of images in all (see main).
     p.add_argument("--num-images", type=int, default=4)
-    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance; 1: none "
-                   "(default: the run's, 3 for ours)")
+    p.add_argument("--guidance-scale", type=opt.comma_list(float, "3 or 5,1"), default=None,
+                   help="classifier-free guidance; 1: none (default: the run's, 3 for ours); one per level, lowest "
+                   "first: 5,1 guides the layout strongly and the texture not")
     p.add_argument("--negative-prompt", default=None, help="guide away from this instead of the null condition")
     p.add_argument("--num-inference-steps", type=int, default=None, help="default: the run's (250, appendix C)")
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="default: the run's (ddpm); "
@@ -71,6 +81,19 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--text-encoder", default=None, help="a local copy of the run's text encoder "
                    "(default: the one its metadata names, e.g. google/flan-t5-xl)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="of the network "
+                   "(auto: bf16 on GPUs that have it, else fp16, fp32 on CPUs; a released model never fp16)")
+    g = p.add_argument_group("drawing around given pixels (the result keeps them as they are)")
+    g.add_argument("--upscale", default=None, help="super-resolution: an image of a lower level's size (e.g. 16x16 "
+                   "for a 16 -> 32 model); the levels above it are drawn around it")
+    g.add_argument("--init-image", default=None, help="image-to-image: start from this image (cropped and resized to "
+                   "the top resolution), noised to --strength; with --mask, the image to inpaint")
+    g.add_argument("--strength", type=float, default=None, help="how far --init-image is noised, 0 to 1 (1: pure "
+                   "noise; default 0.75, or 1 with --mask)")
+    g.add_argument("--mask", default=None, help="inpainting: white where to draw, black where --init-image stays "
+                   "(its size)")
+    g.add_argument("--resample", type=int, default=0, help="RePaint's resampling: each step redone this many times "
+                   "with fresh noise, for a more coherent fill (--upscale, --mask)")
     a = p.parse_args(argv)
     if a.no_dynamic_thresholding:
         a.thresholding = "none"
@@ -82,13 +105,21 @@ def check_args(args):
     lines of --prompts-file, if given."""
     opt.check_flags("sample.py", args, [
         ("--num-images", opt.at_least(1), "at least 1 image"),
-        ("--guidance-scale", opt.finite, "a finite guidance scale (1: no guidance), e.g. 3"),
+        ("--guidance-scale", opt.finite, "finite guidance scales (1: no guidance), e.g. 3, or 5,1 (one per level)"),
+        ("--strength", lambda v: opt.finite(v) and 0 <= v <= 1, "a strength in [0, 1] (1: pure noise)"),
+        ("--resample", opt.at_least(0), "an integer >= 0"),
         ("--num-inference-steps", opt.at_least(1), "at least 1 step"),
         ("--eta", lambda v: opt.finite(v) and v >= 0, "a DDIM noise level >= 0 (0: deterministic, 1: DDPM's)"),
         ("--seed", opt.at_least(0), "an integer >= 0"),
         ("--batch-size", opt.at_least(1), "at least 1 image per batch"),
     ])
     opt.check_device("sample.py", args.device)
+    if args.mask and not args.init_image:
+        fail(f"--mask {args.mask}: inpainting needs the image too: --init-image <image> --mask {args.mask}")
+    if args.upscale and args.init_image:
+        fail("--upscale and --init-image: one of them (the image to upscale, or the image to start from)")
+    if args.strength is not None and not args.init_image:
+        fail(f"--strength {args.strength}: the strength of --init-image's noise; give --init-image")
     if args.out_dir and not args.prompts_file:
         fail(f"--out-dir {args.out_dir}: a folder for --prompts-file's images; for prompts given here, "
              f"--out <file prefix>, e.g. --out {Path(args.out_dir) / 'picture'}")
@@ -114,18 +145,94 @@ def fail(msg):
 # Drawing: the model and its diffusion process, appendix C
 # ---------------------------------------------------------------------------------------
 
+class NonFinite(Exception):
+    """A sample left the range of the network's precision (NaN or infinity) at step `args[0]`."""
+
+
 def draw(run: Trained, cond: dict, n: int, seed: int, settings: dict, negative_prompt=None, callback=None,
-         progress=False) -> list:
+         progress=False, precision: str = "fp32", **given) -> list:
     """n images for `cond` (n rows), at every resolution, lowest first. Every resolution starts
     from its own Gaussian noise, drawn from a generator seeded by `seed` on the device (CPU
     and CUDA draw different numbers), and the NestedUNet denoises all of them together, each
-    with its own schedule (diffusion.sample). Guidance contrasts with the negative prompt, or
-    the model's null condition. The network runs under autocast as in training (bf16 on GPUs
-    that have it, fp32 on CPUs); the sampler's state stays float32."""
-    with autocast(run.device):
+    with its own schedule (diffusion.sample; `given`: its known pixels, or image to start
+    from). Guidance contrasts with the negative prompt, or the model's null condition. The
+    network runs in `precision` (autocast); the sampler's state stays float32. A sample that
+    turns NaN or infinite stops at once (NonFinite): its precision's range was too small."""
+    def step_done(i, t, zs, x_preds):
+        if not all(bool(torch.isfinite(x).all()) for x in x_preds):
+            raise NonFinite(i + 1)
+        if callback is not None:
+            callback(i, t, zs, x_preds)
+
+    def rows(x):                                   # a given image (1, C, r, r) for each of the n
+        return x.expand(n, *x.shape[1:]) if torch.is_tensor(x) else x
+    given = {k: [v and tuple(map(rows, v)) for v in g] if k == "known" else rows(g) for k, g in given.items()}
+    with autocast(run.device, precision):
         return run.diffusion.sample(run.model, cond, batch_size=n, negative_cond=run.negative_condition(n, negative_prompt),
-                                    generator=torch.Generator(run.device).manual_seed(seed), callback=callback,
-                                    progress=progress, **settings)
+                                    generator=torch.Generator(run.device).manual_seed(seed), callback=step_done,
+                                    progress=progress, **settings, **given)
+
+
+def read_image(source, channels: int) -> torch.Tensor:
+    """An image (a file, or its bytes) -> (1, C, H, W) in [-1, 1], grey for a one-channel model.
+    Raises ValueError if it is no image."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            a = np.asarray(img.convert("RGBA").convert("L" if channels == 1 else "RGB"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read it as an image ({e})") from None
+    return to_tensor(a[..., None] if a.ndim == 2 else a)[None]
+
+
+def given_pixels(run: Trained, upscale=None, image=None, mask=None, strength=None, resample: int = 0) -> dict:
+    """What diffusion.sample is given, for one image (draw repeats it), from images (1, C, H,
+    W) in [-1, 1]: `upscale`, an image of a lower level's size, known at that level and below
+    (super-resolution); `image` to start from, noised to `strength` (image-to-image), or with
+    `mask` (white: draw, black: keep) its kept pixels known at every level (inpainting).
+    Raises ValueError for an image that does not fit."""
+    sizes, R = run.model.resolutions, run.model.resolutions[-1]
+    if upscale is None and image is None:
+        return {}
+    if run.is_video:
+        raise ValueError("drawing around given pixels is for images; this is a video model")
+    if upscale is not None:
+        if upscale.shape[-2] != upscale.shape[-1] or upscale.shape[-1] not in sizes[:-1]:
+            raise ValueError(f"{upscale.shape[-1]}x{upscale.shape[-2]} pixels; this model's lower levels are "
+                             f"{', '.join(f'{r}x{r}' for r in sizes[:-1])}: expected an image of one of those sizes")
+        k = sizes.index(upscale.shape[-1])         # that level known, and the ones below it (pooled)
+        return dict(known=[(F.avg_pool2d(upscale, upscale.shape[-1] // r).to(run.device), None) if i <= k else None
+                           for i, r in enumerate(sizes)], resample=resample)
+    top = image if image.shape[-2:] == (R, R) else \
+        F.interpolate(image, size=(R, R), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    if mask is None:
+        return dict(init=top.to(run.device), strength=0.75 if strength is None else strength)
+    if mask.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} pixels, the image "
+                         f"{image.shape[-1]}x{image.shape[-2]}: expected the same size")
+    keep = (F.interpolate(mask[:, :1], size=(R, R), mode="nearest") < 0).float()     # black: keep, white: draw
+    # Every level knows the image, pooled to it; a level's pixel is kept if all it holds are.
+    out = dict(known=[(F.avg_pool2d(top, R // r).to(run.device), (-F.max_pool2d(-keep, R // r)).to(run.device))
+                      for r in sizes], resample=resample)
+    if strength is not None and strength < 1:
+        out.update(init=top.to(run.device), strength=strength)
+    return out
+
+
+def given_by_flags(run: Trained, args) -> dict:
+    """given_pixels of --upscale, --init-image, --mask and --strength; each mistake in one line."""
+    images = {}
+    for flag, path in (("--upscale", args.upscale), ("--init-image", args.init_image), ("--mask", args.mask)):
+        try:
+            images[flag] = None if path is None else read_image(path, 1 if flag == "--mask" else
+                                                                run.model.config.in_channels)
+        except ValueError as e:
+            fail(f"{flag} {path}: {e}")
+    try:
+        return given_pixels(run, images["--upscale"], images["--init-image"], images["--mask"], args.strength,
+                            args.resample)
+    except ValueError as e:
+        fail(" ".join(f"{f} {p}" for f, p in (("--upscale", args.upscale), ("--init-image", args.init_image),
+                                                 ("--mask", args.mask)) if p) + f": {e}")
 
 
 def main(argv=None):
@@ -143,17 +250,29 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     # -- how to sample: the run's own settings, unless a flag says otherwise --
-    settings = run.settings(sampler=args.sampler, num_inference_steps=args.num_inference_steps,
-                            guidance_scale=args.guidance_scale, eta=args.eta, thresholding=args.thresholding)
+    scales = args.guidance_scale
+    if scales and len(scales) not in (1, len(run.model.resolutions)):
+        fail(f"--guidance-scale {','.join(map(str, scales))}: {len(scales)} scales for a model of "
+             f"{len(run.model.resolutions)} levels: give one, or one per level, lowest first")
+    settings = run.settings(sampler=args.sampler, num_inference_steps=args.num_inference_steps, eta=args.eta,
+                            guidance_scale=scales and (scales[0] if len(scales) == 1 else scales),
+                            thresholding=args.thresholding)
     if args.negative_prompt is not None and run.kind != "text":
         fail("--negative-prompt needs a text-conditional model")
-    if args.prompts_file:
-        write_folder(run, lines, args, settings, rank, world)
-    else:
-        write_figures(run, args, settings)
+    # The released models' activations exceed fp16's range (ml-mdm issue 69): never fp16 unless asked.
+    precision = resolve_precision(args.precision, device, fp16=run.fp16_ok)
+    given = given_by_flags(run, args)
+    try:
+        if args.prompts_file:
+            write_folder(run, lines, args, settings, rank, world, precision=precision, **given)
+        else:
+            write_figures(run, args, settings, precision=precision, **given)
+    except NonFinite as e:
+        fail(f"the sample turned NaN or infinite at step {e.args[0]} in {precision}: its values left that "
+             f"precision's range; run it with --precision fp32" + (" (or bf16)" if precision == "fp16" else ""))
 
 
-def write_figures(run: Trained, args, settings: dict):
+def write_figures(run: Trained, args, settings: dict, **draw_kw):
     """A few prompts (or one label): a grid, the matryoshka figure, and --show-steps' figure."""
     prompts = args.prompt or None
     try:          # k conditions (one per prompt, or the one label), each repeated --num-images times
@@ -171,7 +290,7 @@ def write_figures(run: Trained, args, settings: dict):
     def keep(i, t, zs, x_preds):                   # x_preds: (n, C, r, r) per resolution
         if i in marks:
             frames.append((t, [x[:1].float().cpu() for x in x_preds]))
-    levels = draw(run, cond, n, args.seed, settings, args.negative_prompt, keep, progress=True)
+    levels = draw(run, cond, n, args.seed, settings, args.negative_prompt, keep, progress=True, **draw_kw)
     names = prompts or [run.class_name(args.label) if args.label is not None else "unconditional"]
     prefix = Path(args.out or Path("samples") / slug(names[0]))
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +313,7 @@ def write_figures(run: Trained, args, settings: dict):
     print("wrote " + ", ".join(written))
 
 
-def write_folder(run: Trained, lines: list[str], args, settings: dict, rank: int = 0, world: int = 1):
+def write_folder(run: Trained, lines: list[str], args, settings: dict, rank: int = 0, world: int = 1, **draw_kw):
     """--prompts-file: many images into a folder (for evaluation), and a captions file: the
     lines (labels, prompts, or anything for an unconditional model) cycled to --num-images
     images, each used at least once, drawn in batches of --batch-size. Each of `world` processes
@@ -219,7 +338,7 @@ def write_folder(run: Trained, lines: list[str], args, settings: dict, rank: int
             # so no two (seed, b) collide): an image never depends on the number of processes.
             # (On a CPU the threads per process, which torchrun sets to 1, can still move a pixel
             # by one level: sums split differently over threads.)
-            images = draw(run, cond, len(texts), args.seed * 1_000_003 + b, settings)[-1]    # the top level
+            images = draw(run, cond, len(texts), args.seed * 1_000_003 + b, settings, **draw_kw)[-1]   # the top level
             for j, (img, text) in enumerate(zip(to_uint8(images), texts)):
                 i = b * B + j                      # the image's index in `items`: file names never collide
                 Image.fromarray(img).save(out / f"{i:06d}.png")

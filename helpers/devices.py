@@ -71,14 +71,15 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def resolve_precision(precision: str, device) -> str:
+def resolve_precision(precision: str, device, fp16: bool = True) -> str:
     """"auto" -> what this device runs best: bf16 (appendix B) on GPUs that have it, fp16 on
-    those that do not (T4, V100: bf16 is emulated there, slowly), fp32 on CPUs and Apple GPUs."""
+    those that do not (T4, V100: bf16 is emulated there, slowly) unless the model's values
+    exceed fp16's range (fp16=False: fp32 there), fp32 on CPUs and Apple GPUs."""
     device = torch.device(device)
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16" if fp16 else "fp32"
     return "fp32"
 
 

@@ -141,6 +141,8 @@ class Trained:
         self.is_video = bool(self.meta.get("video"))
         self.diffusion = build_diffusion(self.model, DiffusionConfig(**self.meta["diffusion_config"]))
         self.class_names = self.meta.get("class_names")
+        # The released models' activations exceed fp16's range (ml-mdm issue 69: NaN at 1024 px).
+        self.fp16_ok = not isinstance(self.model, release.ReleasedNestedUNet)
         # The settings the model is meant to be sampled with (the released models': their demo's).
         self.sampling = {**SAMPLING, **self.meta.get("sampling", {})}
         self.encoder = None

@@ -5,7 +5,9 @@ The point of a Matryoshka Diffusion Model is that all its resolutions denoise to
 this page shows it as it happens. Type a prompt (or pick a class), press Generate, and every
 nested resolution of every image updates while the sampler runs (a few frames per second at
 most, so that drawing does not slow a CPU down); then the final images, a download link, and
-the sample.py command that draws the same images.
+the sample.py command that draws the same images. With an uploaded image it also draws around
+it, as sample.py does: upscale it (an image of a lower level's size), start from it (image to
+image), or inpaint it where a mask drawn on the page, or uploaded, is white.
 
     python -m tools.demo                                    # the newest run in runs/
     python -m tools.demo --ckpt runs/flickr64 --port 8080   # a converted released model (tools/release.py)
@@ -19,6 +21,7 @@ standard library's HTTP server: no framework, nothing fetched by the page.
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import json
 import math
@@ -30,15 +33,16 @@ import uuid
 from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import torch
-
-from diffusion import SAMPLERS
 import helpers.options as opt
-from helpers.devices import autocast, setup_processes
+from diffusion import SAMPLERS
+from helpers.devices import resolve_precision, setup_processes
 from helpers.models import Trained
 from helpers.pictures import save_grid, save_matryoshka
+from sample import NonFinite, draw, given_pixels, read_image
 
-LIMITS = dict(prompt_chars=1000, images=16, steps=1000, guidance=100.0, seed=2 ** 31 - 1, body_bytes=16384)
+LIMITS = dict(prompt_chars=1000, images=16, steps=1000, guidance=100.0, seed=2 ** 31 - 1, body_bytes=8 << 20,
+              image_side=2048)
+MODES = ("generate", "upscale", "image-to-image", "inpaint")      # the last three draw around an uploaded image
 KEEP = 8                 # generations kept in memory (their images), the oldest dropped first
 FRAME_SECONDS = 0.25     # at most 4 preview frames per second
 
@@ -51,9 +55,10 @@ class Cancelled(Exception):
 # What the page may ask for, checked
 # ---------------------------------------------------------------------------------------
 
-def settings_from(request: dict, pipe: Trained) -> dict:
-    """The JSON of a Generate -> the settings of one generation, every value checked: a
-    ValueError says which field is wrong and what it expects."""
+def settings_from(request: dict, pipe: Trained) -> tuple[dict, dict]:
+    """The JSON of a Generate -> the settings of one generation, every value checked, and what
+    its uploaded image gives the sampler (sample.given_pixels): a ValueError says which field
+    is wrong and what it expects."""
     if not isinstance(request, dict):
         raise ValueError("expected a JSON object of settings")
     s = {}
@@ -87,11 +92,40 @@ def settings_from(request: dict, pipe: Trained) -> dict:
             raise ValueError("label: this model is class-conditional: expected a class name or index")
         s["label"] = str(label)
         pipe.label_index(s["label"])               # raises ValueError for a class it does not have
-    return s
+    s["mode"] = request.get("mode", "generate")
+    if s["mode"] not in MODES:
+        raise ValueError(f"mode: {s['mode']!r}: expected one of {', '.join(MODES)}")
+    if s["mode"] == "generate":
+        return s, {}
+    image, mask = (uploaded(request, k, 1 if k == "mask" else pipe.model.config.in_channels)
+                   for k in ("image", "mask" if s["mode"] == "inpaint" else None))
+    if s["mode"] == "image-to-image":
+        s["strength"] = number("strength", float, 0, 1, 0.75)
+    try:
+        return s, given_pixels(pipe, upscale=image if s["mode"] == "upscale" else None,
+                               image=None if s["mode"] == "upscale" else image, mask=mask, strength=s.get("strength"))
+    except ValueError as e:
+        raise ValueError(f"{'mask' if 'mask' in str(e) else 'image'}: {e}") from None
+
+
+def uploaded(request: dict, field: str | None, channels: int):
+    """An uploaded image (a data: URL of its file) -> (1, C, H, W) in [-1, 1]."""
+    if field is None:
+        return None
+    value = request.get(field)
+    if not isinstance(value, str) or not value.startswith("data:image/") or ";base64," not in value:
+        raise ValueError(f"{field}: expected an uploaded image (a data: URL)")
+    try:
+        x = read_image(base64.b64decode(value.split(";base64,", 1)[1], validate=True), channels)
+    except (ValueError, binascii.Error) as e:
+        raise ValueError(f"{field}: {e}") from None
+    if max(x.shape[-2:]) > LIMITS["image_side"]:
+        raise ValueError(f"{field}: at most {LIMITS['image_side']} pixels a side")
+    return x
 
 
 def command_of(s: dict, ckpt: str) -> str:
-    """The sample.py command that draws the same images."""
+    """The sample.py command that draws the same images (from your image.png and mask.png)."""
     words = ["python", "sample.py", "--ckpt", ckpt]
     if "prompt" in s:
         words.append(s["prompt"])
@@ -101,6 +135,8 @@ def command_of(s: dict, ckpt: str) -> str:
         words += ["--negative-prompt", s["negative_prompt"]]
     words += ["--num-images", str(s["num_images"]), "--num-inference-steps", str(s["num_inference_steps"]),
               "--sampler", s["sampler"], "--guidance-scale", f"{s['guidance_scale']:g}", "--seed", str(s["seed"])]
+    words += {"upscale": ["--upscale", "image.png"], "inpaint": ["--init-image", "image.png", "--mask", "mask.png"],
+              "image-to-image": ["--init-image", "image.png", "--strength", f"{s.get('strength', 0):g}"]}.get(s["mode"], [])
     return shlex.join(words)
 
 
@@ -115,8 +151,8 @@ def png(image) -> bytes:
 # ---------------------------------------------------------------------------------------
 
 class Job:
-    def __init__(self, settings: dict, command: str):
-        self.id, self.settings, self.command = uuid.uuid4().hex[:12], settings, command
+    def __init__(self, settings: dict, given: dict, command: str):
+        self.id, self.settings, self.given, self.command = uuid.uuid4().hex[:12], settings, given, command
         self.events: queue.Queue = queue.Queue(maxsize=64)   # the page reads them; a full queue drops frames
         self.cancel, self.done = threading.Event(), threading.Event()
         self.images: dict[str, bytes] = {}
@@ -131,16 +167,16 @@ class Job:
 class Demo:
     """The model, the generation running now (at most one) and the last KEEP generations."""
 
-    def __init__(self, pipe: Trained, ckpt: str):
-        self.pipe, self.ckpt = pipe, ckpt
+    def __init__(self, pipe: Trained, ckpt: str, precision: str = "auto"):
+        self.pipe, self.ckpt, self.precision = pipe, ckpt, resolve_precision(precision, pipe.device, pipe.fp16_ok)
         self.lock, self.running, self.jobs = threading.Lock(), None, OrderedDict()
 
-    def start(self, settings: dict) -> Job:
+    def start(self, settings: dict, given: dict) -> Job:
         """A new generation, or RuntimeError if one runs."""
         with self.lock:
             if self.running is not None and not self.running.done.is_set():
                 raise RuntimeError("a generation is running: wait for it, or stop it")
-            job = Job(settings, command_of(settings, self.ckpt))
+            job = Job(settings, given, command_of(settings, self.ckpt))
             self.running = job
             self.jobs[job.id] = job
             while len(self.jobs) > KEEP:            # bounded: the oldest generations go
@@ -169,13 +205,11 @@ class Demo:
                     job.send({"type": "progress", "step": i + 1, "steps": s["num_inference_steps"], "t": t,
                               "image": "data:image/png;base64," + base64.b64encode(png(figure)).decode()},
                              drop_if_full=True)
-            # As sample.py draws (its draw()): the same images for the same settings and seed.
+            # sample.py's draw: the same images for the same settings and seed.
             settings = pipe.settings(sampler=s["sampler"], num_inference_steps=s["num_inference_steps"],
                                      guidance_scale=s["guidance_scale"])
-            with autocast(pipe.device):
-                levels = pipe.diffusion.sample(pipe.model, cond, batch_size=n, callback=frame,
-                                               negative_cond=pipe.negative_condition(n, s.get("negative_prompt")),
-                                               generator=torch.Generator(pipe.device).manual_seed(s["seed"]), **settings)
+            levels = draw(pipe, cond, n, s["seed"], settings, s.get("negative_prompt"), frame, precision=self.precision,
+                          **job.given)
             levels = [x.float().cpu() for x in levels]
             # The grid as sample.py writes it (the same images for the same settings), and
             # every nested resolution.
@@ -186,6 +220,9 @@ class Demo:
                       "settings": s})
         except Cancelled:
             job.send({"type": "stopped"}, drop_if_full=True)
+        except NonFinite as e:
+            job.send({"type": "error", "error": f"the sample turned NaN or infinite at step {e.args[0]} in "
+                      f"{self.precision}: start the demo with --precision fp32"}, drop_if_full=True)
         except Exception as e:                      # a failure is said on the page, the server goes on
             job.send({"type": "error", "error": f"{type(e).__name__}: {e}"}, drop_if_full=True)
         finally:
@@ -236,16 +273,17 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         path = self.path.split("?")[0]
         length = int(self.headers.get("Content-Length") or 0)
-        if length > LIMITS["body_bytes"]:
-            return self.json(413, {"error": f"at most {LIMITS['body_bytes']} bytes of settings"})
+        if length > LIMITS["body_bytes"]:        # read (up to twice the limit) so that the client hears why
+            self.rfile.read(min(length, 2 * LIMITS["body_bytes"]))
+            return self.json(413, {"error": f"at most {LIMITS['body_bytes']} bytes of settings and images"})
         body = self.rfile.read(length)
         if path == "/api/generate":
             try:
-                settings = settings_from(json.loads(body or b"{}"), self.demo.pipe)
+                settings, given = settings_from(json.loads(body or b"{}"), self.demo.pipe)
             except (ValueError, UnicodeDecodeError) as e:    # json.JSONDecodeError is a ValueError
                 return self.json(400, {"error": str(e)})
             try:
-                job = self.demo.start(settings)
+                job = self.demo.start(settings, given)
             except RuntimeError as e:
                 return self.json(409, {"error": str(e)})
             return self.json(202, {"job": job.id, "command": job.command})
@@ -292,7 +330,8 @@ PAGE = """<!doctype html>
  input, select { font: inherit; padding: 4px 6px } input[type=text] { width: 100% }
  .buttons { grid-column: 2; display: flex; gap: 8px } button { font: inherit; padding: 6px 18px }
  #status { margin: 14px 0; color: #333 } #error { color: #b00020; margin: 8px 0 }
- img { image-rendering: pixelated; border: 1px solid #ddd; max-width: 100% } .hidden { display: none }
+ img, canvas { image-rendering: pixelated; border: 1px solid #ddd; max-width: 100% } .hidden { display: none }
+ canvas { width: 256px; cursor: crosshair; background-size: 100% 100% }
  code { background: #f3f3f3; padding: 6px; display: block; white-space: pre-wrap; word-break: break-all }
 </style></head><body>
 <h1>Matryoshka Diffusion</h1>
@@ -307,6 +346,16 @@ PAGE = """<!doctype html>
  <label for="sampler">Sampler</label><select id="sampler"></select>
  <label for="seed">Seed</label><input type="number" id="seed" value="0" min="0">
  <label for="num">Images</label><input type="number" id="num" value="4" min="1">
+ <label for="mode">Draw</label><select id="mode"><option value="generate">from noise</option>
+  <option value="upscale">around an image: upscale it (a lower level's size)</option>
+  <option value="image-to-image">from an image (image to image)</option>
+  <option value="inpaint">into an image where the mask is white (inpaint)</option></select>
+ <label for="image" class="needs-image">Image</label><input type="file" id="image" accept="image/*" class="needs-image">
+ <label for="strength" class="needs-strength">Strength (1: pure noise)</label>
+  <input type="number" id="strength" value="0.75" min="0" max="1" step="0.05" class="needs-strength">
+ <label for="mask-file" class="needs-mask">Mask: paint white below, or</label>
+  <input type="file" id="mask-file" accept="image/*" class="needs-mask">
+ <span class="needs-mask"></span><canvas id="mask" class="needs-mask" title="paint where to draw"></canvas>
  <div class="buttons"><button id="generate" type="button">Generate</button>
   <button id="stop" type="button" disabled>Stop</button></div>
 </form>
@@ -319,7 +368,7 @@ PAGE = """<!doctype html>
  <h2>Every nested resolution</h2><img id="levels" alt="every nested resolution">
  <h2>The same with sample.py</h2><code id="command"></code></div>
 <script>
-let info = null, job = null, source = null;
+let info = null, job = null, source = null, image = null;
 const $ = (id) => document.getElementById(id);
 async function load() {
   info = await (await fetch("/api/info")).json();
@@ -332,12 +381,46 @@ async function load() {
     for (const id of ["label", "label-label"]) $(id).classList.remove("hidden");
   }
   if (info.kind !== "text") for (const id of ["prompt", "prompt-label", "negative", "negative-label"]) $(id).classList.add("hidden");
+  showMode();
+}
+function showMode() {
+  const m = $("mode").value;
+  for (const [cls, on] of [["needs-image", m !== "generate"], ["needs-strength", m === "image-to-image"],
+                           ["needs-mask", m === "inpaint"]])
+    for (const e of document.getElementsByClassName(cls)) e.classList.toggle("hidden", !on);
+}
+function readFile(input, then) {                 // an uploaded file as a data: URL
+  const f = input.files[0]; if (!f) return;
+  const r = new FileReader(); r.onload = () => then(r.result); r.readAsDataURL(f);
+}
+function loadMask(url, blank) {   // the mask at the image's size: clear over the image, or the mask file
+  const img = new Image();
+  img.onload = () => { const c = $("mask");
+    if (blank) { c.width = img.width; c.height = img.height; c.style.backgroundImage = "url(" + url + ")"; }
+    else c.getContext("2d").drawImage(img, 0, 0, c.width, c.height); };
+  img.src = url;
+}
+function maskURL() {                             // black where nothing was painted
+  const c = $("mask"), o = document.createElement("canvas"), g = o.getContext("2d");
+  o.width = c.width; o.height = c.height; g.fillStyle = "black"; g.fillRect(0, 0, o.width, o.height);
+  g.drawImage(c, 0, 0); return o.toDataURL("image/png");
+}
+function paint(e) {                             // white where the model should draw
+  if (!(e.buttons & 1)) return;
+  const c = $("mask"), r = c.getBoundingClientRect(), g = c.getContext("2d");
+  g.fillStyle = "white"; g.beginPath();
+  g.arc((e.clientX - r.left) * c.width / r.width, (e.clientY - r.top) * c.height / r.height, c.width / 12, 0, 7);
+  g.fill();
 }
 function settings() {
   const s = {guidance_scale: Number($("guidance").value), num_inference_steps: Number($("steps").value),
              sampler: $("sampler").value, seed: Number($("seed").value), num_images: Number($("num").value)};
   if (info.kind === "text") { s.prompt = $("prompt").value; if ($("negative").value) s.negative_prompt = $("negative").value; }
   if (info.kind === "label") s.label = $("label").value;
+  s.mode = $("mode").value;
+  if (s.mode !== "generate") s.image = image;
+  if (s.mode === "image-to-image") s.strength = Number($("strength").value);
+  if (s.mode === "inpaint") s.mask = maskURL();
   return s;
 }
 function finish(text) { $("status").textContent = text; $("generate").disabled = false; $("stop").disabled = true;
@@ -364,20 +447,24 @@ async function generate() {
   source.onerror = () => { if (source) finish("The connection was lost."); };
 }
 $("generate").onclick = generate;
+$("mode").onchange = showMode;
+$("image").onchange = () => readFile($("image"), (url) => { image = url; loadMask(url, true); });
+$("mask-file").onchange = () => readFile($("mask-file"), (url) => loadMask(url, false));
+$("mask").onpointermove = paint; $("mask").onpointerdown = paint;
 $("stop").onclick = () => { if (job) fetch("/api/stop/" + job, {method: "POST"}); };
 load();
 </script></body></html>
 """
 
 
-def serve(ckpt=None, port: int = 8000, device=None, ready=None):
+def serve(ckpt=None, port: int = 8000, device=None, ready=None, precision: str = "auto"):
     """Load the run and serve the page on 127.0.0.1:port (0: a free port). `ready(port)` is
     called once it listens (the tests use it)."""
     device = setup_processes(device, join=False)[2]
     pipe = Trained(ckpt, device)
     if pipe.is_video:
         raise ValueError(f"{pipe.path} is a video model: the demo draws images (python sample.py draws clips)")
-    Handler.demo = Demo(pipe, str(pipe.path.parent))
+    Handler.demo = Demo(pipe, str(pipe.path.parent), precision)
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     port = server.server_address[1]
@@ -398,11 +485,13 @@ def main(argv=None):
     p.add_argument("--ckpt", default=None, help="a run folder or ema.safetensors (default: the newest run in runs/)")
     p.add_argument("--port", type=int, default=8000, help="the port on 127.0.0.1 (0: a free one)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if there is one)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="of the network, as sample.py's (auto: a released model never fp16)")
     a = p.parse_args(argv)
     opt.check_flags("tools/demo.py", a, [("--port", lambda v: 0 <= v <= 65535, "a port from 0 to 65535")])
     opt.check_device("tools/demo.py", a.device)
     try:
-        serve(a.ckpt, a.port, a.device)
+        serve(a.ckpt, a.port, a.device, precision=a.precision)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"tools/demo.py: {e}")
     except OSError as e:                           # the port is taken
