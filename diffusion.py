@@ -1,28 +1,16 @@
 """
-The multi-resolution diffusion process of Matryoshka Diffusion Models (section 3.1, Eq. 2-3,
-appendix C): one diffusion process in an extended space that holds an image at several
-resolutions at once.
-
-Given an image x, resolution r sees its down-sampled copy D^r(x) through its own noise and
-its own schedule, at a time t shared by all resolutions (Eq. 2):
+The multi-resolution diffusion process of Matryoshka Diffusion Models (section 3.1, Eq. 2-3, appendix C):
+one process in an extended space holding an image at several resolutions. Resolution r sees the
+down-sampled copy D^r(x) with its own noise and schedule, at a time t shared by all (Eq. 2):
 
     q(z_t^r | x) = N(z_t^r; alpha_t^r D^r(x), (sigma_t^r)^2 I)
 
-The NestedUNet predicts v (Salimans & Ho, 2022) at every resolution, and all resolutions are
-trained jointly (Eq. 3) and denoised jointly (appendix C).
+The NestedUNet predicts v (Salimans & Ho, 2022) at every resolution; all are trained (Eq. 3) and
+denoised (appendix C) jointly. In reading order: 1. the schedules and their resolution shift,
+2. v-prediction, 3. guidance and thresholding, 4. the process of one NestedUNet (each level's
+schedule, D^r, Eq. 2, Eq. 3, the samplers), 5. a training step.
 
-The pieces, in reading order:
-    1. schedules: the cosine log-SNR and its resolution shift ("cosine-shift4")
-    2. v-prediction and its conversions to x and epsilon
-    3. classifier-free guidance and thresholding
-    4. the process of one NestedUNet (MatryoshkaDiffusion): each level's schedule, the
-       down-sampling operator D^r and the noising of Eq. 2, the joint loss of Eq. 3, and the
-       samplers, DDPM (250 steps by default, as in the paper) and DDIM
-    5. a training step (appendix B): the loss, backward, clipping, Adam
-
-Run it:
-    python diffusion.py                        # draws schedules.png for MDM-S64S128S256S512S1024
-    python diffusion.py MDM-S64S256 --out s.png
+    python diffusion.py [MDM-S64S256 --out s.png]     # schedules.png of MDM-S64S128S256S512S1024 by default
 """
 
 from __future__ import annotations
@@ -38,34 +26,19 @@ from tqdm import tqdm
 
 from nested_unet import preset
 
-# ---------------------------------------------------------------------------------------
-# 1. Schedules
-# ---------------------------------------------------------------------------------------
-#
-# Time is continuous, t ~ U(0, 1) (Kingma et al. 2021's continuous time). The cosine schedule
-# (Nichol & Dhariwal 2021) written in log-SNR
-# (logsnr = log alpha^2 / sigma^2) is
-#
+# --- 1. Schedules ----------------------------------------------------------------------------
+# Time is continuous, t ~ U(0, 1). The cosine schedule (Nichol & Dhariwal 2021) in log-SNR:
 #     logsnr(t) = -2 log tan(pi t / 2),        alpha^2 = sigmoid(logsnr),  sigma^2 = sigmoid(-logsnr)
-#
-# so alpha^2 + sigma^2 = 1 (variance preserving), and at t = 1/2 signal and noise are equal.
-# It is clipped to [logsnr_min, logsnr_max] so that t = 0 and t = 1 stay finite.
-#
-# The resolution shift (section 3.1, following Gu et al. 2022 and Hoogeboom et al. 2023):
-# averaging an s x s block of independent noise divides its variance by s^2, so at the same t
-# a 64x64 copy of an image is s^2 = 16 times "cleaner" than the 256x256 image. A level at s
-# times the base resolution therefore gets its SNR divided by s^2:
-#
-#     logsnr_s(t) = logsnr(t) - 2 log s        ("cosine-shift4": s = 4)
-#
-# The exponent (2) is `shift_power`; the official code shifted its 256 px level by log s only
-# (shift_power = 1). The shift is applied after the clipping, so SNR_s = SNR / s^2 at every t.
+# so alpha^2 + sigma^2 = 1, and at t = 1/2 signal and noise are equal; clipped to [-15, 15]. The
+# resolution shift (section 3.1, as Hoogeboom et al. 2023): averaging an s x s block of independent
+# noise divides its variance by s^2, so at the same t a 64x64 copy is 16 times "cleaner" than the
+# 256x256 image. A level at s times the base resolution gets its SNR / s^2 (after the clipping):
+# logsnr_s(t) = logsnr(t) - 2 log s ("cosine-shift4": s = 4); the 2 is `shift_power` (official 256 px: 1).
 
 
 def cosine_logsnr(t: torch.Tensor, logsnr_min: float = -15.0, logsnr_max: float = 15.0) -> torch.Tensor:
     # float64 inside: tan(pi t / 2) near t = 1 is large, and logsnr feeds exp() later.
-    t64 = t.double()
-    return (-2 * torch.log(torch.tan(math.pi * t64 / 2))).clamp(logsnr_min, logsnr_max)
+    return (-2 * torch.log(torch.tan(math.pi * t.double() / 2))).clamp(logsnr_min, logsnr_max)
 
 
 def shifted_logsnr(t, shift: float, power: float = 2.0, logsnr_min=-15.0, logsnr_max=15.0):
@@ -76,10 +49,8 @@ def parse_schedule(name: str, base: str = "cosine") -> float:
     """The shift of a level's schedule: 'cosine' -> 1, 'cosine-shift4' -> 4 (the paper's names)."""
     kind, _, shift = name.partition("-shift")
     if kind == base:
-        try:
+        with contextlib.suppress(ValueError):
             return float(shift) if shift else 1.0
-        except ValueError:
-            pass
     raise ValueError(f"unknown schedule {name!r}: expected '{base}' or '{base}-shiftS' with a number S, "
                      f"e.g. '{base}-shift4'")
 
@@ -89,12 +60,8 @@ def alpha_sigma(logsnr: torch.Tensor):
     return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
 
 
-# ---------------------------------------------------------------------------------------
-# 2. v-prediction (section 2: "reparameterize x_theta with noise- or v-prediction")
-# ---------------------------------------------------------------------------------------
-#
-# With z = alpha x + sigma eps, the network predicts v = alpha eps - sigma x. Since
-# alpha^2 + sigma^2 = 1, (z, v) is a rotation of (x, eps), and it rotates back:
+# --- 2. v-prediction (section 2): with z = alpha x + sigma eps the network predicts ----------
+# v = alpha eps - sigma x; (z, v) is a rotation of (x, eps), and it rotates back
 
 def v_from_x_eps(x, eps, alpha, sigma):
     return alpha * eps - sigma * x
@@ -113,22 +80,17 @@ def bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return a.reshape(a.shape[0], *[1] * (like.dim() - 1)).to(like.dtype)
 
 
-# ---------------------------------------------------------------------------------------
-# 3. Guidance and thresholding (appendix C)
-# ---------------------------------------------------------------------------------------
+# --- 3. Guidance and thresholding (appendix C) -----------------------------------------------
 
 def dynamic_threshold(x: torch.Tensor, percentile: float = 0.995, max_scale: float = math.inf) -> torch.Tensor:
-    """Imagen's dynamic thresholding (Saharia et al., 2022): s is the `percentile` of |x| per
-    sample, never below 1; x is clipped to [-s, s] and divided by s. It keeps a strongly
-    guided prediction inside the image range without flattening it to +-1."""
-    s = torch.quantile(x.flatten(1).abs().float(), percentile, dim=1).clamp(min=1.0, max=max_scale)
-    s = bcast(s, x)
+    """Imagen's dynamic thresholding (Saharia et al., 2022): s = the `percentile` of |x| per sample,
+    >= 1; x is clipped to [-s, s] and divided by s (strong guidance is not flattened to +-1)."""
+    s = bcast(torch.quantile(x.flatten(1).abs().float(), percentile, dim=1).clamp(min=1.0, max=max_scale), x)
     return x.clamp(-s, s) / s
 
 
-# The thresholding modes of the predicted x, applied at every step: Imagen's (above); the
-# "dynamic" one of the released models' demo (DeepFloyd IF's: the 95th percentile, s kept in
-# [1, 1.5]); plain clipping to [-1, 1]; none.
+# Of the predicted x, at every step: Imagen's; the released models' demo's (DeepFloyd IF's: the
+# 95th percentile, s in [1, 1.5]); plain clipping to [-1, 1]; none.
 THRESHOLDING = {"imagen": (0.995, math.inf), "deepfloyd": (0.95, 1.5), "clip": None, "none": None}
 
 
@@ -141,14 +103,12 @@ def threshold(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def guided_v(v_cond, v_null, guidance_scale: float):
-    """Classifier-free guidance (Ho & Salimans, 2022): v_null + w (v_cond - v_null).
-    w = 1 is the conditional model, w = 0 the unconditional one, w > 1 guides."""
+    """Classifier-free guidance (Ho & Salimans, 2022): w = 1 the conditional model, 0 the null one."""
     return v_null + guidance_scale * (v_cond - v_null)
 
 
 def cat_conditions(a: dict, b: dict) -> dict:
-    """Stack two conditions along the batch. Text tokens are padded to a common length (a
-    prompt and its negative prompt rarely have the same number of tokens), with a mask."""
+    """Two conditions in one batch; text padded to a common length, with a mask."""
     if set(a) - {"text_mask"} != set(b) - {"text_mask"}:
         raise ValueError(f"cannot batch conditions of different kinds: {sorted(a)} and {sorted(b)}")
     a, b = dict(a), dict(b)
@@ -163,9 +123,7 @@ def cat_conditions(a: dict, b: dict) -> dict:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
-# ---------------------------------------------------------------------------------------
-# 4. The process: schedules per level, D^r and Eq. 2, the loss of Eq. 3, the samplers
-# ---------------------------------------------------------------------------------------
+# --- 4. The process: schedules per level, D^r and Eq. 2, the loss of Eq. 3, the samplers -----
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 
@@ -195,11 +153,8 @@ class MatryoshkaDiffusion:
         loss, per_level = diffusion.loss(model, images, cond)
         images_per_level = diffusion.sample(model, cond, batch_size=16)
 
-    Everything is a list with one entry per resolution, lowest first, like the model's
-    inputs and outputs. `cond` is a dict of the model's condition: {"text", "text_mask"},
-    {"label"}, or {} for an unconditional model. (The released models' discrete schedule is a
-    subclass of this one: tools/release.py.)
-    """
+    Lists hold one entry per resolution, lowest first, like the model's inputs and outputs; `cond`
+    is {"text", "text_mask"}, {"label"} or {}. The released models' schedule: tools/release.py."""
 
     base_schedule = "cosine"
 
@@ -210,13 +165,11 @@ class MatryoshkaDiffusion:
         if self.config.loss_weights is not None and len(self.config.loss_weights) != len(self.resolutions):
             raise ValueError(f"loss_weights={self.config.loss_weights} needs one weight per resolution "
                              f"{self.resolutions}")
-        # D^r(x, level). video.py passes its own (spatial pooling, first-frame indexing in time).
-        self.downsample_fn = downsample_fn or self.spatial_downsample
+        self.downsample_fn = downsample_fn or self.spatial_downsample    # D^r(x, level); video.py: its own
 
     @classmethod
     def for_model(cls, model, config: DiffusionConfig | None = None, **kw):
-        levels = model.config.levels()
-        return cls(model.resolutions, [c.schedule for c in levels], config, **kw)
+        return cls(model.resolutions, [c.schedule for c in model.config.levels()], config, **kw)
 
     # -- each level's schedule --
     def logsnr(self, t: torch.Tensor, level: int) -> torch.Tensor:
@@ -228,18 +181,14 @@ class MatryoshkaDiffusion:
         return u
 
     def time_grid(self, num_inference_steps: int, sampler: str = "ddpm") -> torch.Tensor:
-        """The times of the sampler, from 1 (noise) to 0 (data): evenly spaced in t.
-        DPM-Solver++ takes steps evenly spaced in log-SNR instead, from the schedule's minimum to its maximum: its update is
-        exact for a model whose x-prediction is constant over a step in log-SNR, and a grid
-        even in t makes the last steps huge in log-SNR (a 2M step then overshoots by half)."""
-        N = num_inference_steps
+        """The sampler's times, 1 (noise) to 0 (data), even in t; DPM-Solver++'s even in log-SNR (its update
+        is exact for an x constant over a log-SNR step; even in t, its last steps overshoot by half)."""
         if sampler == "dpm++2m":
-            return self.logsnr_grid(N)
-        return torch.linspace(1.0, 0.0, N + 1, dtype=torch.float64)
+            return self.logsnr_grid(num_inference_steps)
+        return torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)
 
     def logsnr_grid(self, N: int) -> torch.Tensor:
-        """N + 1 times, from 1 to 0, whose log-SNR (of every level: the shift only offsets it)
-        is evenly spaced between the schedule's minimum and maximum."""
+        """N + 1 times, 1 to 0, whose log-SNR (any level's: shifts only offset it) is even in [min, max]."""
         c = self.config                            # the cosine: t = (2 / pi) atan(exp(-logsnr / 2))
         lam = torch.linspace(c.logsnr_min, c.logsnr_max, N + 1, dtype=torch.float64)
         t = 2 / math.pi * torch.atan(torch.exp(-lam / 2))
@@ -251,24 +200,21 @@ class MatryoshkaDiffusion:
 
     # -- D^r and the noising of Eq. 2 --
     def spatial_downsample(self, x: torch.Tensor, level: int) -> torch.Tensor:
-        """D^r for images (B, C, H, W): average pooling by the integer ratio H / r by default
-        (the reason for the s^2 shift above), or antialiased bilinear resizing."""
-        resolution = self.resolutions[level]
-        if x.shape[-1] == resolution:
+        """D^r of (B, C, H, W): average pooling by H / r (why the shift is s^2) or antialiased bilinear."""
+        r = self.resolutions[level]
+        if x.shape[-1] == r:
             return x
         if self.config.downsample == "avg":
-            return F.avg_pool2d(x, x.shape[-1] // resolution)
-        return F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
-                             align_corners=False)
+            return F.avg_pool2d(x, x.shape[-1] // r)
+        return F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
 
     def downsample(self, x: torch.Tensor) -> list:
         """[D^1(x), ..., D^R(x) = x], lowest resolution first."""
         return [self.downsample_fn(x, r) for r in range(len(self.resolutions))]
 
     def add_noise(self, xs: list, t: torch.Tensor, noises: list) -> list:
-        """Eq. 2: z_t^r = alpha_t^r D^r(x) + sigma_t^r eps^r, each resolution with its own
-        independent noise eps^r and its own schedule, all at the same t. A level may hold
-        fewer samples than t (mixed-resolution training): it uses the first ones."""
+        """Eq. 2: z_t^r = alpha_t^r D^r(x) + sigma_t^r eps^r, each resolution with its own noise and
+        schedule, all at the same t. A level may hold fewer samples than t (mixed resolution): the first."""
         zs = []
         for r, (x, eps) in enumerate(zip(xs, noises)):
             a, s = self.alpha_sigma(t[: x.shape[0]], r)
@@ -278,30 +224,21 @@ class MatryoshkaDiffusion:
     # -- the joint loss of Eq. 3 --
     def loss(self, model, x: torch.Tensor, cond: dict | None = None, t=None, noises=None,
              high_res_batch: int | None = None, high_res_fraction: float | None = None):
-        """Eq. 3: L = E_t E_z sum_r w_t^r || x_theta^r(z_t, t) - D^r(x) ||^2, in v-space.
-
-        Eq. 3 sums squares with w^r / w^R = N_R / N_r (N_r: the number of pixels of resolution
-        r). Dividing by N_R, this is sum_r (1 / N_r) * sum of squares = sum_r MSE_r: the *mean*
-        squared error of each resolution, added with equal weights. That is
-        what we compute, times the optional extra `loss_weights`. With loss_levels="top" only
-        the highest resolution counts (the paper's "simple DM" baseline, same network); the
-        other levels get weight 0, so every parameter stays in the graph (DDP needs that).
-
-        `high_res_batch`: mixed-resolution training; only the first that many samples go
-        through the highest resolution. If they were drawn at random with probability
-        `high_res_fraction`, the highest resolution's squared errors are divided by the
-        expected count (fraction * B) instead of the drawn one: the loss then does not depend
-        on how many were drawn, and its average over DDP ranks equals the loss of one
-        process over the whole batch. Returns (loss, [MSE per resolution, lowest first])."""
-        cond = cond or {}
-        B = x.shape[0]
+        """Eq. 3: L = E_t E_z sum_r w_t^r || x_theta^r(z_t, t) - D^r(x) ||^2, in v-space. With w^r / w^R =
+        N_R / N_r (N_r: the pixels of resolution r), divided by N_R, it is sum_r MSE_r: each resolution's
+        *mean* squared error, equally weighted (times the optional `loss_weights`). loss_levels="top": only
+        the highest resolution counts (the paper's "simple DM"); the others get weight 0, so every
+        parameter stays in the graph (DDP needs that). `high_res_batch`: only the first that many samples
+        go through the highest resolution; drawn with probability `high_res_fraction`, its squared errors
+        are divided by the expected count (fraction * B): the loss does not depend on the draw, and its
+        mean over DDP ranks is that of the whole batch. Returns (loss, [MSE per resolution, lowest first])."""
+        cond, B = cond or {}, x.shape[0]
         xs = self.downsample(x)
         if high_res_batch is not None and len(xs) > 1:
             xs[-1] = xs[-1][:high_res_batch]
         t = self.training_times(torch.rand(B, device=x.device) if t is None else t)
         noises = [torch.randn_like(a) for a in xs] if noises is None else noises
-        zs = self.add_noise(xs, t, noises)
-        v_pred = model(zs, t, **cond)
+        v_pred = model(self.add_noise(xs, t, noises), t, **cond)
         per_level = []
         for r, (xr, eps, v) in enumerate(zip(xs, noises, v_pred)):
             a, s = self.alpha_sigma(t[: xr.shape[0]], r)
@@ -313,15 +250,13 @@ class MatryoshkaDiffusion:
         weights = list(self.config.loss_weights or [1.0] * len(xs))
         if self.config.loss_levels == "top":
             weights = [0.0] * (len(xs) - 1) + [weights[-1]]
-        total = sum(w * l for w, l in zip(weights, per_level))
-        return total, per_level
+        return sum(w * l for w, l in zip(weights, per_level)), per_level
 
     # -- sampling (appendix C) --
     @torch.no_grad()
     def predict_v(self, model, zs, t, cond, guidance_scale=1.0, negative_cond=None):
-        """The network's v at every level, with classifier-free guidance in one network
-        evaluation: the condition and the null (or negative) condition go in one batch.
-        guidance_scale: one number, or one per level (lowest first)."""
+        """The network's v at every level, guided (classifier-free) in one evaluation: the condition and
+        the null (or negative) one in one batch. guidance_scale: one, or one per level (lowest first)."""
         B = zs[0].shape[0]
         tt = torch.full((B,), float(t), device=zs[0].device)
         scales = list(guidance_scale) if isinstance(guidance_scale, (list, tuple)) else [guidance_scale] * len(zs)
@@ -339,32 +274,24 @@ class MatryoshkaDiffusion:
                device=None, dtype=torch.float32, callback=None, progress: bool = False,
                known: list | None = None, init: torch.Tensor | None = None, strength: float = 1.0,
                resample: int = 0) -> list:
-        """Appendix C: start every resolution from its own independent Gaussian noise, run the
-        NestedUNet on all of them in parallel, take one denoising step per resolution with its
-        own schedule, repeat. Returns the final images, one tensor per resolution, lowest
-        first, in [-1, 1] when thresholded.
+        """Appendix C: every resolution starts from its own Gaussian noise; the NestedUNet runs on all
+        in parallel, and each takes one denoising step with its own schedule, repeatedly. Returns the
+        final images, one tensor per resolution, lowest first, in [-1, 1] when thresholded.
 
-        sampler="ddpm": ancestral sampling (Ho et al., 2020); "ddim": the DDIM update (Song et
-        al., 2021), deterministic with eta = 0, as noisy as DDPM with eta = 1; "dpm++2m": the
-        second-order multistep DPM-Solver++ (Lu et al., 2022), in each level's own log-SNR. The
-        time grid is `time_grid`. guidance_scale: one, or one per level (lowest first: strong
-        for the layout, weaker for the texture). thresholding: of the predicted x at every step
-        (THRESHOLDING; None: the config's). callback(i, t, zs, x_preds) after every step.
-
+        sampler: "ddpm" ancestral (Ho et al., 2020); "ddim" (Song et al., 2021), deterministic with eta = 0,
+        as noisy as DDPM with eta = 1; "dpm++2m" second-order multistep DPM-Solver++ (Lu et al., 2022) in
+        each level's log-SNR. guidance_scale: one, or one per level (lowest first: strong for the layout,
+        weaker for the texture). thresholding: of x_pred (None: the config's). callback(i, t, zs, x_preds).
         What only a nested model can do, through its levels:
-          known     one entry per level, None or (x, keep): the pixels of x (B, C, r, r) where
-                    keep (B, 1, r, r) is 1 (keep=None: all of them) are known. At every step
-                    they are put back, noised to that step's time by their own level's schedule
-                    (Eq. 2's marginal), and the model draws the rest around them (RePaint,
-                    Lugmayr et al. 2022): a lower level known is super-resolution, a mask at
-                    every level inpainting. The result holds them exactly.
-          resample  RePaint's resampling: after each step, back to the step's time with fresh
-                    noise and the step again, `resample` times (harmonises the known and drawn).
-          init      image-to-image (SDEdit, Meng et al. 2022): every level starts from init
-                    (B, C, R, R) down-sampled to it (D^r) and noised to the time `strength`
-                    (1: pure noise, the plain sample of the same seed; 0: init itself)."""
-        cond = cond or {}
-        thresholding = thresholding or self.config.thresholding
+          known     per level None or (x, keep): x's pixels (B, C, r, r) where keep (B, 1, r, r) is 1 (None:
+                    all) are known; each step puts them back, noised to its time by their level's schedule
+                    (Eq. 2's marginal), and draws the rest around them (RePaint, Lugmayr et al. 2022): a
+                    lower level known is super-resolution, a mask at every level inpainting. Kept exactly.
+          resample  RePaint's resampling: each step redone `resample` times, from its time again
+                    with fresh noise (harmonises the known and drawn).
+          init      image-to-image (SDEdit, Meng et al. 2022): each level starts from D^r(init (B, C, R, R))
+                    noised to time `strength` (1: pure noise, the seed's plain sample; 0: init itself)."""
+        cond, thresholding = cond or {}, thresholding or self.config.thresholding
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps}: need at least 1 step")
         if sampler not in SAMPLERS:
@@ -376,8 +303,7 @@ class MatryoshkaDiffusion:
                              f"or one per level, lowest first")
         if not 0 <= strength <= 1 or (resample and sampler == "dpm++2m"):
             raise ValueError(f"strength={strength} must be in [0, 1]; resampling is for ddpm and ddim")
-        device = device or next(model.parameters()).device
-        shapes = model.input_shapes(batch_size)
+        device, shapes = device or next(model.parameters()).device, model.input_shapes(batch_size)
         # The sampler's state stays in float32 (dtype) even when the network runs in bf16.
         zs = [torch.randn(s, generator=generator, device=device, dtype=dtype) for s in shapes]
         ts = self.time_grid(num_inference_steps, sampler)
@@ -404,9 +330,8 @@ class MatryoshkaDiffusion:
         return self.put_back(zs, known, None, generator)
 
     def noised(self, x, t, level, eps, since=None):
-        """Eq. 2's z_t = alpha_t x + sigma_t eps at a level, with its schedule; from z_s at an
-        earlier time s (since=s): q(z_t | z_s) = N(alpha_t / alpha_s z_s, sigma_t^2 - (alpha_t /
-        alpha_s)^2 sigma_s^2)."""
+        """Eq. 2's z_t = alpha_t x + sigma_t eps at a level, with its schedule; since=s: from z_s at an
+        earlier time s, q(z_t | z_s) = N(a z_s, sigma_t^2 - a^2 sigma_s^2) with a = alpha_t / alpha_s."""
         a, sig = (u.to(x.dtype) for u in self.alpha_sigma(t.reshape(1), level))
         if since is not None:
             a_s, s_s = (u.to(x.dtype) for u in self.alpha_sigma(since.reshape(1), level))
@@ -414,8 +339,7 @@ class MatryoshkaDiffusion:
         return a * x + sig * eps
 
     def put_back(self, zs, known, t, generator):
-        """The known pixels of every level (`known` of sample), noised to time t with fresh
-        noise (t None: as they are)."""
+        """Every level's known pixels (sample's `known`), noised to time t with fresh noise (None: as is)."""
         out = []
         for r, (z, k) in enumerate(zip(zs, known or [None] * len(zs))):
             if k is not None:
@@ -429,20 +353,17 @@ class MatryoshkaDiffusion:
 
     def step(self, z, v, t, s, level, sampler, thresholding="imagen", generator=None, last=False, eta=0.0,
              memory=None):
-        """One update of one resolution from time t to time s < t, with that resolution's own
-        schedule. Returns (predicted x, z_s); the last step returns the predicted x itself.
-        `memory`: a dict of this level that a multistep solver carries from step to step."""
+        """One update of one resolution from t to s < t, with its own schedule: (predicted x, z_s), the
+        last step (x, x). `memory`: this level's dict that a multistep solver carries between steps."""
         lt, ls = (self.logsnr(u.reshape(1), level) for u in (t, s))
-        (a_t, s_t), (a_s, s_s) = alpha_sigma(lt), alpha_sigma(ls)
-        a_t, s_t, a_s, s_s = (u.to(z.dtype) for u in (a_t, s_t, a_s, s_s))
+        a_t, s_t, a_s, s_s = (u.to(z.dtype) for u in (*alpha_sigma(lt), *alpha_sigma(ls)))
         x_pred = threshold(x_from_v(z, v.to(z.dtype), a_t, s_t), thresholding)
         if last:
             return x_pred, x_pred
         if sampler == "dpm++2m":
-            # DPM-Solver++(2M) in lambda = logsnr / 2 (Lu et al. 2022, Algorithm 2), h = lambda_s -
-            # lambda_t: z_s = (sigma_s / sigma_t) z_t - alpha_s (e^-h - 1) D, with D the x-prediction
-            # extrapolated from the last two, D = (1 + 1/(2r)) x_t - 1/(2r) x_prev, r = h_prev / h
-            # (the first step: D = x_t, DDIM's update).
+            # DPM-Solver++(2M) in lambda = logsnr / 2 (Lu et al. 2022, Algorithm 2), h = lambda_s - lambda_t:
+            # z_s = (sigma_s / sigma_t) z_t - alpha_s (e^-h - 1) D, D the x-prediction extrapolated from
+            # the last two, D = (1 + 1/(2r)) x_t - 1/(2r) x_prev, r = h_prev / h (first step: D = x_t, DDIM).
             h = ((ls - lt) / 2).to(z.dtype)
             D = x_pred
             if "x" in memory:
@@ -469,19 +390,15 @@ class MatryoshkaDiffusion:
         return x_pred, mean + (c * s_s ** 2).sqrt() * noise
 
 
-# ---------------------------------------------------------------------------------------
-# 5. A training step (appendix B)
-# ---------------------------------------------------------------------------------------
-#
-# Appendix B: Adam with beta1 = 0.9, beta2 = 0.99, eps = 1e-8, no weight decay; gradients
-# clipped at norm 2. train.py and bench.py take their steps here.
+# --- 5. A training step (appendix B) ---------------------------------------------------------
+# Appendix B: Adam with beta1 = 0.9, beta2 = 0.99, eps = 1e-8, no weight decay; gradients clipped
+# at norm 2. train.py and bench.py take their steps here.
 
 ADAM_BETAS, ADAM_EPS, CLIP_NORM = (0.9, 0.99), 1e-8, 2.0
 
 
 def make_optimizer(model, lr: float) -> torch.optim.Adam:
-    # fused: one kernel updates every parameter (on a CPU, 18 ms instead of 66 for 20M float32
-    # parameters in 500 tensors, the same arithmetic); PyTorch has it for CPUs and GPUs.
+    # fused: one kernel for all parameters (CPU: 18 ms, not 66, for 20M in 500 tensors; same arithmetic).
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
     return torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0,
                             fused=fused or None)
@@ -489,21 +406,16 @@ def make_optimizer(model, lr: float) -> torch.optim.Adam:
 
 def training_step(diffusion, model, opt, micro_batches, train_model=None, clip: float = CLIP_NORM,
                   high_res_fraction=None, autocast=None, no_sync=None, scaler=None):
-    """One optimizer step over the micro-batches of a batch (gradient accumulation): each is
-    (x, cond, t, noises, n_high) for diffusion.loss; its loss, divided by their number (the
-    mean over micro-batches is the loss of one big batch), is back-propagated; then the
-    gradients are clipped and Adam steps. `train_model` is what runs the forward (the model
-    wrapped in DDP or torch.compile; default: `model`); `no_sync()` is DDP's: every micro-batch
-    but the last adds to .grad locally, only the last all-reduces. `scaler`: a GradScaler for
-    fp16 (whose small range would flush small gradients to zero): the loss is scaled up
-    before backward and the gradients down before clipping; a step whose gradients overflow
-    is skipped, and the scale adapts.
-
-    Returns (loss per level and total, summed over micro-batches, on the device; whether any
-    loss was not finite, on the device): nothing here waits for the GPU."""
+    """One optimizer step over a batch's micro-batches (gradient accumulation), each (x, cond, t, noises,
+    n_high) for diffusion.loss: its loss / their number (their mean is one big batch's loss) is
+    back-propagated, then the gradients are clipped and Adam steps. `train_model` runs the forward (the
+    model in DDP or torch.compile; default `model`); `no_sync()` is DDP's: all micro-batches but the last
+    add to .grad locally. `scaler`: a GradScaler for fp16 (whose range flushes small gradients to zero):
+    the loss is scaled up before backward, the gradients down before clipping; a step whose gradients
+    overflow is skipped, and the scale adapts. Returns (loss per level and total, summed over
+    micro-batches; whether any loss was not finite), on the device: nothing here waits for the GPU."""
     train_model = model if train_model is None else train_model   # (a compiled module has no truth value)
-    n = len(micro_batches)
-    sums, bad = 0, None
+    n, sums, bad = len(micro_batches), 0, None
     for i, (x, cond, t, noises, n_high) in enumerate(micro_batches):
         ctx = no_sync() if no_sync is not None and i < n - 1 else contextlib.nullcontext()
         with ctx, (autocast or contextlib.nullcontext()):
@@ -525,15 +437,11 @@ def training_step(diffusion, model, opt, micro_batches, train_model=None, clip: 
     return sums, bad
 
 
-# ---------------------------------------------------------------------------------------
-# A picture of the schedules (python diffusion.py)
-# ---------------------------------------------------------------------------------------
+# --- A picture of the schedules (python diffusion.py) ----------------------------------------
 
 def plot_schedules(config, path: str, diffusion_config=None):
-    """Left: log-SNR against t for every level of a config. Right: what each level's noise
-    amounts to once its image is average-pooled to the base resolution (pooling s x s blocks
-    multiplies the SNR by s^2). Unshifted (dotted), the high resolutions are far cleaner than
-    the base at the same t; shifted (solid), every level sits on the base curve."""
+    """Left: each level's log-SNR against t. Right: once average-pooled to the base resolution (SNR x s^2):
+    unshifted (dotted), high resolutions are far cleaner than the base; shifted (solid), on its curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,16 +1,12 @@
 """
 Sample images from a trained Matryoshka Diffusion Model (appendix C).
 
-All resolutions start from their own Gaussian noise and are denoised together by the
-NestedUNet; the paper uses 250 DDPM steps, classifier-free guidance and Imagen's dynamic
-thresholding, and so do we by default (a run of data with black or white backgrounds records
-plain clipping instead, see train.py --thresholding; a converted released model brings its own
-settings, those of its authors' demo). Besides a grid of the final images, every run writes a
-"matryoshka" figure with every nested resolution of each sample (a video model: a GIF, and the
-frames of every level).
+All resolutions start from their own Gaussian noise and are denoised together by the NestedUNet; the paper
+uses 250 DDPM steps, classifier-free guidance and Imagen's dynamic thresholding, as we do by default (a run
+on black or white backgrounds records clipping, train.py --thresholding; a released model its authors').
+Every run writes a grid and a "matryoshka" figure of every nested resolution (video: a GIF, every level).
 
-    python sample.py "red heart"                            # newest run in runs/, 4 images
-    python sample.py "red heart" "grinning face" "fire"     # 4 images of each
+    python sample.py "red heart" "fire"                     # 4 images of each, by the newest run in runs/
     python sample.py "a red heart" --num-images 16 --guidance-scale 5 --seed 1
     python sample.py "a cat" --sampler ddim --num-inference-steps 50 --show-steps
     python sample.py --label sandal                         # a class-conditional model
@@ -48,22 +44,17 @@ from helpers.models import Trained
 from helpers.pictures import save_gif, save_grid, save_levels_figure, save_matryoshka, to_uint8
 
 
-# No flags describe the model: its config, diffusion config and text encoder come from the
-# checkpoint's metadata. The flags only say what to draw and how; those left out take the
-# run's own sampling settings (helpers/models.py's SAMPLING, or a released model's).
+# No flags describe the model (the checkpoint's metadata does); those left out take the run's settings.
 def parse_args(argv=None):
     p = opt.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", nargs="*", default=None, help="what to draw (text-conditional models); "
-                   "several prompts: --num-images of each")
+    p.add_argument("prompt", nargs="*", default=None, help="what to draw (text models), --num-images each")
     p.add_argument("--label", default=None, help="class index or name (class-conditional models)")
-    p.add_argument("--ckpt", default=None, help="a run folder or an ema.safetensors file "
-                   "(default: the newest run in runs/)")
-    # Images per prompt; with --prompts-file, the number of images in all (see main).
-    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--ckpt", default=None, help="a run folder or ema.safetensors (default: newest in runs/)")
+    p.add_argument("--num-images", type=int, default=4)   # per prompt; with --prompts-file, in all (see main)
     p.add_argument("--guidance-scale", type=opt.comma_list(float, "3 or 5,1"), default=None,
-                   help="classifier-free guidance; 1: none (default: the run's, 3 for ours); one per level, lowest "
-                   "first: 5,1 guides the layout strongly and the texture not")
+                   help="classifier-free guidance (1: none; default: the run's); one per level, lowest first: "
+                   "5,1 guides the layout strongly and the texture not")
     p.add_argument("--negative-prompt", default=None, help="guide away from this instead of the null condition")
     p.add_argument("--num-inference-steps", type=int, default=None, help="default: the run's (250, appendix C)")
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="default: the run's (ddpm); "
@@ -84,16 +75,15 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="of the network "
                    "(auto: bf16 on GPUs that have it, else fp16, fp32 on CPUs; a released model never fp16)")
     g = p.add_argument_group("drawing around given pixels (the result keeps them as they are)")
-    g.add_argument("--upscale", default=None, help="super-resolution: an image of a lower level's size (e.g. 16x16 "
-                   "for a 16 -> 32 model); the levels above it are drawn around it")
-    g.add_argument("--init-image", default=None, help="image-to-image: start from this image (cropped and resized to "
-                   "the top resolution), noised to --strength; with --mask, the image to inpaint")
-    g.add_argument("--strength", type=float, default=None, help="how far --init-image is noised, 0 to 1 (1: pure "
-                   "noise; default 0.75, or 1 with --mask)")
-    g.add_argument("--mask", default=None, help="inpainting: white where to draw, black where --init-image stays "
-                   "(its size)")
-    g.add_argument("--resample", type=int, default=0, help="RePaint's resampling: each step redone this many times "
-                   "with fresh noise, for a more coherent fill (--upscale, --mask)")
+    g.add_argument("--upscale", default=None, help="super-resolution: an image of a lower level's size (16x16 for "
+                   "a 16 -> 32 model); the levels above it are drawn around it")
+    g.add_argument("--init-image", default=None, help="image-to-image: start from it; with --mask, inpaint it")
+    g.add_argument("--strength", type=float, default=None, help="how far --init-image is noised, 0 to 1 "
+                   "(1: pure noise; default 0.75, or 1 with --mask)")
+    g.add_argument("--mask", default=None, help="inpainting: white where to draw, black where "
+                   "--init-image stays (its size)")
+    g.add_argument("--resample", type=int, default=0, help="RePaint's resampling: each step redone N "
+                   "times with fresh noise, for a more coherent fill (--upscale, --mask)")
     a = p.parse_args(argv)
     if a.no_dynamic_thresholding:
         a.thresholding = "none"
@@ -101,8 +91,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Every flag's value, checked before the model is loaded: one line each. Returns the
-    lines of --prompts-file, if given."""
+    """Every flag's value, checked before the model is loaded (one line each); --prompts-file's lines, if given."""
     opt.check_flags("sample.py", args, [
         ("--num-images", opt.at_least(1), "at least 1 image"),
         ("--guidance-scale", opt.finite, "finite guidance scales (1: no guidance), e.g. 3, or 5,1 (one per level)"),
@@ -133,17 +122,13 @@ def check_args(args):
         if not any(lines):
             fail(f"--prompts-file {args.prompts_file}: holds no prompt (expected one prompt or label per line)")
         return [l for l in lines if l]
-    return None
 
 
 def fail(msg):
-    # SystemExit with a message: the person sees one line on stderr and no traceback.
-    raise SystemExit(f"sample.py: {msg}")
+    raise SystemExit(f"sample.py: {msg}")        # one line on stderr, no traceback
 
 
-# ---------------------------------------------------------------------------------------
-# Drawing: the model and its diffusion process, appendix C
-# ---------------------------------------------------------------------------------------
+# --- Drawing: the model and its diffusion process, appendix C --------------------------------
 
 class NonFinite(Exception):
     """A sample left the range of the network's precision (NaN or infinity) at step `args[0]`."""
@@ -151,13 +136,10 @@ class NonFinite(Exception):
 
 def draw(run: Trained, cond: dict, n: int, seed: int, settings: dict, negative_prompt=None, callback=None,
          progress=False, precision: str = "fp32", **given) -> list:
-    """n images for `cond` (n rows), at every resolution, lowest first. Every resolution starts
-    from its own Gaussian noise, drawn from a generator seeded by `seed` on the device (CPU
-    and CUDA draw different numbers), and the NestedUNet denoises all of them together, each
-    with its own schedule (diffusion.sample; `given`: its known pixels, or image to start
-    from). Guidance contrasts with the negative prompt, or the model's null condition. The
-    network runs in `precision` (autocast); the sampler's state stays float32. A sample that
-    turns NaN or infinite stops at once (NonFinite): its precision's range was too small."""
+    """n images for `cond` (n rows), every resolution, lowest first, by diffusion.sample (`given`: known
+    pixels or an image to start from), the noise from a generator seeded by `seed` on the device (CPU and
+    CUDA differ), guided against the negative prompt or null condition; the network in `precision`
+    (autocast), the sampler in float32. A sample turning NaN or infinite stops at once (NonFinite)."""
     def step_done(i, t, zs, x_preds):
         if not all(bool(torch.isfinite(x).all()) for x in x_preds):
             raise NonFinite(i + 1)
@@ -168,14 +150,13 @@ def draw(run: Trained, cond: dict, n: int, seed: int, settings: dict, negative_p
         return x.expand(n, *x.shape[1:]) if torch.is_tensor(x) else x
     given = {k: [v and tuple(map(rows, v)) for v in g] if k == "known" else rows(g) for k, g in given.items()}
     with autocast(run.device, precision):
-        return run.diffusion.sample(run.model, cond, batch_size=n, negative_cond=run.negative_condition(n, negative_prompt),
-                                    generator=torch.Generator(run.device).manual_seed(seed), callback=step_done,
-                                    progress=progress, **settings, **given)
+        return run.diffusion.sample(run.model, cond, batch_size=n, callback=step_done, progress=progress,
+                                    negative_cond=run.negative_condition(n, negative_prompt), **settings,
+                                    generator=torch.Generator(run.device).manual_seed(seed), **given)
 
 
 def read_image(source, channels: int) -> torch.Tensor:
-    """An image (a file, or its bytes) -> (1, C, H, W) in [-1, 1], grey for a one-channel model.
-    Raises ValueError if it is no image."""
+    """An image (file or bytes) -> (1, C, H, W) in [-1, 1], grey for one channel; ValueError if no image."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             a = np.asarray(img.convert("RGBA").convert("L" if channels == 1 else "RGB"))
@@ -185,11 +166,9 @@ def read_image(source, channels: int) -> torch.Tensor:
 
 
 def given_pixels(run: Trained, upscale=None, image=None, mask=None, strength=None, resample: int = 0) -> dict:
-    """What diffusion.sample is given, for one image (draw repeats it), from images (1, C, H,
-    W) in [-1, 1]: `upscale`, an image of a lower level's size, known at that level and below
-    (super-resolution); `image` to start from, noised to `strength` (image-to-image), or with
-    `mask` (white: draw, black: keep) its kept pixels known at every level (inpainting).
-    Raises ValueError for an image that does not fit."""
+    """diffusion.sample's given pixels for one image (draw repeats it), from (1, C, H, W) in [-1, 1]:
+    `upscale` of a lower level's size, known there and below; `image` to start from, noised to `strength`,
+    or with `mask` (white: draw, black: keep) its kept pixels known at every level. ValueError: no fit."""
     sizes, R = run.model.resolutions, run.model.resolutions[-1]
     if upscale is None and image is None:
         return {}
@@ -220,27 +199,24 @@ def given_pixels(run: Trained, upscale=None, image=None, mask=None, strength=Non
 
 def given_by_flags(run: Trained, args) -> dict:
     """given_pixels of --upscale, --init-image, --mask and --strength; each mistake in one line."""
-    images = {}
-    for flag, path in (("--upscale", args.upscale), ("--init-image", args.init_image), ("--mask", args.mask)):
+    flags, images = {"--upscale": args.upscale, "--init-image": args.init_image, "--mask": args.mask}, {}
+    for flag, path in flags.items():
         try:
             images[flag] = None if path is None else read_image(path, 1 if flag == "--mask" else
                                                                 run.model.config.in_channels)
         except ValueError as e:
             fail(f"{flag} {path}: {e}")
     try:
-        return given_pixels(run, images["--upscale"], images["--init-image"], images["--mask"], args.strength,
-                            args.resample)
+        return given_pixels(run, *images.values(), args.strength, args.resample)    # upscale, image, mask
     except ValueError as e:
-        fail(" ".join(f"{f} {p}" for f, p in (("--upscale", args.upscale), ("--init-image", args.init_image),
-                                                 ("--mask", args.mask)) if p) + f": {e}")
+        fail(" ".join(f"{f} {p}" for f, p in flags.items() if p) + f": {e}")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    lines = check_args(args)
-    # One process, or one per GPU under torchrun. A few prompts are one process's work: under
-    # torchrun, the others stop here. For many (--prompts-file) the processes share nothing
-    # while sampling; their group is only for the barrier at the end.
+    lines = check_args(args)                       # --prompts-file's lines, or None
+    # One process, or one per GPU under torchrun: a few prompts are one process's work (the others stop
+    # here); for many (--prompts-file) they share nothing but the barrier at the end.
     rank, world, device = setup_processes(args.device, join=bool(args.prompts_file))
     if not args.prompts_file and rank != 0:
         return
@@ -249,8 +225,7 @@ def main(argv=None):
         run = Trained(args.ckpt, device, text_encoder_path=args.text_encoder)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    # -- how to sample: the run's own settings, unless a flag says otherwise --
-    scales = args.guidance_scale
+    scales = args.guidance_scale                   # how to sample: the run's settings, unless a flag says
     if scales and len(scales) not in (1, len(run.model.resolutions)):
         fail(f"--guidance-scale {','.join(map(str, scales))}: {len(scales)} scales for a model of "
              f"{len(run.model.resolutions)} levels: give one, or one per level, lowest first")
@@ -280,12 +255,11 @@ def write_figures(run: Trained, args, settings: dict, **draw_kw):
                              repeat=args.num_images)
     except ValueError as e:
         fail(str(e))
-    n = (len(prompts) if prompts else 1) * args.num_images
-    # --show-steps: the predicted x of every resolution at 8 moments of the denoising (the
-    # paper's Fig. 11), spread evenly from the first step (t = 1) to the last; of the first image.
+    n = (len(prompts) if prompts else 1) * args.num_images      # --num-images rows per condition
+    # --show-steps: the first image's x_pred per resolution at 8 moments, t = 1 to 0 (the paper's Fig. 11).
     steps = settings["num_inference_steps"]
     marks = {round(i * (steps - 1) / 7) for i in range(8)} if args.show_steps else set()
-    frames = []
+    frames = []                                    # (t, the first image's x_pred per level) at the marks
 
     def keep(i, t, zs, x_preds):                   # x_preds: (n, C, r, r) per resolution
         if i in marks:
@@ -299,14 +273,12 @@ def write_figures(run: Trained, args, settings: dict, **draw_kw):
         save_levels_figure(levels, f"{prefix}-levels.png")
         written = [f"{prefix}.gif", f"{prefix}-levels.png"]
     else:
-        # The grid: the top resolution, one row per prompt, small images enlarged to ~128 px.
-        save_grid(levels[-1], f"{prefix}.png", nrow=args.num_images)
-        # The matryoshka figure: a row per resolution (lowest on top), a column per image, all at
-        # one size (nearest neighbour: a low resolution's pixels stay visible).
+        save_grid(levels[-1], f"{prefix}.png", nrow=args.num_images)   # top level, a row per prompt, ~128 px
+        # The matryoshka figure: a row per resolution (lowest on top), a column per image, all one size
+        # (nearest neighbour: a low resolution's pixels stay visible).
         save_matryoshka(levels, f"{prefix}-matryoshka.png", captions=[c for c in names for _ in range(args.num_images)])
         written = [f"{prefix}.png", f"{prefix}-matryoshka.png"]
     if frames:
-        # Rows: resolutions; columns: moments of the denoising, t = 1 -> 0 (the paper's Fig. 11).
         save_matryoshka([torch.cat([lv[r] for _, lv in frames]) for r in range(len(frames[0][1]))],
                         f"{prefix}-steps.png", captions=[f"t={t:.2f}" for t, _ in frames])
         written.append(f"{prefix}-steps.png")
@@ -314,10 +286,8 @@ def write_figures(run: Trained, args, settings: dict, **draw_kw):
 
 
 def write_folder(run: Trained, lines: list[str], args, settings: dict, rank: int = 0, world: int = 1, **draw_kw):
-    """--prompts-file: many images into a folder (for evaluation), and a captions file: the
-    lines (labels, prompts, or anything for an unconditional model) cycled to --num-images
-    images, each used at least once, drawn in batches of --batch-size. Each of `world` processes
-    draws its own whole batches."""
+    """--prompts-file: many images into a folder (for evaluation) and a captions file: the lines (labels,
+    prompts, anything) cycled to --num-images, each at least once, in batches, each process its own."""
     if run.kind == "label":                        # every line must name a class: checked before any image
         try:
             run.condition(labels=list(dict.fromkeys(lines)))
@@ -328,16 +298,13 @@ def write_folder(run: Trained, lines: list[str], args, settings: dict, rank: int
     out.mkdir(parents=True, exist_ok=True)
     B = args.batch_size
     batches = [items[i:i + B] for i in range(0, len(items), B)]
-    # One captions file per process (no two write to one file), begun afresh by each run.
-    with open(out / f"captions-{rank}.jsonl", "w") as captions:
+    with open(out / f"captions-{rank}.jsonl", "w") as captions:   # one per process, begun afresh by each run
         for b in tqdm(range(rank, len(batches), world), disable=rank != 0, desc="batches"):   # whole batches
             texts = batches[b]
             cond = run.condition(**({"labels": texts} if run.kind == "label" else
                                     {"prompts": texts} if run.kind == "text" else {}))
-            # Batch b's seed comes from the seed and b alone (1_000_003 exceeds any batch count,
-            # so no two (seed, b) collide): an image never depends on the number of processes.
-            # (On a CPU the threads per process, which torchrun sets to 1, can still move a pixel
-            # by one level: sums split differently over threads.)
+            # Batch b's seed: from the seed and b alone (1_000_003 > any batch count), never the number of
+            # processes (on a CPU, threads per process can still move a pixel by one level: sums split apart).
             images = draw(run, cond, len(texts), args.seed * 1_000_003 + b, settings, **draw_kw)[-1]   # the top level
             for j, (img, text) in enumerate(zip(to_uint8(images), texts)):
                 i = b * B + j                      # the image's index in `items`: file names never collide

@@ -103,7 +103,8 @@ def test_schedule_names():
 
 def test_v_x_eps_round_trip_float64():
     g = torch.Generator().manual_seed(0)
-    x, eps = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    eps = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
     a, s = D.alpha_sigma(D.cosine_logsnr(torch.rand(4, generator=g, dtype=torch.float64)))
     a, s = D.bcast(a, x), D.bcast(s, x)
     z = a * x + s * eps
@@ -256,7 +257,8 @@ def test_the_cpu_layers_compute_what_the_plain_model_computes(monkeypatch):
             cond["text_mask"] = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]]).bool()
         convs = []
         real = K.PointwiseLinear.forward
-        monkeypatch.setattr(K.PointwiseLinear, "forward", lambda self, x: convs.append(x.is_contiguous()) or real(self, x))
+        monkeypatch.setattr(K.PointwiseLinear, "forward",
+                            lambda self, x: convs.append(x.is_contiguous()) or real(self, x))
         outs = [base(z, t, **cond)]
         assert convs == []                                           # the plain model: nn.Linear
         outs.append(cl(z, t, **cond))
@@ -273,20 +275,19 @@ def test_the_cpu_layers_compute_what_the_plain_model_computes(monkeypatch):
 
 
 def test_channels_last_group_norm_matches_float64_and_runs_only_where_it_should(monkeypatch):
-    """fast_layers.group_norm: on float32 channels-last CPU maps larger than 4x4 it runs
+    """fast_cpu.group_norm: on float32 channels-last CPU maps larger than 4x4 it runs
     ChannelsLastGroupNorm, whose output and gradients (input, weight, bias, and the scale and
     shift applied after the norm) are those of a float64 F.group_norm [* (1 + scale) + shift],
     with 1, 3 and 4 channels per group, an offset mean, an upstream gradient in either layout,
-    and maps of 1024 positions or more (where its forward is PyTorch's kernel's, with its
-    one-pass variance: a looser tolerance there); small maps, the default layout and autocast
-    keep PyTorch's kernel."""
+    and maps up to 64x64 (where PyTorch's own channels-last kernel errs by 1e-5 or more); small maps,
+    the default layout and autocast keep PyTorch's kernel."""
     CL = torch.channels_last
     taken = []
     real = K.ChannelsLastGroupNorm.apply
     monkeypatch.setattr(K.ChannelsLastGroupNorm, "apply", lambda *a: taken.append(1) or real(*a))
     g = torch.Generator().manual_seed(0)
-    for C, G, H, W in [(8, 8, 5, 5), (12, 4, 8, 6), (32, 8, 16, 16), (12, 4, 32, 32)]:
-        atol = 1e-5 if H * W < K.NATIVE_FORWARD else 1e-4
+    for C, G, H, W in [(8, 8, 5, 5), (12, 4, 8, 6), (32, 8, 16, 16), (12, 4, 32, 32), (4, 2, 64, 64)]:
+        atol = 1e-5
         for scaled in (False, True):
             x = (torch.randn(3, C, H, W, generator=g, dtype=torch.float64) * 2 + 5).contiguous(memory_format=CL)
             w, b = torch.randn(C, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)
@@ -1034,8 +1035,9 @@ def test_evaluation_during_training_is_logged_and_changes_no_training_step(tmp_p
     assert diffusion.config.thresholding == "clip"  # Fashion-MNIST's black: chosen from the data
     unclipped, _ = M.generate_set(model, diffusion, "label", 10, class_names=meta["class_names"], guidance=1.0,
                                   steps=3, seed=1234, thresholding="none")
-    direct = diffusion.sample(model, {"label": torch.arange(10) % 10}, batch_size=10, sampler="ddim", num_inference_steps=3,
-                              guidance_scale=1.0, thresholding="none", generator=torch.Generator().manual_seed(1234))[-1]
+    direct = diffusion.sample(model, {"label": torch.arange(10) % 10}, batch_size=10, sampler="ddim",
+                              num_inference_steps=3, guidance_scale=1.0, thresholding="none",
+                              generator=torch.Generator().manual_seed(1234))[-1]
     assert torch.equal(unclipped, direct) and not torch.equal(unclipped, images)
 
 
@@ -1189,28 +1191,35 @@ def test_train_flags_out_of_range_end_in_one_line_before_any_work(argv, expected
 
 
 @pytest.mark.parametrize("script,argv,expected", [
-    ("sample", ["a", "--num-images", "0"], "--num-images 0"), ("sample", ["--guidance-scale", "nan"], "--guidance-scale nan"),
+    ("sample", ["a", "--num-images", "0"], "--num-images 0"),
+    ("sample", ["--guidance-scale", "nan"], "--guidance-scale nan"),
     ("sample", ["--seed", "-1"], "--seed -1"), ("sample", ["--batch-size", "0"], "--batch-size 0"),
     ("sample", ["--num-inference-steps", "-5"], "--num-inference-steps -5"),
     ("sample", ["--prompts-file", "{tmp}/none.txt"], "cannot read it"),
     ("sample", ["a", "--out-dir", "{tmp}/gen"], "--out-dir"),
     ("sample", ["--prompts-file", "{tmp}/binary.txt"], "not a text file"),
-    ("sample", ["--prompts-file", "{tmp}/empty.txt"], "holds no prompt"), ("sample", ["--device", "cuda:3"], "--device cuda:3"),
+    ("sample", ["--prompts-file", "{tmp}/empty.txt"], "holds no prompt"),
+    ("sample", ["--device", "cuda:3"], "--device cuda:3"),
     ("sample", ["--sampler", "euler"], "argument --sampler: invalid choice"),
-    ("sample", ["--label", "3", "--init-image", "x.png", "--strength", "2"], "--strength 2.0: expected a strength in [0, 1]"),
+    ("sample", ["--label", "3", "--init-image", "x.png", "--strength", "2"],
+     "--strength 2.0: expected a strength in [0, 1]"),
     ("sample", ["--label", "3", "--mask", "m.png"], "inpainting needs the image too"),
     ("sample", ["--label", "3", "--upscale", "a.png", "--init-image", "b.png"], "one of them"),
     ("sample", ["--guidance-scale", "3,nan"], "--guidance-scale 3.0,nan"),
-    ("tools.evaluate", ["video", "--num", "1"], "--num 1"), ("tools.evaluate", ["video", "--guidance-scale", "nan"], "nan"),
-    ("tools.evaluate", ["video", "--bogus"], "unrecognized arguments: --bogus"), ("tools.evaluate", ["play"], "invalid choice"),
+    ("tools.evaluate", ["video", "--num", "1"], "--num 1"),
+    ("tools.evaluate", ["video", "--guidance-scale", "nan"], "nan"),
+    ("tools.evaluate", ["video", "--bogus"], "unrecognized arguments: --bogus"),
+    ("tools.evaluate", ["play"], "invalid choice"),
     ("tools.evaluate", ["compare", "--data", "cifar"], "--data cifar"),
     ("tools.evaluate", ["compare", "--res", "32,16"], "--res 32,16"),
     ("tools.evaluate", ["compare", "--seeds", ""], "--seeds"), ("tools.evaluate", ["fd", "--num", "1"], "--num 1"),
     ("tools.evaluate", ["fd", "--thresholding", "x"], "--thresholding"),
     ("tools.evaluate", ["sweep", "--ckpt", "x", "--scales", "1,nan"], "--scales 1.0,nan"),
-    ("tools.evaluate", ["fd", "--device", "tpu"], "--device tpu"), ("tools.evaluate", ["compare", "--steps", "1"], "--steps 1"),
+    ("tools.evaluate", ["fd", "--device", "tpu"], "--device tpu"),
+    ("tools.evaluate", ["compare", "--steps", "1"], "--steps 1"),
     ("tools.bench", ["--batch", "0"], "--batch 0"), ("tools.bench", ["--knobs", "turbo"], "unknown turbo"),
-    ("tools.bench", ["--config", "nope"], "--config nope"), ("tools.bench", ["--peak-flops", "-1"], "--peak-flops -1.0"),
+    ("tools.bench", ["--config", "nope"], "--config nope"),
+    ("tools.bench", ["--peak-flops", "-1"], "--peak-flops -1.0"),
     ("tools.bench", ["--batch", "3"], "even batch"), ("tools.bench", ["--repeats", "0"], "--repeats 0"),
     ("tools.bench", ["--config", "{tmp}/none.json"], "cannot read it"),
     ("tools.demo", ["--port", "70000"], "--port 70000"), ("tools.demo", ["--device", "tpu"], "--device tpu"),
@@ -1226,8 +1235,8 @@ def test_every_script_refuses_bad_flags_in_one_line(script, argv, expected, tmp_
 
 
 @pytest.mark.parametrize("argv", [["train.py"], ["sample.py"], ["video.py"], ["-m", "tools.evaluate"],
-                                  ["-m", "tools.evaluate", "fd"], ["-m", "tools.evaluate", "video"], ["-m", "tools.bench"],
-                                  ["-m", "tools.release"], ["-m", "tools.demo"]])
+                                  ["-m", "tools.evaluate", "fd"], ["-m", "tools.evaluate", "video"],
+                                  ["-m", "tools.bench"], ["-m", "tools.release"], ["-m", "tools.demo"]])
 def test_every_scripts_help_works_with_nothing_trained(argv, tmp_path):
     command = [str(HERE / argv[0]), *argv[1:]] if argv[0].endswith(".py") else argv
     p = subprocess.run([sys.executable, *command, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
@@ -1374,7 +1383,8 @@ def test_generate_reproduces_the_exact_gaussian_chain(sampler, steps):
     shifts = [1, 2, 4]
     oracle = GaussianOracle(0.2, 0.5, [4, 8, 16], shifts)
     d = MatryoshkaDiffusion([4, 8, 16], ["cosine", "cosine-shift2", "cosine-shift4"])
-    run = types.SimpleNamespace(model=oracle, diffusion=d, device=torch.device("cpu"), negative_condition=lambda n, p: None)
+    run = types.SimpleNamespace(model=oracle, diffusion=d, device=torch.device("cpu"),
+                                negative_condition=lambda n, p: None)
     out = S.draw(run, {}, 128, 0, dict(sampler=sampler, num_inference_steps=steps, thresholding="none"))
     assert oracle.calls == steps
     assert gaussian_levels_off([o.double() for o in out], sampler, steps, oracle, shifts) == []
@@ -1587,8 +1597,9 @@ def test_t5_text_encoder_from_a_local_folder_matches_the_model_on_each_caption(t
 def test_clip_score_with_a_tiny_random_clip(tmp_path):
     from transformers import ByT5Tokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
     torch.manual_seed(0)
-    tc = CLIPTextConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        max_position_embeddings=64, eos_token_id=1, pad_token_id=0, bos_token_id=0)
+    tc = CLIPTextConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=64, eos_token_id=1, pad_token_id=0,
+                        bos_token_id=0)
     vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                           image_size=32, patch_size=8)
     model = CLIPModel(CLIPConfig(text_config=tc.to_dict(), vision_config=vc.to_dict(), projection_dim=16)).eval()
@@ -1629,7 +1640,8 @@ def test_plain_unet_of_the_benchmark_has_the_size_and_work_of_the_nested_model(n
     assert sorted(set(flat.resolutions)) == sorted({r for c in cfg.levels() for r in c.resolutions})
     spec = dict(config=name, batch=2, device="meta", text_channels=384, release=release)
     nested, plain = bench.harness(spec, "nested"), bench.harness(spec, "plain")
-    assert isinstance(nested["model"], R.ReleasedNestedUNet) == isinstance(plain["model"], R.ReleasedNestedUNet) == release
+    released = R.ReleasedNestedUNet
+    assert isinstance(nested["model"], released) == isinstance(plain["model"], released) == release
     assert plain["model"].config.to_dict() == flat.to_dict()
     params = sum_params(nested["model"]) / sum_params(plain["model"])
     flops = nested["count_flops"]() / plain["count_flops"]()
@@ -1736,11 +1748,13 @@ def release_tiny(levels):
     then 16x16 (its SNR / 4, as the 256 px release) and 64x64 (SNR / 16 and / 256 as the
     1024 px release, which normalises the middle level's input)."""
     inner = R.ReleasedConfig(resolutions=[8, 4, 2], resolution_channels=[32, 32, 64], num_res_blocks=[1, 1, 1],
-                             num_attn_layers_per_block=[0, 1, 2], num_heads=4, schedule="squaredcos_cap_v2", **RELEASE_KEYS)
+                             num_attn_layers_per_block=[0, 1, 2], num_heads=4, schedule="squaredcos_cap_v2",
+                             **RELEASE_KEYS)
     if levels == 1:
         return inner
     mid = R.ReleasedConfig(resolutions=[32, 16, 8], resolution_channels=[32, 32, 32], num_res_blocks=[1, 1, 1],
-                           num_attn_layers_per_block=[0, 0, 0], schedule=f"squaredcos_cap_v2-shift{2 if levels == 2 else 4}",
+                           num_attn_layers_per_block=[0, 0, 0],
+                           schedule=f"squaredcos_cap_v2-shift{2 if levels == 2 else 4}",
                            inner_config=inner, normalize_input=levels == 3, **RELEASE_KEYS)
     if levels == 2:
         return mid
@@ -1884,7 +1898,8 @@ def test_release_architecture_keys_against_independent_computations():
     # level_time_embedding, text_pool_bias, normalize_input: a whole model against a second code path
     torch.manual_seed(0)
     model = randomize(R.ReleasedNestedUNet(release_tiny(3)), std=0.05).eval()
-    assert all(hasattr(lvl, "time_mlp") for lvl in model.levels()) and not hasattr(model.innermost.cond_embed, "time_mlp")
+    assert all(hasattr(lvl, "time_mlp") for lvl in model.levels())
+    assert not hasattr(model.innermost.cond_embed, "time_mlp")
     assert model.innermost.cond_embed.text_pool.bias is None
     z = [torch.randn(s) for s in model.input_shapes(2)]
     tt, text = torch.tensor([0.3, 0.9]), torch.randn(2, 4, 32)
@@ -1935,7 +1950,8 @@ def test_discrete_schedule_time_grid_and_thresholding_modes_against_formulas():
     assert (d.time_grid(250) * 1000).round().long()[:3].tolist() == [997, 993, 989]
     u = torch.tensor([1e-9, 0.0005, 0.0015, 0.999, 1.0])
     assert (d.training_times(u) * 1000).round().long().tolist() == [1, 1, 2, 999, 1000]
-    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * torch.tensor([0.3, 0.6, 4.0])[:, None, None, None]
+    scales = torch.tensor([0.3, 0.6, 4.0])[:, None, None, None]
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * scales
     for mode, q, hi in (("deepfloyd", 95, 1.5), ("imagen", 99.5, np.inf)):
         got = D.threshold(x, mode).numpy()
         for i in range(3):
@@ -2054,11 +2070,13 @@ def test_a_checkpoint_in_the_released_format_converts_strictly_and_samples(tmp_p
         if not key.endswith("time_mlp.2.bias"):
             assert torch.equal(ours[key], state[theirs].reshape(ours[key].shape)), key
     for prefix, lvl, scale in (("", model, 256.0), ("inner_unet.", model.inner, 64.0)):
-        m = {k: state[f"{prefix}cond_layers.scale.{k}"].double().numpy() for k in ("0.weight", "0.bias", "1.weight", "1.bias")}
+        m = {k: state[f"{prefix}cond_layers.scale.{k}"].double().numpy()
+             for k in ("0.weight", "0.bias", "1.weight", "1.bias")}
         freqs = np.exp(-np.log(10000) * np.arange(4) / 4)
         s_ = np.concatenate([np.sin(scale * freqs), np.cos(scale * freqs)])
         h = m["0.weight"] @ s_ + m["0.bias"]
-        want = state[f"{prefix}temb_layer2.bias"].double().numpy() + m["1.weight"] @ (h / (1 + np.exp(-h))) + m["1.bias"]
+        want = (state[f"{prefix}temb_layer2.bias"].double().numpy()
+                + m["1.weight"] @ (h / (1 + np.exp(-h))) + m["1.bias"])
         np.testing.assert_allclose(lvl.time_mlp[2].bias.detach().double().numpy(), want, rtol=1e-4, atol=1e-5)
     # sample.py reads it, with the run's own settings (its DDIM, guidance against the empty prompt)
     p = run_sample("--ckpt", str(out), "a red square", "--num-images", "2", "--num-inference-steps", "3",
@@ -2242,8 +2260,8 @@ def test_grey_data_trains_and_samples_in_one_channel(tmp_path):
     model, meta = P.load_weights(tmp_path / "grey" / "ema.safetensors")
     assert model.config.in_channels == 1 and model.input_shapes(2)[-1] == (2, 1, 8, 8)
     assert data.load_fashion_mnist(8)[0]["image"].shape == (1, 8, 8)
-    p = run_sample("--ckpt", str(tmp_path / "grey"), "--label", "bag", "--num-images", "2", "--num-inference-steps", "3",
-                   "--out", str(tmp_path / "g"))
+    p = run_sample("--ckpt", str(tmp_path / "grey"), "--label", "bag", "--num-images", "2",
+                   "--num-inference-steps", "3", "--out", str(tmp_path / "g"))
     assert p.returncode == 0, p.stderr[-2000:]
     a = np.asarray(Image.open(tmp_path / "g.png").convert("RGB")).astype(int)
     assert (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all() and a.std() > 0
@@ -2266,7 +2284,8 @@ def test_random_horizontal_flips_are_per_sample_and_exact():
     assert torch.equal(mirrored | same, torch.ones(B, dtype=torch.bool)) and 0.35 < mirrored.float().mean() < 0.65
     assert torch.equal(mirrored, train.flip_draws(torch.arange(B), 4, 3) < 0.5)
     for a, b in zip(plain[1:3], flipped[1:3]):     # times and noises: untouched by the flips
-        assert all(torch.equal(u, v) for u, v in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]))
+        a, b = (a if isinstance(a, list) else [a]), (b if isinstance(b, list) else [b])
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
 def webdataset_shards(folder, shards=2, per_shard=6):
@@ -2500,7 +2519,8 @@ def test_sample_py_draws_around_given_pixels_and_stops_a_sample_that_overflows(t
                        "--out", str(tmp_path / name), *[str(tmp_path / a) if a.endswith(".png") else a for a in args])
         assert p.returncode == 0 and (tmp_path / f"{name}-matryoshka.png").exists(), p.stderr[-2000:]
     trained = P.Trained(str(run))
-    given = S.given_pixels(trained, image=S.read_image(tmp_path / "img.png", 1), mask=S.read_image(tmp_path / "mask.png", 1))
+    given = S.given_pixels(trained, image=S.read_image(tmp_path / "img.png", 1),
+                           mask=S.read_image(tmp_path / "mask.png", 1))
     out = S.draw(trained, trained.condition(labels=["bag"], repeat=2), 2, 0, trained.settings(num_inference_steps=3),
                  **given)[-1]
     assert torch.equal(out[:, :, :, :4], (torch.from_numpy(img[:, :4]).float() / 127.5 - 1).expand(2, 1, 8, 4))
@@ -2513,7 +2533,8 @@ def test_sample_py_draws_around_given_pixels_and_stops_a_sample_that_overflows(t
         assert (p.returncode == 0) == ok, p.stderr[-2000:]
         if not ok:
             assert "NaN or infinite" in p.stderr and "--precision fp32" in p.stderr and "Traceback" not in p.stderr
-            assert len(p.stderr.strip().splitlines()[-1:]) == 1 and p.stderr.strip().splitlines()[-1].startswith("sample.py")
+            last = p.stderr.strip().splitlines()[-1:]
+            assert len(last) == 1 and last[0].startswith("sample.py")
     bf16 = torch.cuda.is_bf16_supported
     try:
         torch.cuda.is_bf16_supported = lambda including_emulation=True: False   # a T4, say
@@ -2690,7 +2711,8 @@ def test_demo_page_in_headless_chromium_draws_what_sample_py_draws(demo_server, 
             browser.script("document.getElementById('sampler').value = 'ddim'")
             browser.do("POST", f"/element/{browser.find('#generate')}/click")
             deadline = time.time() + 180
-            while time.time() < deadline and "hidden" in browser.script("return document.getElementById('final').className"):
+            final_class = "return document.getElementById('final').className"
+            while time.time() < deadline and "hidden" in browser.script(final_class):
                 time.sleep(0.2)
             assert "hidden" not in browser.script("return document.getElementById('final').className")
             assert browser.script("return window.framesSeen") >= 2                  # the resolutions, while denoising
@@ -2698,7 +2720,8 @@ def test_demo_page_in_headless_chromium_draws_what_sample_py_draws(demo_server, 
             command = browser.script("return document.getElementById('command').textContent")
             (tmp_path / "page.png").write_bytes(__import__("base64").b64decode(browser.do("GET", "/screenshot")))
             # An upload: a 4x4 image (the lower level's size) upscaled to 8x8 around it.
-            Image.fromarray((np.random.default_rng(1).random((4, 4, 3)) * 255).astype(np.uint8)).save(tmp_path / "up.png")
+            pixels = (np.random.default_rng(1).random((4, 4, 3)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "up.png")
             browser.script("document.getElementById('mode').value = 'upscale'; showMode()")
             browser.do("POST", f"/element/{browser.find('#image')}/value", {"text": str(tmp_path / "up.png")})
             deadline = time.time() + 30
@@ -2722,9 +2745,9 @@ def test_demo_page_in_headless_chromium_draws_what_sample_py_draws(demo_server, 
     assert p.returncode == 0, p.stderr[-2000:]
     assert grid == (tmp_path / "cli.png").read_bytes()
     assert Image.open(tmp_path / "page.png").size[0] > 500
-    p = run_sample("--ckpt", str(trained_runs / "text"), "a green square", "--num-images", "2", "--num-inference-steps",
-                   "12", "--seed", "5", "--guidance-scale", "2", "--sampler", "ddim", "--upscale", str(tmp_path / "up.png"),
-                   "--out", str(tmp_path / "cli-up"))
+    p = run_sample("--ckpt", str(trained_runs / "text"), "a green square", "--num-images", "2",
+                   "--num-inference-steps", "12", "--seed", "5", "--guidance-scale", "2", "--sampler", "ddim",
+                   "--upscale", str(tmp_path / "up.png"), "--out", str(tmp_path / "cli-up"))
     assert p.returncode == 0, p.stderr[-2000:]
     job = list(server.jobs.values())[-1]                      # the page's upload reached the sampler
     assert job.settings["mode"] == "upscale" and job.given["known"][0][0].shape == (1, 3, 4, 4)

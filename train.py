@@ -1,13 +1,10 @@
 """
 Train a Matryoshka Diffusion Model, progressively (section 3.3, appendix B).
 
-`--res 64,256` trains in stages: stage 1 trains the model up to 64x64 (its innermost UNet
-alone), stage 2 wraps that model (and its EMA) as the inner model of the full NestedUNet with
-`grow` and trains all of it, the joint loss of Eq. 3 over every resolution. `--steps` and
-`--batch` give one number per stage, in appendix B's form.
+`--res 64,256` trains in stages: stage 1 the innermost 64x64 UNet alone, stage 2 that model (and its EMA)
+grown into the full NestedUNet, with Eq. 3's joint loss; `--steps` and `--batch` give one number per stage.
 
-On a laptop CPU, the default (a small text-to-image model on the built-in emoji data set,
-about 15 minutes on 2 cores):
+On a laptop CPU, the default (a small text-to-image model on the emoji, about 15 minutes):
     python train.py
 On one GPU, or N GPUs of one machine (plain DDP through torchrun; bf16 autocast on GPUs):
     torchrun --standalone --nproc_per_node=8 train.py --config MDM-S64S256 --res 64,256 \\
@@ -15,20 +12,16 @@ On one GPU, or N GPUs of one machine (plain DDP through torchrun; bf16 autocast 
         --high-res-fraction 0.5                                                  # appendix B, ImageNet
 On several machines (run on each, with its own --node_rank):
     torchrun --nnodes=4 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d \\
-        --rdzv_endpoint=<first node>:29500 train.py --config MDM-S64S256 --res 64,256 \\
-        --steps 500000,500000 --batch 2048,1024 --data pixparse/cc12m-wds --streaming \\
-        --image-column jpg --caption-column txt --text-encoder google/flan-t5-xl \\
-        --lr 1e-4 --high-res-fraction 0.5                                        # CC12M
+        --rdzv_endpoint=<first node>:29500 train.py --config MDM-S64S256 --res 64,256 --lr 1e-4 \\
+        --steps 500000,500000 --batch 2048,1024 --data pixparse/cc12m-wds --streaming --image-column jpg \\
+        --caption-column txt --text-encoder google/flan-t5-xl --high-res-fraction 0.5  # CC12M
 The video demo (video.py's model and moving-emoji clips, about 15 minutes on 2 cores):
     python train.py --config CPU-S16T8 --data emoji-motion --res 16,8x16 --steps 600,450 --batch 64,24
 A run that was stopped or killed goes on where it stopped:
-    python train.py --resume                  # the newest run in runs/
-    python train.py --resume runs/<name>      # that run
+    python train.py --resume                  # the newest run in runs/, or --resume runs/<name>
 
-Each run writes a folder runs/<name>/: options.json, log.jsonl (losses per resolution, steps/s,
-images/s), loss.png, samples/ (grids every --sample-every steps), checkpoint.pt (the whole
-state, written atomically) and ema.safetensors (EMA weights with their config, for sample.py).
-Its bookkeeping (folder, log, checkpoints, grids, evaluations) is helpers/run.py's Run.
+A run folder runs/<name>/ holds log.jsonl, loss.png, samples/, checkpoint.pt (the whole state) and
+ema.safetensors (the EMA weights with their config, for sample.py); helpers/run.py's Run keeps it.
 """
 
 from __future__ import annotations
@@ -37,7 +30,6 @@ import dataclasses
 import functools
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,11 +45,8 @@ from helpers.options import option
 from helpers.run import Run, choose_thresholding, parse_sizes
 from nested_unet import NestedUNet, NestedUNetConfig, grow
 
-# ---------------------------------------------------------------------------------------
-# The options: one dataclass, saved in every checkpoint; the command line is made from it
-# ---------------------------------------------------------------------------------------
-# The defaults train the CPU demo; the paper's runs (appendix B) pass --lr 1e-4 and
-# --high-res-fraction 0.5, as the commands above do.
+# --- The options: one dataclass, saved in every checkpoint; the command line is made from it ---
+# The defaults train the CPU demo; the paper's runs (appendix B) pass --lr 1e-4 --high-res-fraction 0.5.
 
 MODEL, DATA, OPT, SPEED, RUN = "model and stages", "data", "optimisation (appendix B)", "speed and memory", "run"
 # The checks of the values (helpers/options.py's check_options), besides its common ones.
@@ -67,7 +56,7 @@ WEIGHTS, EXPONENT = (opt.at_least(0), "weights >= 0, one per level"), (opt.at_le
 IMAGES = (opt.at_least(2), "at least 2 images (a covariance needs 2)")
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainOptions:
     config: str = option("CPU-S16S32", "a preset of nested_unet.py, video.py or tools/release.py, or a JSON "
                          "config file", group=MODEL)
@@ -75,9 +64,8 @@ class TrainOptions:
     steps: list = option([300, 800], "optimizer steps of each stage", opt.COUNT, group=MODEL)
     batch: list = option([64, 32], "global batch of each stage", opt.COUNT, group=MODEL)
     accum: int = option(1, "gradient accumulation: micro-batches per step", opt.COUNT, group=MODEL)
-    init_from: str = option(None, "start from a trained run's weights (a run folder or ema.safetensors, e.g. a "
-                            "released model converted by tools/release.py): fine-tune it, or grow it into the inner "
-                            "levels of --config", group=MODEL)
+    init_from: str = option(None, "start from a trained run (a folder or ema.safetensors; a converted release): "
+                            "fine-tune it, or grow it into the inner levels of --config", group=MODEL)
     data: str = option("emoji", "emoji, fashion-mnist, emoji-motion (video), a folder of images, or a Hugging "
                        "Face data set name", group=DATA)
     data_limit: int = option(0, "use only the first N images (0: all)", opt.NONNEGATIVE, group=DATA)
@@ -93,16 +81,14 @@ class TrainOptions:
     streaming: bool = option(False, "stream a large hub data set (CC12M)", group=DATA)
     workers: int = option(0, "data loader processes per rank", opt.NONNEGATIVE, group=DATA)
     hflip: bool = option(False, "random horizontal flips (half the images; usual for ImageNet)", group=DATA)
-    lr: float = option(6e-4, "learning rate: appendix B's is 1e-4; the CPU demo takes 6e-4 (its model trains "
-                       "for minutes, not days)", opt.POSITIVE, group=OPT)
+    lr: float = option(6e-4, "learning rate (appendix B: 1e-4)", opt.POSITIVE, group=OPT)
     warmup: int = option(None, "linear LR warm-up steps per stage (default: a tenth of the stage, at most "
                          "appendix B's 30000)", opt.NONNEGATIVE, type=int, group=OPT)
     clip: float = option(CLIP_NORM, "gradient clipping norm", GRAD_NORM, group=OPT)
     ema: float = option(0.9999, "EMA decay (reached after the EMA warm-up)", DECAY, group=OPT)
     ema_power: float = option(2 / 3, "EMA warm-up: decay = 1 - (1 + step)^-power", opt.POSITIVE, group=OPT)
     high_res_fraction: float = option(1.0, "mixed-resolution training: share of each batch that also goes "
-                                      "through the highest resolution (appendix B: 0.5; the CPU demo sends all: "
-                                      "its outer level costs less than its inner UNet)", opt.FRACTION, group=OPT)
+                                      "through the highest resolution (appendix B: 0.5)", opt.FRACTION, group=OPT)
     cond_drop: float = option(0.1, "conditioning dropout for classifier-free guidance", opt.PROBABILITY, group=OPT)
     loss_levels: str = option("all", "all: the joint loss of Eq. 3; top: only the highest resolution (simple DM)",
                               choices=["all", "top"], group=OPT)
@@ -110,34 +96,28 @@ class TrainOptions:
                                 type=opt.comma_list(float, "1,4"), group=OPT)
     shift_power: float = option(2.0, "the resolution shift divides the SNR by s^power", EXPONENT, group=OPT)
     device: str = option(None, "cpu, cuda or cuda:N (default: cuda if there is one)", group=SPEED)
-    precision: str = option("auto", "autocast of the network: bf16 (appendix B), fp16 with gradient scaling (GPUs "
-                            "without bf16: T4, V100), fp32; auto: bf16 on GPUs that have it, else fp16, fp32 on CPUs",
-                            choices=["auto", "bf16", "fp16", "fp32"], group=SPEED)
+    precision: str = option("auto", "autocast of the network (auto: bf16 on GPUs that have it, else fp16 with "
+                            "gradient scaling; fp32 on CPUs)", choices=["auto", "bf16", "fp16", "fp32"], group=SPEED)
     compile: bool = option(False, "torch.compile the model", group=SPEED)
     grad_ckpt: bool = option(False, "gradient checkpointing of the outer levels", group=SPEED)
-    channels_last: str = option("auto", "channels-last memory format of images: on, off, or auto: on a CPU (its "
-                                "convolutions are faster so), not on a GPU", choices=["auto", "on", "off"], group=SPEED)
+    channels_last: str = option("auto", "channels-last images (auto: on a CPU)", choices=["auto", "on", "off"],
+                                group=SPEED)
     out: str = option("runs", "folder of the run folders", group=RUN)
     name: str = option(None, "run name (default: date-time and data)", group=RUN)
     resume: str = option(None, "resume the newest run, or the run folder given", nargs="?", const="latest", group=RUN)
-    seed: int = option(0, "the seed of initial weights and of every per-sample random number", opt.NONNEGATIVE,
-                       group=RUN)
+    seed: int = option(0, "seed of the initial weights and every per-sample draw", opt.NONNEGATIVE, group=RUN)
     log_every: int = option(25, "steps between log rows", opt.COUNT, group=RUN)
     ckpt_every: int = option(200, "steps between checkpoints", opt.COUNT, group=RUN)
-    keep_checkpoints: int = option(3, "checkpoints kept in checkpoints/ besides each stage's last (checkpoint.pt is "
-                                   "always the latest)", opt.NONNEGATIVE, group=RUN)
+    keep_checkpoints: int = option(3, "checkpoints kept besides each stage's last", opt.NONNEGATIVE, group=RUN)
     sample_every: int = option(400, "steps between sample grids", opt.COUNT, group=RUN)
     sample_steps: int = option(50, "DDIM steps of the sample grids", opt.COUNT, group=RUN)
     sample_guidance: float = option(3.0, "guidance scale of the sample grids", opt.FINITE, group=RUN)
-    thresholding: str = option("auto", "of the predicted x while sampling, recorded for sample.py: auto chooses "
-                               "Imagen's dynamic thresholding, or plain clipping for data whose pixels are often "
-                               "black or white (printed)", choices=["auto", *THRESHOLDING], group=RUN)
-    sample_prompts: str = option(None, "what the sample grids draw: prompts separated by |, or a file of them, one "
-                                 "per line (class names or indices for a class-conditional model); default: 8 of "
-                                 "the data's captions, or every class", group=RUN)
+    thresholding: str = option("auto", "of the predicted x, recorded for sample.py (auto: Imagen's, or clipping for "
+                               "data often black or white)", choices=["auto", *THRESHOLDING], group=RUN)
+    sample_prompts: str = option(None, "what the grids draw: prompts (or classes) separated by |, or a file of "
+                                 "them (default: 8 of the data's captions, or every class)", group=RUN)
     no_samples: bool = option(False, "no sample grids (tests)", group=RUN)
-    tensorboard: bool = option(False, "also log to TensorBoard, in the run folder's tensorboard/ (log.jsonl stays "
-                               "the record; needs the tensorboard package)", group=RUN)
+    tensorboard: bool = option(False, "also log to tensorboard/ (log.jsonl stays the record)", group=RUN)
     eval_every: int = option(0, "FD-EffNet (and class accuracy) every N steps, at the final resolution; 0: never",
                              opt.NONNEGATIVE, group=RUN)
     eval_samples: int = option(256, "generated images per evaluation", IMAGES, group=RUN)
@@ -152,16 +132,12 @@ def parse_args(argv=None) -> TrainOptions:
 
 
 def parse_args_given(argv=None) -> tuple[TrainOptions, set]:
-    """The options, and the names of those the command line gave (a resumed run takes the
-    given ones that may change, and refuses the others where they differ)."""
+    """The options, and the names of those the command line gave (what a resumed run checks)."""
     return opt.parse_options(TrainOptions, "train.py", __doc__.split("\n\n")[0], argv)
 
 
-# ---------------------------------------------------------------------------------------
-# EMA (appendix B: decay 0.9999), with k-diffusion's warm-up so that short runs average
+# --- EMA (appendix B: decay 0.9999), with k-diffusion's warm-up so that short runs average ---
 # over a window that grows with the run instead of over their random initialisation
-# ---------------------------------------------------------------------------------------
-
 def ema_decay(step: int, max_decay: float, power: float) -> float:
     return min(max_decay, 1 - (1 + step) ** -power)
 
@@ -172,20 +148,14 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
         e.lerp_(p.detach(), 1 - decay)             # e = decay * e + (1 - decay) * p
 
 
-# ---------------------------------------------------------------------------------------
-# Randomness per sample: the diffusion time, the noise of every resolution, the conditioning
-# dropout and the mixed-resolution draw of a training sample are a function of (seed, step,
-# its index in the data set). A step then computes the same thing however the batch is split
-# over processes or micro-batches (1 process = N processes = gradient accumulation), and a
-# resumed run draws exactly what the run it continues would have drawn.
-#
-# A generator per sample would need a Python loop over the batch. Instead the numbers are
-# drawn by a counter-based generator: number j of stream s of a sample is a hash of (sample,
-# s, j), computed for the whole batch at once on the device. The hash is Chris Wellons'
-# "lowbias32" (every input bit flips every output bit with probability close to 1/2), in
-# int64 arithmetic that never overflows; two uniforms make two normals (Box-Muller).
-# ---------------------------------------------------------------------------------------
-
+# --- Randomness per sample: the diffusion time, the noise of every resolution, the conditioning ---
+# dropout and the mixed-resolution draw of a sample are a function of (seed, step, its index in the
+# data set): a step computes the same however the batch is split (1 process = N processes = gradient
+# accumulation), and a resumed run draws what the run it continues would have drawn. Instead of a
+# generator per sample (a Python loop over the batch), number j of stream s of a sample is a hash of
+# (sample, s, j), for the whole batch at once on the device. The hash is Chris Wellons' "lowbias32"
+# (every input bit flips every output bit with probability close to 1/2), in int64 arithmetic that
+# never overflows; two uniforms make two normals (Box-Muller).
 M32 = 0xFFFFFFFF
 
 
@@ -195,37 +165,31 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
     return x ^ (x >> 16)
 
 
 @functools.lru_cache(maxsize=16)
 def _hashed_counter(n: int, device: torch.device) -> torch.Tensor:
-    return hash32(torch.arange(n, device=device, dtype=torch.int64))
+    return hash32(torch.arange(n, device=device, dtype=torch.int64))[None, :]
 
 
 def uniforms(sample_keys: torch.Tensor, stream: int, n: int) -> torch.Tensor:
-    """(B, n) uniforms in (0, 1): number j of the given stream of each sample."""
+    """(B, n) uniforms in (0, 1) of 24 random bits: number j of the given stream of each sample."""
     base = hash32((sample_keys + stream * 0x9E3779B9) & M32)          # one key per (sample, stream)
-    j = _hashed_counter(n, sample_keys.device)
-    return ((hash32(j[None, :] ^ base[:, None]) >> 8).float() + 0.5) / 2 ** 24   # 24 random bits
+    return ((hash32(_hashed_counter(n, sample_keys.device) ^ base[:, None]) >> 8).float() + 0.5) / 2 ** 24
 
 
 def normals(sample_keys: torch.Tensor, stream: int, shape: tuple) -> torch.Tensor:
     n = math.prod(shape)
     u = uniforms(sample_keys, stream, 2 * n)
-    z = torch.sqrt(-2 * torch.log(u[:, :n])) * torch.cos(2 * math.pi * u[:, n:])
-    return z.view(-1, *shape)
+    return (torch.sqrt(-2 * torch.log(u[:, :n])) * torch.cos(2 * math.pi * u[:, n:])).view(-1, *shape)
 
 
 def per_sample_randomness(keys: torch.Tensor, step: int, seed: int, shapes: list[tuple], device):
-    """For each sample (its index in the data set in `keys`): its diffusion time t, the noise
-    of every level (shapes without the batch), and two uniforms for the conditioning dropout
-    and the mixed-resolution draw. Those two stay on the CPU, where the batch is reordered;
-    what goes to the device goes without waiting for it (to_device)."""
+    """Per sample (`keys`: its index in the data set): its time t, the noise of every level (`shapes`
+    without the batch), and the uniforms of the dropout and mixed-resolution draws (on the CPU)."""
     k = sample_keys(keys, step, seed)
     t, u_drop, u_high = uniforms(k, 0, 3).unbind(1)
     k = to_device(k, device)
@@ -240,41 +204,29 @@ def sample_keys(keys, step: int, seed: int) -> torch.Tensor:
 
 
 def flip_draws(keys, step: int, seed: int) -> torch.Tensor:
-    """A fourth uniform per sample (the first three are per_sample_randomness's, unchanged by
-    it), on the CPU: the random horizontal flip of train.py --hflip."""
+    """A fourth uniform per sample on the CPU (per_sample_randomness's three stay): the flip of --hflip."""
     return uniforms(sample_keys(keys, step, seed), 0, 4)[:, 3]
 
 
-# ---------------------------------------------------------------------------------------
-# A training batch: conditioning dropout, mixed resolution, the per-sample random numbers
-# ---------------------------------------------------------------------------------------
-
+# --- A training batch: conditioning dropout, mixed resolution, the per-sample random numbers ---
 def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, o: TrainOptions, device):
-    """One micro-batch from the loader, made ready for diffusion.loss: images, diffusion
-    times, noises and conditions on the device, with the conditioning dropout and the
-    mixed-resolution draw applied. Returns (x, t, noises, cond, n_high)."""
-    # x: (B, 3, R, R) in [-1, 1] at this stage's top resolution R; for a video stage
-    # (B, 3, T, R, R). An image stage of a video run takes the clips' first frames (video.py's
-    # temporal D^r). B here is one process's micro-batch.
+    """One micro-batch made ready for diffusion.loss on the device, dropout and mixed-resolution draw
+    applied: (x, t, noises, cond, n_high). x: (B, 3, R, R) in [-1, 1] at the stage's top resolution R;
+    a video stage's (B, 3, T, R, R); an image stage of a video run takes the first frames (D^r)."""
     x = to_device(batch["image"], device)          # (the loader pins it on a GPU machine)
     if x.dim() == 4:                               # images, not clips: the model's memory format
         x = x.contiguous(memory_format=memory_format(o.channels_last, device))
-    # A sample's key: its index in the data set (in a stream, its position in the stream of its
-    # rank and loader worker, made unique over them: data.HFStream).
-    keys = batch["index"]
+    keys = batch["index"]                          # its index in the data set (a stream's: data.HFStream)
     shapes = [s[1:] for s in model.input_shapes(1)]
     t, noises, u_drop, u_high = per_sample_randomness(keys, step, o.seed, shapes, device)
     if o.hflip:                                    # half the images mirrored (every frame of a clip)
         flip = to_device(flip_draws(keys, step, o.seed) < 0.5, device)
         x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
-    # Conditioning dropout (--cond-drop, 10% by default): those samples learn the null
-    # condition, which classifier-free guidance contrasts with at sampling time (decided on
-    # the CPU). Its null text is no visible token, or for the released models' architecture
-    # (null_text="empty_prompt") the caption "".
+    # Conditioning dropout (--cond-drop): those samples learn the null condition, which
+    # classifier-free guidance contrasts with when sampling. Its null text is no visible token, or
+    # for the released models' architecture (null_text="empty_prompt") the caption "".
     drop = u_drop < o.cond_drop
-    # The condition: text features (B, L, text_channels) of the frozen encoder (a fixed
-    # caption set is encoded once and looked up), or class labels (B,).
-    cond = {}
+    cond = {}                                      # the encoder's text features (B, L, C), or labels (B,)
     if cond_kind == "text":
         captions = batch["caption"]
         if model.null_text == "empty_prompt":
@@ -284,31 +236,22 @@ def prepare_batch(batch: dict, model, encoder, cond_kind: str, step: int, o: Tra
         cond = {"label": to_device(batch["label"], device)}
     cond = model.null_condition(cond, to_device(drop, device))
     # Mixed-resolution training (appendix B): each sample reaches the highest level with
-    # probability --high-res-fraction; all samples train the lower levels. The NestedUNet
-    # runs its outermost level on the first n_high rows only, so those samples go first;
-    # the rest skip the costliest resolution.
-    if len(model.resolutions) > 1:
-        high = u_high < o.high_res_fraction
-    else:
-        high = torch.ones_like(u_high, dtype=torch.bool)
+    # probability --high-res-fraction; all train the lower levels. The NestedUNet runs its
+    # outermost level on the first n_high rows only, so those samples go first.
+    high = u_high < o.high_res_fraction if len(model.resolutions) > 1 else torch.ones_like(u_high, dtype=bool)
     order = torch.argsort((~high).int(), stable=True)
     n_high = int(high.sum())                       # on the CPU: no sync
     od = to_device(order, device)
-    x, t = x[od], t[od]
-    noises = [n[od] for n in noises]
+    x, t, noises = x[od], t[od], [n[od] for n in noises]
     noises[-1] = noises[-1][:n_high]
     cond = {k: v[od] for k, v in cond.items()}
     return x, t, noises, cond, n_high
 
 
-# ---------------------------------------------------------------------------------------
-# The data of a run, and what it conditions the model on
-# ---------------------------------------------------------------------------------------
-
-@dataclass
+# --- The data of a run, and what it conditions the model on ----------------------------------
+@dataclasses.dataclass
 class RunData:
-    """The data set of the current stage (and `full`, without --data-limit), what it is
-    conditioned on ("text", "label" or "none"), the class names, the frozen text encoder."""
+    """The stage's data set (`full`: without --data-limit), its conditioning, class names, text encoder."""
     dataset: object
     full: object
     cond_kind: str
@@ -345,9 +288,7 @@ def setup_data(o: TrainOptions, size, frames: int, world: int, device) -> RunDat
         raise SystemExit(f"train.py: --cond label: {o.data} has no class labels")
     if cond_kind == "text" and not has_text:
         raise SystemExit(f"train.py: --cond text: {o.data} has no captions (--caption-column {o.caption_column})")
-    # The text encoder is frozen (FLAN-T5 XL in the paper; MiniLM offline here): it runs
-    # without gradients, and only the model's own projection of its features trains.
-    encoder = None
+    encoder = None  # the text encoder is frozen (FLAN-T5 XL in the paper): only the model's projection trains
     if cond_kind == "text":                        # a stream's captions do not come back: no cache
         try:
             encoder = text_encoder(o.text_encoder, device, o.text_tokenization,
@@ -360,16 +301,14 @@ def setup_data(o: TrainOptions, size, frames: int, world: int, device) -> RunDat
 
 
 def conditioned(cfg: NestedUNetConfig, d: RunData) -> NestedUNetConfig:
-    """The model's inputs as the data sets them: the text encoder's width or the number of
-    classes (section 3.2's conditioning), and the image channels (one for Fashion-MNIST)."""
+    """The model's inputs as the data sets them: text width or classes (section 3.2), image channels."""
     return dataclasses.replace(cfg, text_channels=d.encoder.dim if d.encoder else 0,
                                num_classes=len(d.class_names) if d.cond_kind == "label" else 0,
                                in_channels=getattr(d.full, "channels", 3))
 
 
 def load_init(o: TrainOptions, resuming: bool):
-    """--init-from's model and metadata (a converted released model, or one of our runs); its
-    text encoder and tokenisation become the run's, unless given."""
+    """--init-from's model and metadata; its text encoder and tokenisation become the run's, unless given."""
     init, meta = None, {}
     if o.init_from is not None and not resuming:
         try:
@@ -382,8 +321,7 @@ def load_init(o: TrainOptions, resuming: bool):
 
 
 def run_meta(o: TrainOptions, d: RunData, cfg: NestedUNetConfig, init_meta: dict) -> dict:
-    """What sample.py needs besides the weights (a checkpoint adds its stage's configs): a video
-    run is sampled as its grids are, with DDIM and guidance 4."""
+    """What sample.py needs besides the weights; a video run samples as its grids do (DDIM, guidance 4)."""
     sampling = init_meta.get("sampling") or ({"sampler": "ddim", "num_inference_steps": 50, "guidance_scale": 4.0}
                                             if cfg.frames > 1 else None)
     return {"cond": d.cond_kind, "text_encoder": o.text_encoder if d.encoder else None,
@@ -391,14 +329,10 @@ def run_meta(o: TrainOptions, d: RunData, cfg: NestedUNetConfig, init_meta: dict
             "video": cfg.frames > 1, "data_limit": o.data_limit, **({"sampling": sampling} if sampling else {})}
 
 
-# ---------------------------------------------------------------------------------------
-# A stage's model: built, or grown from the previous stage's
-# ---------------------------------------------------------------------------------------
-
-@dataclass
+# --- A stage's model: built, or grown from the previous stage's ------------------------------
+@dataclasses.dataclass
 class Stage:
-    """A stage's model, its EMA, optimizer and LR schedule, the module that runs the step,
-    the diffusion process of its levels, and its batches."""
+    """A stage's model, EMA, optimizer, LR schedule, the module that runs the step, diffusion, batches."""
     index: int
     model: NestedUNet
     ema: NestedUNet
@@ -412,15 +346,13 @@ class Stage:
 
 def build_stage(o: TrainOptions, index: int, cfg_full, dcfg, device, world, init=None, previous: Stage = None,
                 precision: str = "fp32") -> Stage:
-    """Stage 0 builds the innermost model (or starts from --init-from's); a later stage grows
-    the previous one (section 3.3), model and EMA alike."""
+    """Stage 0 builds the innermost model (or --init-from's); a later stage grows the previous (3.3)."""
     sizes = parse_sizes(o.res)
     cfg = cfg_full.truncated(sizes[index][1], sizes[index][0])
     if previous is None:
         torch.manual_seed(o.seed)                  # the same initial weights on every rank
         if init is not None and init.config.to_dict() != cfg.to_dict():
-            # --init-from a smaller model: it becomes this stage's inner levels, and the new
-            # levels start as grow() starts them.
+            # --init-from a smaller model: it becomes this stage's inner levels, grow() adds the rest.
             try:
                 model = grow(init.to(device), cfg, build_model)
             except ValueError as e:
@@ -432,8 +364,7 @@ def build_stage(o: TrainOptions, index: int, cfg_full, dcfg, device, world, init
         ema = build_model(cfg).to(device)
         ema.load_state_dict(model.state_dict())
     else:
-        # The new level starts from the same random weights in the model and its EMA.
-        torch.manual_seed(o.seed + index)
+        torch.manual_seed(o.seed + index)          # the new level: the same random weights in model and EMA
         model = grow(previous.model, cfg, build_model)
         torch.manual_seed(o.seed + index)
         ema = grow(previous.ema, cfg, build_model)
@@ -441,22 +372,18 @@ def build_stage(o: TrainOptions, index: int, cfg_full, dcfg, device, world, init
     if o.grad_ckpt:
         for level in model.levels()[1:]:
             level.gradient_checkpointing = True
-    # The device's memory format (channels-last on a CPU), and a CPU's faster layers.
     model, ema = prepare(model, device, o.channels_last), prepare(ema, device, o.channels_last)
-    # A fresh optimizer per stage (the grown model has new parameters), with its own
-    # warm-up: appendix B's 30k steps, or a tenth of a short stage.
+    # A fresh optimizer per stage (new parameters), with its own warm-up: appendix B's 30k steps or a tenth.
     opt = make_optimizer(model, o.lr)
     warm = max(1, o.warmup if o.warmup is not None else min(30_000, o.steps[index] // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    # The module that runs the step: DDP all-reduces the gradients during backward.
-    # Compiling the DDP-wrapped model is the order PyTorch documents (its DDPOptimizer cuts
-    # the graph at the gradient buckets, so communication still overlaps the backward
-    # pass). `model` stays the plain module: its state dict, the EMA and grow() use it.
+    # The module that runs the step: DDP all-reduces the gradients during backward. Compiling the DDP
+    # model is the order PyTorch documents (its DDPOptimizer cuts the graph at the gradient buckets, so
+    # communication still overlaps backward). `model` stays the plain module (state dict, EMA, grow).
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     train_model = torch.compile(train_model) if o.compile else train_model
-    # The diffusion process of the stage's levels (of the model and its EMA alike):
-    # --loss-weights gives one weight per level of the whole model, lowest first, and a stage
-    # takes those of its own levels. A video run's D^r (first frames) serves its image stage too.
+    # The diffusion of the stage's levels: --loss-weights has a weight per level of the whole model,
+    # lowest first; a stage takes its own. A video run's D^r (first frames) serves its image stage too.
     n = len(model.levels())
     stage_cfg = dataclasses.replace(dcfg, loss_weights=dcfg.loss_weights[:n] if dcfg.loss_weights else None)
     diffusion = build_diffusion(model, stage_cfg, clips=cfg_full.frames > 1)
@@ -465,18 +392,13 @@ def build_stage(o: TrainOptions, index: int, cfg_full, dcfg, device, world, init
 
 
 def stage_batches(o: TrainOptions, dataset, index: int, rank: int, world: int, position: dict) -> data.Batches:
-    """This rank's batches of stage `index`, from the data position `position` on. --batch is
-    the global batch of a step: world processes x accum micro-batches x micro-batch."""
+    """This rank's batches of stage `index` from `position` on (--batch = world x accum x micro-batch)."""
     return data.Batches(dataset, o.batch[index] // (world * o.accum), rank, world, o.seed, o.workers, **position)
 
 
-# ---------------------------------------------------------------------------------------
-# A step
-# ---------------------------------------------------------------------------------------
-
+# --- A step ----------------------------------------------------------------------------------
 def optimizer_step(st: Stage, d: RunData, o: TrainOptions, step: int, world: int, device, autocast, log):
-    """Step number `step` (from 0): --accum micro-batches (the time spent waiting for the
-    loader is logged as data_wait: workers decode the next batches while the model runs),
+    """Step `step` (from 0): --accum micro-batches (the wait for the loader is logged as data_wait),
     Eq. 3's loss, clipping and Adam (diffusion.training_step), the warm-up, the EMA."""
     st.model.train()
     micro = []
@@ -498,10 +420,7 @@ def optimizer_step(st: Stage, d: RunData, o: TrainOptions, step: int, world: int
     log.steps += 1
 
 
-# ---------------------------------------------------------------------------------------
-# The training story
-# ---------------------------------------------------------------------------------------
-
+# --- The training story ----------------------------------------------------------------------
 def main(argv=None):
     # -- the options (a resumed run's own) and the model config, checked; the processes --
     run = Run.open(*parse_args_given(argv), defaults=parse_args([]))
@@ -528,10 +447,8 @@ def main(argv=None):
         torch.manual_seed(o.seed * 1000 + rank)    # per-rank seed for everything not per-sample
     st.batches = stage_batches(o, d.dataset, first, rank, world, run.ckpt["data"] if run.ckpt else {})
 
-    # -- the run folder, the log, sample grids, evaluations, a polite stop (SIGTERM) --
+    # -- the run folder, log, grids, evaluations, a polite stop (SIGTERM); the loops over stages and steps --
     run.start(st, d, run_meta(o, d, cfg_full, init_meta), rank, world, device, precision)
-
-    # -- the loop over stages, and in each the loop over steps --
     try:
         for stage in range(first, len(sizes)):
             while step < stage_ends[stage] and not run.stopping.is_set():

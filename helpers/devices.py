@@ -1,7 +1,6 @@
 """
-Processes, devices and precision: plain torch.distributed (torchrun sets RANK, WORLD_SIZE,
-LOCAL_RANK), the memory format and the faster CPU layers a device wants, autocast, copies to a
-GPU that do not wait for it, and timing.
+Processes, devices and precision: plain torch.distributed (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK), the
+memory format and faster CPU layers a device wants, autocast, GPU copies that do not wait for it, and timing.
 """
 
 from __future__ import annotations
@@ -22,10 +21,8 @@ def process_env() -> tuple[int, int, int]:
 
 
 def setup_processes(device_arg: str | None, join: bool = True):
-    """-> (rank, world size, device). One process takes --device as given (cuda:1 too), or the
-    first GPU if there is one; under torchrun each process takes the GPU of its local rank,
-    and with join=True the processes form their group (NCCL on GPUs, gloo on CPUs, where they
-    share the cores)."""
+    """-> (rank, world size, device): --device (cuda:1 too), or the first GPU; under torchrun the local rank's
+    GPU, and with join=True the processes form their group (NCCL on GPUs, gloo on CPUs, sharing the cores)."""
     rank, world, local = process_env()
     use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
     if world == 1 and device_arg is not None:
@@ -47,11 +44,8 @@ def setup_processes(device_arg: str | None, join: bool = True):
 
 
 def reuse_freed_memory() -> bool:
-    """Let the C allocator keep the memory that freed tensors leave, for the next ones, instead
-    of handing it back to the kernel (Linux with glibc; elsewhere nothing changes: -> False).
-    A CPU training step allocates and frees hundreds of MB of activations; by default glibc
-    unmaps big blocks when they are freed, and the next step pays a page fault for every page
-    it touches again. Raising both thresholds to 1 GB keeps those pages (docs/results.md)."""
+    """Let glibc keep freed memory for the next tensors (elsewhere: -> False): a CPU step frees hundreds of
+    MB, and unmapped, each page faults again in the next step; 1 GB thresholds keep them (docs/results.md)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                       # from <malloc.h>
@@ -72,9 +66,8 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 
 
 def resolve_precision(precision: str, device, fp16: bool = True) -> str:
-    """"auto" -> what this device runs best: bf16 (appendix B) on GPUs that have it, fp16 on
-    those that do not (T4, V100: bf16 is emulated there, slowly) unless the model's values
-    exceed fp16's range (fp16=False: fp32 there), fp32 on CPUs and Apple GPUs."""
+    """"auto" -> bf16 (appendix B) on GPUs that have it, else fp16 (T4, V100 emulate bf16, slowly) unless the
+    model's values exceed fp16's range (fp16=False: fp32 there); fp32 on CPUs and Apple GPUs."""
     device = torch.device(device)
     if precision != "auto":
         return precision
@@ -84,18 +77,14 @@ def resolve_precision(precision: str, device, fp16: bool = True) -> str:
 
 
 def autocast(device, precision: str = "auto"):
-    """Autocast of the network in `precision` (auto: resolve_precision), as in training. The
-    samplers keep their state in float32 either way."""
+    """Autocast of the network in `precision` (auto: resolve_precision); samplers keep float32 state."""
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
 
 
 def memory_format(setting, device, frames: int = 1) -> torch.memory_format:
-    """The memory format of an image model and its inputs: channels-last if `setting` is "on"
-    (True in runs from before "auto"), never if "off" (False), and with "auto" on a CPU, whose
-    convolutions (oneDNN's) are faster on channels-last maps. GPUs keep the default layout;
-    videos (5-D) always do."""
+    """Channels-last if "on" (True in older runs), or "auto" on a CPU (oneDNN convolutions); never videos."""
     if frames > 1 or setting in (False, "off"):
         return torch.contiguous_format
     on = setting in (True, "on") or torch.device(device).type == "cpu"      # "auto": a CPU
@@ -103,8 +92,7 @@ def memory_format(setting, device, frames: int = 1) -> torch.memory_format:
 
 
 def prepare(model: torch.nn.Module, device, channels_last="auto") -> torch.nn.Module:
-    """A model on `device` as that device runs it fastest: in its memory format, and on a CPU
-    with the faster layers of fast_cpu.py swapped in (the same parameters and state dict)."""
+    """A model on `device` in its memory format, on a CPU with fast_cpu.py's layers (same state dict)."""
     model = model.to(device=device, memory_format=memory_format(channels_last, device, model.config.frames))
     if torch.device(device).type == "cpu":
         fast_cpu.use_fast_layers(model)
@@ -112,10 +100,7 @@ def prepare(model: torch.nn.Module, device, channels_last="auto") -> torch.nn.Mo
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A tensor to `device` without making the host wait for the GPU. A plain .to("cuda")
-    waits until the GPU has finished all the work queued before it; a copy from pinned
-    ("page-locked") memory with non_blocking=True just joins the queue (PyTorch keeps the
-    pinned block alive until the copy is done)."""
+    """A tensor to `device` without waiting for the GPU's queued work (a pinned, non_blocking copy)."""
     device = torch.device(device)
     if device.type == "cuda" and t.device.type == "cpu":
         return t.contiguous().pin_memory().to(device, non_blocking=True)
@@ -123,8 +108,7 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 
 def timed(fn, n: int, device) -> list[float]:
-    """The seconds of each of n calls of fn. On a GPU the device is synchronised before and
-    after each call: kernels run asynchronously, and without it we would time their launches."""
+    """The seconds of each of n calls of fn, the GPU synchronised around each (else we time launches)."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     out = []
     for _ in range(n):

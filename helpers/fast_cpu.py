@@ -1,9 +1,6 @@
-"""
-Faster ways for a CPU to compute the NestedUNet's layers, swapped into a model by one call,
-`use_fast_layers(model)` (helpers.devices.prepare makes it on a CPU): the same parameters and
-state dict, the same values (tests check them, gradients included, against the plain layers).
-A GPU keeps the plain layers. A CPU differs where oneDNN's convolutions beat its matmuls and
-where PyTorch's kernels carry fixed costs that dominate at small sizes (docs/results.md):
+"""Faster ways for a CPU to compute the NestedUNet's layers, swapped in by `use_fast_layers(model)` (on a CPU,
+helpers.devices.prepare): the same parameters, state dict and values (tests check them, gradients included),
+where oneDNN's convolutions beat its matmuls and PyTorch's kernels' fixed costs dominate (docs/results.md):
 
     attention        on small maps, a plain matmul and softmax instead of the CPU flash kernel
     Linear           at every position of a channels-last map, as a 1x1 convolution
@@ -23,9 +20,8 @@ from nested_unet import Attention, AttentionBlock, ResBlock
 
 
 def use_fast_layers(model: nn.Module) -> nn.Module:
-    """Swap the CPU's ways in, in place. A layer keeps its parameters and only changes how it
-    computes; each checks at run time that its input is what it is faster for (a CPU, float32,
-    channels-last), and computes as the plain layer does otherwise."""
+    """Swap the CPU's ways in, in place: each layer checks at run time that its input is what it is faster
+    for (a CPU, float32, channels-last), and computes as the plain layer does otherwise."""
     channels_last = any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
                         and not p.is_contiguous() for p in model.parameters())
     for m in model.modules():
@@ -45,9 +41,8 @@ SMALL_ATTENTION = 8192      # query-key pairs up to which a CPU attends with a p
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v, as F.scaled_dot_product_attention computes it, written out
-    (the mask as a 0 / -inf bias) on a CPU's small maps (N * M <= SMALL_ATTENTION: up to 8x8
-    positions and 64 keys more), where the CPU flash kernel's fixed cost dominates."""
+    """softmax(q k^T / sqrt(d)) v as F.scaled_dot_product_attention computes it (mask: a 0 / -inf bias),
+    written out on a CPU where N * M <= SMALL_ATTENTION (8x8 maps, 64 keys more): flash's fixed cost dominates."""
     if q.device.type == "cpu" and q.shape[-2] * k.shape[-2] <= SMALL_ATTENTION:
         weights = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
         if mask is not None:
@@ -57,10 +52,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 class PointwiseLinear(nn.Linear):
-    """nn.Linear on the tokens (B, N, C) of a channels-last map (whose memory they are, in
-    that order) as a 1x1 convolution with the Linear's weights: oneDNN runs it faster than the
-    matmul. Other inputs: nn.Linear."""
-
+    """nn.Linear on the tokens (B, N, C) of a channels-last map (its memory, in that order) as a 1x1
+    convolution with the Linear's weights, which oneDNN runs faster than the matmul. Otherwise nn.Linear."""
     def forward(self, x):
         if x.dim() != 3 or not x.is_contiguous() or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
@@ -70,14 +63,12 @@ class PointwiseLinear(nn.Linear):
 
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm, computed by group_norm below."""
-
     def forward(self, x):
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 class FoldedResBlock(ResBlock):
     """ResBlock, whose second norm takes the time embedding's scale and shift in one pass."""
-
     def forward(self, x, emb, tokens=None, mask=None):
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
@@ -87,14 +78,11 @@ class FoldedResBlock(ResBlock):
 
 
 def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float, scale=None, shift=None) -> torch.Tensor:
-    """F.group_norm(x, groups, weight, bias, eps), times (1 + scale) plus shift if they are
-    given ((B, C, 1, 1) each), computed by ChannelsLastGroupNorm for float32 channels-last CPU
-    maps larger than 4x4 (at 4x4 its fixed cost of a dozen small operations loses to PyTorch's
-    kernel, which stays there, under autocast and everywhere else).
-
-    The scale and shift fold into the norm's own weight and bias, which become per sample:
-    (x_hat w + b) (1 + s) + t = x_hat w' + b' with w' = w (1 + s), b' = b (1 + s) + t: the map is
-    written once instead of three times (autograd takes the gradients of s and t through w', b')."""
+    """F.group_norm(x, groups, weight, bias, eps), times (1 + scale) plus shift if given ((B, C, 1, 1) each),
+    by ChannelsLastGroupNorm on float32 channels-last CPU maps over 4x4 (at 4x4 its dozen small operations
+    lose to PyTorch's kernel, used there, under autocast and everywhere else). The scale and shift fold into
+    per-sample weight and bias: (x_hat w + b) (1 + s) + t = x_hat w' + b' with w' = w (1 + s), b' = b (1 + s)
+    + t, so the map is written once, not three times (autograd takes s's and t's gradients through w', b')."""
     if (x.device.type == "cpu" and x.dim() == 4 and x.shape[2] * x.shape[3] > 16 and x.dtype == torch.float32
             and weight is not None and not torch.is_autocast_enabled("cpu")
             and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
@@ -106,39 +94,20 @@ def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float, scale=Non
     return y if scale is None else y * (1 + scale) + shift
 
 
-NATIVE_FORWARD = 1024      # positions from which ChannelsLastGroupNorm's forward is PyTorch's kernel's
-
-
 class ChannelsLastGroupNorm(torch.autograd.Function):
-    """Group norm of a channels-last map x (B, C, H, W), whose memory is (B, HW, C): each group
-    of D = C / G channels normalised over its D * HW values, y = (x - mean) * rstd * w + b.
-    Statistics per channel first (a sum over positions, then the two-pass variance), combined
-    into the group's by the law of total variance; then y = x * scale + shift per (sample,
-    channel). From 1024 positions (32x32 maps) the forward is PyTorch's kernel's, one contiguous
-    pass there (its one-pass variance errs by a few 1e-5 where the mean is 2.5 standard
-    deviations from zero); below, that kernel parallelises over groups and is slower.
-
-    Backward, with x_hat = (x - mean) * rstd and sums over a group: dx = rstd (w dy - mean(w dy)
-    - x_hat mean(w dy x_hat)), dw = sum dy x_hat, db = sum dy; with a = sum dy and s = sum dy x
-    per (sample, channel), sum dy x_hat = rstd (s - mean a), so dx = A dy + Bx x + Bc. The
-    weight and bias are (C,), or (B, C): one per sample (group_norm's scale and shift)."""
-
+    """Group norm of a channels-last map x (B, C, H, W), memory (B, HW, C): each group of D = C / G channels
+    normalised over its D * HW values, y = (x - mean) * rstd * w + b, w and b (C,) or (B, C) (per sample).
+    Statistics per channel first (a sum over positions, then the two-pass variance), combined into the
+    group's by the law of total variance; then y = x * scale + shift per (sample, channel). (PyTorch's own
+    kernel on channels-last maps is slower below 32x32 and errs by 1e-3 at 1024x1024, these sums by 1e-6.)
+    Backward, with x_hat = (x - mean) * rstd and sums over a group: dx = rstd (w dy - mean(w dy) - x_hat
+    mean(w dy x_hat)), dw = sum dy x_hat, db = sum dy; with a = sum dy and s = sum dy x per (sample,
+    channel), sum dy x_hat = rstd (s - mean a), so dx = A dy + Bx x + Bc."""
     @staticmethod
     def forward(ctx, x, weight, bias, groups: int, eps: float):
         B, C, H, W = x.shape
         t = x.permute(0, 2, 3, 1).reshape(B, H * W, C)                     # a view of x's memory
         ctx.groups = groups
-        if H * W >= NATIVE_FORWARD:
-            # PyTorch's forward, whose statistics are one contiguous pass from this size on.
-            # A per-sample weight and bias are applied after it, in place on its output.
-            per_sample = weight.dim() == 2
-            y, mean, rstd = torch.native_group_norm(x, None if per_sample else weight, None if per_sample else bias,
-                                                    B, C, H * W, groups, eps)
-            mean, rstd = mean.view(B, groups, 1), rstd.view(B, groups, 1)
-            ctx.save_for_backward(x, weight, mean, rstd)
-            if per_sample:                                  # y has x's layout: the same (B, HW, C) view
-                y.permute(0, 2, 3, 1).view(B, H * W, C).mul_(weight[:, None]).add_(bias[:, None])
-            return y
         mean_c = t.sum(1, keepdim=True) / (H * W)                           # (B, 1, C)
         dev = t - mean_c
         var_c = (dev * dev).sum(1).view(B, groups, -1) / (H * W)            # (B, G, D)

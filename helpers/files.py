@@ -1,8 +1,7 @@
 """
-Files: written so that a kill cannot damage them, read so that a file someone handed over runs
-no code, and found where a person expects them. A run folder holds checkpoint.pt (the whole
-training state, torch's format read with weights_only=True) and ema.safetensors (the EMA
-weights, with everything needed to rebuild and use the model in its metadata).
+Files: written so that a kill cannot damage them, read so that a file someone handed over runs no code, and
+found where a person expects them. A run folder holds checkpoint.pt (the whole training state, read with
+weights_only=True) and ema.safetensors (the EMA weights, with all that rebuilds the model in its metadata).
 """
 
 from __future__ import annotations
@@ -18,8 +17,7 @@ import torch
 
 
 def atomic_save(obj, path: Path, save_fn=torch.save):
-    """Write to a temporary file, flush it to disk, then rename over the old file: a kill at
-    any moment leaves either the old or the new file, never a damaged one."""
+    """A temporary file, flushed to disk, renamed over the old: a kill leaves the old or the new, intact."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_fn(obj, tmp)
@@ -29,9 +27,8 @@ def atomic_save(obj, path: Path, save_fn=torch.save):
 
 
 def keep_history(run_dir: Path, step: int, keep_steps: set, keep: int):
-    """checkpoints/step<N>.pt: the checkpoint just written (a hard link to checkpoint.pt, so
-    no copy; a copy where links cannot be made), and of the older ones the last `keep` and
-    those of the steps in keep_steps (each stage's last)."""
+    """checkpoints/step<N>.pt: the checkpoint just written (a hard link, else a copy), and of the older ones
+    the last `keep` and those of the steps in keep_steps (each stage's last)."""
     history = Path(run_dir) / "checkpoints"
     history.mkdir(exist_ok=True)
     target = history / f"step{step:07d}.pt"
@@ -46,15 +43,12 @@ def keep_history(run_dir: Path, step: int, keep_steps: set, keep: int):
 
 
 def load_torch_file(path, what: str = "checkpoint"):
-    """torch.load with weights_only=True: tensors, numbers, strings, lists, tuples and dicts,
-    and nothing else. A pickle may name any Python function to call while it is read; a file
-    someone handed over is opened without giving it that power. Raises ValueError saying what
-    is wrong (not a torch file, damaged, or naming a function or class), without the path."""
+    """torch.load with weights_only=True (a pickle may name any function to call while it is read), or a
+    ValueError saying what is wrong (not a torch file, damaged, naming a function), without the path."""
     try:
         return torch.load(Path(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refuses any global it does not know: name it (torch's own text would
-        # advise loading the file with weights_only=False, which is what must not be done).
+        # Name the refused global (torch's own text advises weights_only=False, which must not be done).
         found = re.search(r"GLOBAL ([\w.]+)|global: ([\w.]+)|global ([\w.]+)", str(e))
         name = next((g for g in found.groups() if g), None) if found else None
         raise ValueError(f"not a {what}: it names {name or 'a Python object'}, which a {what} never holds, and "
@@ -64,14 +58,10 @@ def load_torch_file(path, what: str = "checkpoint"):
                          f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
-# ---------------------------------------------------------------------------------------
-# ema.safetensors: the weights, with the config in the metadata
-# ---------------------------------------------------------------------------------------
-
+# --- ema.safetensors: the weights, with the config in the metadata ---------------------------
 def save_weights(path, state_dict: dict, meta: dict):
-    """Weights for sampling as safetensors (tensors and a JSON header, nothing that runs when
-    read), with everything needed to rebuild and use the model in the metadata (k-diffusion's
-    convert_for_inference does the same). Written atomically."""
+    """Weights as safetensors (tensors and a JSON header: nothing runs when read), atomically, with all that
+    rebuilds and uses the model in the metadata (as k-diffusion's convert_for_inference)."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}
     header = {k: json.dumps(v) for k, v in meta.items()}
@@ -79,14 +69,12 @@ def save_weights(path, state_dict: dict, meta: dict):
 
 
 def read_weights(path, metadata_only: bool = False):
-    """-> (state dict, metadata) of an ema.safetensors file, or the metadata alone. Raises
-    ValueError for a damaged file."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """-> (state dict, metadata) of an ema.safetensors file, or the metadata alone; ValueError if damaged."""
+    import safetensors.torch
     try:
-        with safe_open(str(path), "pt") as f:
+        with safetensors.safe_open(str(path), "pt") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        return meta if metadata_only else (load_file(str(path)), meta)
+        return meta if metadata_only else (safetensors.torch.load_file(str(path)), meta)
     except Exception as e:                         # SafetensorError, JSONDecodeError, OSError
         raise ValueError(f"{path}: not a readable safetensors file of weights (truncated or damaged? "
                          f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
@@ -98,18 +86,15 @@ def read_metadata(path) -> dict:
 
 def find_weights(ckpt=None, runs="runs", video: bool | None = None, name: str = "ema.safetensors",
                  flag: str = "--ckpt") -> Path:
-    """A run's file `name` (its EMA weights, or train.py's checkpoint.pt): `ckpt` is a run
-    folder or the file; None means the newest run in `runs/` (of video models only, or of
-    image models only, if `video` says so). Raises FileNotFoundError with what to do instead."""
+    """A run's file `name` (EMA weights, or checkpoint.pt): `ckpt` a run folder or the file, None the newest
+    run in `runs/` (only video or image models if `video` says). FileNotFoundError says what to do instead."""
     if ckpt is not None:
-        path = Path(ckpt)
-        path = path / name if path.is_dir() else path
+        path = Path(ckpt) / name if Path(ckpt).is_dir() else Path(ckpt)
         if not path.exists():
             where = f"no {name} in that folder" if Path(ckpt).is_dir() else "no such file or folder"
             raise FileNotFoundError(f"{flag} {ckpt}: {where} (expected a run folder with {name}, or the file)")
         return path
-    # "Newest" is the run whose file was written last: train.py rewrites both at every
-    # checkpoint, so a run still training (or just resumed) counts as the newest.
+    # The newest: the file written last (every checkpoint rewrites both: a run training or resumed counts).
     found = sorted(Path(runs).glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
     if video is not None:
         found = [p for p in found if bool(metadata_or_empty(p.with_name("ema.safetensors")).get("video")) == video]

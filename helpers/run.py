@@ -1,23 +1,19 @@
 """
-A training run's bookkeeping, kept out of the training story (train.py), in one object, Run:
-its options checked (each mistake said in one line before any work), its folder opened (new,
-or resumed with what a resume may change), the log of its losses and speed, its checkpoints,
-the sample grids and evaluations made along the way, a polite stop, and what to do at the end.
-`st` below is train.py's Stage (model, EMA, optimizer, schedule, diffusion, batches) and `o`
-its TrainOptions.
+A training run's bookkeeping, kept out of train.py's story, in one object, Run: its options checked (each
+mistake in one line before any work), its folder (new, or resumed), the log, checkpoints, sample grids and
+evaluations, a polite stop, the end. `st` below is train.py's Stage, `o` its TrainOptions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import math
 import random
 import signal
 import sys
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -34,21 +30,25 @@ from helpers.models import load_model_config
 from helpers.pictures import plot_log, save_gif, save_levels_figure, save_matryoshka
 from nested_unet import summary
 
+
+def fail(msg):
+    raise SystemExit(f"train.py: {msg}")
+
+
 def parse_sizes(s: str) -> list[tuple[int, int]]:
     """--res "64,256" -> [(1, 64), (1, 256)]; video stages "64,16x64,16x256" -> frames x size."""
     try:
         return [tuple(int(u) for u in v.split("x")) if "x" in v else (1, int(v)) for v in s.split(",")]
     except ValueError:
-        raise SystemExit(f"train.py: --res {s}: expected sizes like 64,256 (or 64,16x64 for video: frames x size)")
+        fail(f"--res {s}: expected sizes like 64,256 (or 64,16x64 for video: frames x size)")
 
 
 def fmt(values) -> str:
     return ",".join(str(v) for v in values)
 
 
-def fmt_size(size) -> str:
-    frames, res = size
-    return f"{frames}x{res}" if frames > 1 else str(res)
+def fmt_size(size) -> str:                         # (frames, size) -> "16x64", or "64" for images
+    return f"{size[0]}x{size[1]}" if size[0] > 1 else str(size[1])
 
 
 def sample_prompts(o) -> list[str] | None:
@@ -64,11 +64,7 @@ def sample_prompts(o) -> list[str] | None:
 
 
 def check_args(o, world_size: int, cfg):
-    """Every mistake we can see before training starts, each said in one line that names the
-    flag, its value and what is expected."""
-    def fail(msg):
-        raise SystemExit(f"train.py: {msg}")
-
+    """Every mistake we can see before training, each in one line: the flag, its value, what is expected."""
     options.check_options("train.py", o)
     options.check_device("train.py", o.device)
     if o.tensorboard:
@@ -90,17 +86,15 @@ def check_args(o, world_size: int, cfg):
         if hi == lo or any(h < l or h % l for h, l in zip(hi, lo)):
             fail(f"--res {o.res}: each resolution must be an integer multiple of the previous one, "
                  f"and larger ({fmt_size(hi)} / {fmt_size(lo)} is not)")
-    levels = cfg.level_sizes()
-    names = fmt(fmt_size(s) for s in levels)
+    levels, names = cfg.level_sizes(), fmt(fmt_size(s) for s in cfg.level_sizes())
     if len(sizes) > len(levels):
         fail(f"--res {o.res} has {len(sizes)} stages, but {o.config} has only {len(levels)} levels ({names})")
     for s in sizes:
         if s not in levels:
             fail(f"--res {o.res}: {o.config} has no level of size {fmt_size(s)}; its levels are {names}")
-    for b in o.batch:
-        if b % (world_size * o.accum):
-            fail(f"--batch {fmt(o.batch)}: each batch must be divisible by the number of processes "
-                 f"({world_size}) times --accum ({o.accum})")
+    if any(b % (world_size * o.accum) for b in o.batch):
+        fail(f"--batch {fmt(o.batch)}: each batch must be divisible by the number of processes "
+             f"({world_size}) times --accum ({o.accum})")
     if o.loss_weights is not None and len(o.loss_weights) != len(levels):
         fail(f"--loss-weights {fmt(o.loss_weights)}: expected one weight per level of the model, "
              f"lowest first ({len(levels)}: {names})")
@@ -111,10 +105,8 @@ def check_args(o, world_size: int, cfg):
              "data set or a video model, evaluate the saved model afterwards (python -m tools.evaluate)")
 
 
-# What a resumed run may change: how long its stages are (and more stages of the same
-# config), the learning rate, logging, checkpoints, sample grids and thresholding,
-# evaluations, where and how fast it runs. Everything else (the config, the data, the
-# objective) is the run's.
+# What a resumed run may change: its stages' lengths (more stages of the same config), the learning rate,
+# logging, checkpoints, grids, thresholding, evaluations, where and how fast it runs; the rest is the run's.
 MAY_CHANGE = {"steps", "res", "batch", "lr", "warmup", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
               "sample_steps", "sample_guidance", "sample_prompts", "thresholding", "no_samples", "eval_every",
               "eval_samples", "eval_real", "eval_steps", "tensorboard", "precision", "compile", "grad_ckpt"}
@@ -123,30 +115,24 @@ HERE = ("device", "workers", "stop_after")         # this machine and this invoc
 
 
 def check_extension(before, after, ckpt):
-    """Stages may be added (--res, --steps, --batch one entry longer each) and lengthened, but
-    not changed where the run has been: a finished stage keeps its steps and batch, the
-    current one its batch and at least the steps it has taken."""
-    def fail(msg):
-        raise SystemExit(f"train.py: --resume: {msg}")
+    """Stages may be added and lengthened, not changed where the run has been (steps taken, batches)."""
     old, new = parse_sizes(before.res), parse_sizes(after.res)
     if new[:len(old)] != old:
-        fail(f"--res {after.res}: the run's stages are {before.res}; stages may only be added after them")
-    stage, step = ckpt["stage"], ckpt["step"]
-    done = int(np.sum(before.steps[:stage]))
+        fail(f"--resume: --res {after.res}: the run's stages are {before.res}; "
+             f"stages may only be added after them")
+    stage, step, done = ckpt["stage"], ckpt["step"], int(np.sum(before.steps[:ckpt["stage"]]))
     if list(after.steps[:stage]) != list(before.steps[:stage]) or list(after.batch[:stage + 1]) != \
             list(before.batch[:stage + 1]):
-        fail(f"--steps {fmt(after.steps)} --batch {fmt(after.batch)}: the run has finished its first {stage} "
-             f"stage(s) with steps {fmt(before.steps[:stage])} and is in stage {stage + 1} with batch "
-             f"{before.batch[stage]}; those stay (later stages may change)")
+        fail(f"--resume: --steps {fmt(after.steps)} --batch {fmt(after.batch)}: the run has finished its "
+             f"first {stage} stage(s) with steps {fmt(before.steps[:stage])} and is in stage {stage + 1} "
+             f"with batch {before.batch[stage]}; those stay (later stages may change)")
     if len(after.steps) > stage and done + after.steps[stage] < step:
-        fail(f"--steps {fmt(after.steps)}: stage {stage + 1} has taken {step - done} steps already")
+        fail(f"--resume: --steps {fmt(after.steps)}: stage {stage + 1} has taken {step - done} steps already")
 
 
 def choose_thresholding(o, full, init_meta: dict, is_main: bool) -> str:
-    """The thresholding that the run records for sampling: the one asked for, else --init-from's
-    run's, else chosen from the data. Imagen's (appendix C) divides a sample by the 99.5th
-    percentile of |x| whenever it exceeds 1, so at most 0.5% of its pixels reach -1 or 1: data
-    with black or white backgrounds (Fashion-MNIST, the emoji) would come out grey; it is clipped."""
+    """The thresholding the run records: the one asked for, else --init-from's, else from the data:
+    Imagen's (appendix C) lets at most 0.5% of pixels reach -1 or 1: black or white backgrounds turn grey."""
     if o.thresholding != "auto":
         return o.thresholding
     if "diffusion_config" in init_meta:
@@ -165,8 +151,7 @@ def choose_thresholding(o, full, init_meta: dict, is_main: bool) -> str:
 
 
 def rng_states() -> dict:
-    """Every generator's state as plain data (a checkpoint loads with weights_only): numpy's
-    (name, 624 uint32 keys, pos, has_gauss, cached) with its keys as an int64 tensor."""
+    """Every generator's state as plain data (a checkpoint loads with weights_only): numpy's keys as int64."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
@@ -175,104 +160,84 @@ def rng_states() -> dict:
 
 def set_rng_states(s: dict):
     torch.set_rng_state(s["torch"])
-    name, keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
     random.setstate(s["python"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-# ---------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------
-
+# --- The run ---------------------------------------------------------------------------------
 class Run:
-    """A training run: `Run.open` (its options and the checkpoint it resumes), `start` (its
-    folder, log, grids, evaluations), then per step `after_step`, per grown stage `new_stage`,
-    and `finish`. `stopping` is set by SIGTERM (a cluster's job is out of time) or --stop-after."""
-
+    """A run: `Run.open`, `start`, then per step `after_step`, per grown stage `new_stage`, and `finish`."""
     def __init__(self, o, ckpt: dict | None, run_dir: Path | None, changes: dict):
         self.options, self.ckpt, self.dir, self.changes = o, ckpt, run_dir, changes
-        self.config = None
-        self.stopping = threading.Event()
+        self.config, self.stopping = None, threading.Event()   # set by SIGTERM (out of time) or --stop-after
 
     @classmethod
     def open(cls, o, given: set, defaults) -> Run:
-        """The options `o` of a command line that gave those named in `given` (`defaults`: an empty
-        command line's) -> a run, new or resumed, with its model config, every option checked.
-        Resuming, the run's own options hold, but for those given that may change (MAY_CHANGE);
-        one that may not, and differs, is refused. --resume auto resumes the run named by --name
-        (or the newest) if it has a checkpoint, and starts it otherwise: the same command launches
-        and restarts a job. A new run never writes into the folder of an existing one."""
+        """The options `o` of a command line that gave those in `given` (`defaults`: an empty one's) -> a run,
+        new or resumed (its options hold but for those given in MAY_CHANGE), with its config, all checked."""
         path = None
         if o.resume == "auto":                     # the named run, or the newest: if it has a checkpoint
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 path = find_weights(Path(o.out) / o.name if o.name else None, o.out, name="checkpoint.pt")
-            except FileNotFoundError:
-                pass
         elif o.resume is not None:
             try:
                 path = find_weights(None if o.resume == "latest" else o.resume, o.out, name="checkpoint.pt",
                                     flag="--resume")
             except FileNotFoundError as e:
-                raise SystemExit(f"train.py: --resume: {e}")
-        if path is None:                           # a new run
+                fail(f"--resume: {e}")
+        if path is None:                           # a new run: never in the folder of an existing one
             run_dir = Path(o.out) / o.name if o.name else None
             if run_dir is not None and any((run_dir / f).exists() for f in ("checkpoint.pt", "log.jsonl")):
-                raise SystemExit(f"train.py: --name {o.name}: {run_dir} holds a run already; resume it with --resume "
-                                 f"{run_dir} (or --resume auto), or choose another --name")
+                fail(f"--name {o.name}: {run_dir} holds a run already; resume it with --resume {run_dir} "
+                     f"(or --resume auto), or choose another --name")
             run = cls(o, None, None, {})
         else:
             try:
                 ckpt = load_torch_file(path)
             except ValueError as e:
-                raise SystemExit(f"train.py: --resume {path}: {e}")
-            fields = {f.name for f in dataclasses.fields(o)}
-            saved = {k: v for k, v in ckpt["args"].items() if k in fields}     # newer options take their defaults
-            base = dataclasses.replace(defaults, **saved)
+                fail(f"--resume {path}: {e}")
+            fields = {f.name for f in dataclasses.fields(o)}               # newer options take their defaults
+            base = dataclasses.replace(defaults, **{k: v for k, v in ckpt["args"].items() if k in fields})
             fixed = sorted(k for k in given - MAY_CHANGE - WHERE - set(HERE) if getattr(o, k) != getattr(base, k))
             if fixed:
                 shown = ", ".join(f"--{k.replace('_', '-')} {getattr(base, k)} (given: {getattr(o, k)})" for k in fixed)
-                raise SystemExit(f"train.py: --resume: a run keeps its {shown}; start a new run (another --name) "
-                                 f"to change them")
+                fail(f"--resume: a run keeps its {shown}; start a new run (another --name) to change them")
             changes = {k: [getattr(base, k), getattr(o, k)] for k in sorted(given & MAY_CHANGE)
                        if getattr(o, k) != getattr(base, k)}
             o = dataclasses.replace(base, **{k: new for k, (_, new) in changes.items()}, resume=o.resume,
                                     **{k: getattr(o, k) for k in HERE})
-            check_extension(base, o, ckpt)
+            check_extension(base, o, ckpt)                 # stages: added or lengthened only
             # A checkpoint of the history (checkpoints/step*.pt) resumes its run folder, from its step.
             run = cls(o, ckpt, path.parent.parent if path.parent.name == "checkpoints" else path.parent, changes)
         try:
             run.config = load_model_config(run.options.config)   # the whole model; stages train truncations
         except ValueError as e:
-            raise SystemExit(f"train.py: {e}")
+            fail(e)
         check_args(run.options, process_env()[1], run.config)
         return run
 
     def position(self) -> tuple[int, int]:
-        """(stage, step) where the run starts: a resumed run's, else (0, 0)."""
         return (self.ckpt["stage"], self.ckpt["step"]) if self.ckpt else (0, 0)
 
     def restore(self, st, rank: int):
-        """A resumed stage's whole state: weights, EMA, Adam's moments, the schedule's step, the
-        gradient scaler, this rank's RNG states (ranks beyond those saved take the last's)."""
         for part, obj in (("model", st.model), ("ema", st.ema), ("optimizer", st.opt), ("scheduler", st.sched),
                           ("scaler", st.scaler)):
             if obj is not None and self.ckpt.get(part) is not None:
                 obj.load_state_dict(self.ckpt[part])
-        set_rng_states(self.ckpt["rng"][min(rank, len(self.ckpt["rng"]) - 1)])
+        set_rng_states(self.ckpt["rng"][min(rank, len(self.ckpt["rng"]) - 1)])   # extra ranks: the last's
 
     def start(self, st, data, meta: dict, rank: int, world: int, device, precision: str):
-        """The run folder (log.jsonl cut back to the checkpoint when resuming: what came after it
-        is logged again), the log, the main process's grids and evaluations, the progress bar."""
+        """The run folder, the log, the main process's grids and evaluations, the progress bar."""
         o, self.world, self.device, self.is_main, self.meta = self.options, world, device, rank == 0, meta
-        self.dir = self.dir or Path(o.out) / (o.name or f"{datetime.now():%Y%m%d-%H%M%S}-{Path(o.data).name}")
+        self.dir = self.dir or Path(o.out) / (o.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(o.data).name}")
         self.sizes, self.ends = parse_sizes(o.res), np.cumsum(o.steps).tolist()   # stage s ends at step ends[s]
         log_path = self.dir / "log.jsonl"
         if self.is_main:
             (self.dir / "samples").mkdir(parents=True, exist_ok=True)
             (self.dir / "options.json").write_text(json.dumps(dataclasses.asdict(o), indent=2))
-            if self.ckpt and log_path.exists():
+            if self.ckpt and log_path.exists():    # cut back to the checkpoint: what followed is logged again
                 rows = [r for r in log_path.read_text().splitlines() if r.strip()]
                 log_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= self.ckpt["step"]))
             if self.changes:
@@ -281,19 +246,19 @@ class Run:
                 print("resumed with " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}"
                                                   for k, (old, new) in self.changes.items()))
         self.log = Log(self.dir, self.ckpt, len(st.model.resolutions), device, self.is_main, o.tensorboard)
-        self.grid = self.evaluate = None
+        self.grid = self.evaluate = None                # the main process's only
         if self.is_main and not o.no_samples:
             try:
                 self.grid = SampleGrid(data, device, o.sample_steps, o.sample_guidance, sample_prompts(o))
             except ValueError as e:
-                raise SystemExit(f"train.py: --sample-prompts: {e}")
+                fail(f"--sample-prompts: {e}")
         if self.is_main and o.eval_every:
             self.evaluate = measures.DuringTraining(
                 o.data, self.sizes[-1][1], o.eval_real, data.cond_kind, data.class_names,
                 None if o.streaming else getattr(data.full, "captions", None), data.encoder, o.eval_samples,
                 o.eval_steps, device)
         signal.signal(signal.SIGTERM, lambda *a: self.stopping.set())     # a polite stop, with a checkpoint
-        self.steps_run, self.autocast = 0, autocast(device, precision)
+        self.steps_run, self.autocast = 0, autocast(device, precision)   # this invocation's, for --stop-after
         first, step = self.position()
         if self.is_main:
             print(summary(st.model, f"{o.config} (stage {first + 1} of {len(self.sizes)})") +
@@ -302,8 +267,7 @@ class Run:
         self.bar = tqdm(total=self.ends[-1], initial=step, disable=not self.is_main, dynamic_ncols=True)
 
     def after_step(self, st, step: int):
-        """After step `step` (from 1): a log row (and the losses on the progress bar), sample
-        grids and evaluations, a checkpoint when one is due."""
+        """After step `step` (from 1): a log row (losses on the bar), grids, evaluations, a checkpoint."""
         o, end = self.options, self.ends[st.index]
         self.steps_run += 1
         self.bar.update(1)
@@ -313,14 +277,12 @@ class Run:
         self.side_work(st, step)
         if self.steps_run == o.stop_after and step < self.ends[-1]:
             self.stopping.set()
-        # A checkpoint every --ckpt-every steps, when stopping, and at the run's end; not at the
-        # end of an earlier stage, where the grown model is checkpointed instead (new_stage).
+        # A checkpoint every --ckpt-every steps, when stopping, at the end (an earlier stage's: new_stage).
         if step < end and (step % o.ckpt_every == 0 or self.stopping.is_set()) or step == self.ends[-1]:
             self.save(st, step)
 
     def new_stage(self, st, step: int):
-        """A grown model: a longer row of losses, the next row marks where the stage began; the
-        main process says what grew; the grown model is checkpointed (a resume starts here)."""
+        """A grown model: longer rows of losses (the next marks the stage's start), and a checkpoint."""
         self.log.sums = torch.zeros(len(st.model.resolutions) + 1, device=self.log.sums.device)
         self.log.stage_start = True
         if self.is_main:
@@ -329,16 +291,13 @@ class Run:
         self.save(st, step)
 
     def side_work(self, st, step: int):
-        """Sample grids (every --sample-every steps and at each stage's end) and evaluations
-        (every --eval-every steps of the final stage), left out of the logged training time (on
-        a GPU the step's queued work is waited for first: it counts as training)."""
-        o = self.options
-        grids = self.grid is not None and (step % o.sample_every == 0 or step in self.ends)
+        """Grids and evaluations when due (final stage), left out of the training time."""
+        grids = self.grid is not None and (step % self.options.sample_every == 0 or step in self.ends)
         evals = self.evaluate is not None and self.sizes[st.index] == self.sizes[-1] and \
-            (step % o.eval_every == 0 or step == self.ends[-1])
+            (step % self.options.eval_every == 0 or step == self.ends[-1])
         if not (grids or evals):
             return
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":                 # the step's queued work counts as training
             torch.cuda.synchronize(self.device)
         t_aside = time.perf_counter()
         if grids:
@@ -351,32 +310,27 @@ class Run:
         if evals:
             row = self.evaluate(st.ema, st.diffusion, step, self.log.train_time + t_aside - self.log.t0, self.autocast)
             self.log.write(row)
-            self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("eval_")))
+            said = (f"{k} {v:.4g}" for k, v in row.items() if k.startswith("eval_"))
+            self.bar.write(f"step {step}: " + ", ".join(said))
         self.log.t0 += time.perf_counter() - t_aside      # not training time
 
     def save(self, st, step: int):
-        """The whole state (weights, EMA, Adam's moments, the schedule's step, each rank's RNG
-        states, the data position, the options) to checkpoint.pt, atomically, kept in
-        checkpoints/ (the last --keep-checkpoints, every stage's last); the EMA weights with what
-        sample.py needs to ema.safetensors. A diverged model (on any rank) is never saved."""
+        """The whole state to checkpoint.pt (atomic, kept in checkpoints/), EMA weights to ema.safetensors."""
         bad = self.log.nonfinite | ~torch.stack([torch.isfinite(p).all() for p in st.model.parameters()]).all()
-        if mean_over_ranks(bad.float()).item() > 0:
+        if mean_over_ranks(bad.float()).item() > 0:    # diverged, on any rank: never saved
             raise FloatingPointError
-        states = [rng_states()]
+        states = [None] * self.world if dist.is_initialized() else [rng_states()]    # every rank's
         if dist.is_initialized():
-            states = [None] * self.world
             dist.all_gather_object(states, rng_states())
-        # The model and diffusion configs of this stage: a file saved before the last stage holds
-        # a smaller model's weights, and its metadata says so.
+        # This stage's configs: a file saved before the last stage holds a smaller model, and says so.
         meta = {**self.meta, "model_config": st.ema.config.to_dict(), "diffusion_config": vars(st.diffusion.config)}
         if self.is_main:
-            o = self.options
             atomic_save({"model": st.model.state_dict(), "ema": st.ema.state_dict(), "optimizer": st.opt.state_dict(),
                          "scheduler": st.sched.state_dict(), "step": step, "stage": st.index, "rng": states,
-                         "data": st.batches.state(), "args": dataclasses.asdict(o), "meta": meta,
+                         "data": st.batches.state(), "args": dataclasses.asdict(self.options), "meta": meta,
                          "scaler": st.scaler.state_dict() if st.scaler else None,
                          "train_time": self.log.train_time}, self.dir / "checkpoint.pt")
-            keep_history(self.dir, step, set(self.ends), o.keep_checkpoints)
+            keep_history(self.dir, step, set(self.ends), self.options.keep_checkpoints)
             save_weights(self.dir / "ema.safetensors", st.ema.state_dict(), {**meta, "step": step})
 
     def diverged(self, step: int):
@@ -386,7 +340,6 @@ class Run:
         sys.exit(1)
 
     def finish(self, step: int, cond_kind: str):
-        """What to do next: resume a run that stopped before its last step, or sample it."""
         self.bar.close()
         if self.is_main:
             plot_log(self.dir / "log.jsonl", self.dir / "loss.png")
@@ -400,14 +353,10 @@ class Run:
 
 
 class Log:
-    """Losses summed on the device between log rows (reading a loss every step, .item(),
-    would make the CPU wait for the GPU at every step), the time spent training and waiting
-    for data, and the rows of log.jsonl (and TensorBoard's, with --tensorboard)."""
-
+    """Losses summed on the device (a .item() per step would wait for the GPU), times, rows of log.jsonl."""
     def __init__(self, run_dir: Path, ckpt: dict | None, levels: int, device, is_main: bool, tensorboard: bool):
-        self.path, self.is_main = run_dir / "log.jsonl", is_main
-        self.train_time = ckpt.get("train_time", 0.0) if ckpt else 0.0
-        self.tensorboard = None
+        self.path, self.is_main, self.tensorboard = run_dir / "log.jsonl", is_main, None
+        self.train_time = (ckpt or {}).get("train_time", 0.0)
         if tensorboard and is_main:               # a resumed run purges what was written after its checkpoint
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=(ckpt or {}).get("step") or None)
@@ -432,10 +381,9 @@ class Log:
             self.tensorboard.flush()
 
     def row(self, step: int, stage, o) -> dict:
-        """The mean of the losses since the last row (over ranks: the one sync of a log
-        interval), speed and data wait. Raises FloatingPointError on a NaN or infinity."""
+        """The mean losses since the last row (over ranks: an interval's one sync), speed, data wait."""
         *losses, total = (mean_over_ranks(self.sums) / self.steps).tolist()
-        if not all(math.isfinite(v) for v in losses) or self.nonfinite.item():
+        if not all(np.isfinite(losses)) or self.nonfinite.item():       # NaN or infinity
             raise FloatingPointError
         dt = time.perf_counter() - self.t0
         self.train_time += dt
@@ -443,38 +391,30 @@ class Log:
         row = {"step": step, "stage": stage.index + 1, "time": self.train_time, "mse_sum": sum(losses),
                "loss": total, "lr": stage.sched.get_last_lr()[0], "steps_per_s": self.steps / dt,
                "images_per_s": self.steps * o.batch[stage.index] / dt, "data_wait": self.wait / dt,
-               "skipped": stage.batches.skipped, **{f"loss_{fmt_size(z)}": v for z, v in zip(sizes, losses)}}
-        if self.stage_start:
-            row["stage_start"] = step - self.steps  # the step the stage began at
+               "skipped": stage.batches.skipped, **{f"loss_{fmt_size(z)}": v for z, v in zip(sizes, losses)},
+               **({"stage_start": step - self.steps} if self.stage_start else {})}  # the stage's first step
         self.reset(len(sizes), self.sums.device)
         self.write(row)
         return row
 
 
 class SampleGrid:
-    """The sample grids of a training run: the EMA model, guided, DDIM, a fixed seed and a fixed
-    condition (8 of the data's captions, every class in turn, or `prompts`; a class the data
-    does not have raises ValueError), so that successive grids differ by training alone. A
-    matryoshka figure of every level (video: the frames of every level, and a GIF)."""
-
+    """A run's grids: EMA, guided DDIM, a fixed seed and condition, so that grids differ by training alone."""
     def __init__(self, data, device, steps: int, guidance: float, prompts: list[str] | None = None, n=8):
-        self.captions, self.steps, self.guidance, self.device = None, steps, guidance, device
+        self.captions, self.cond, self.steps, self.guidance, self.device = None, {}, steps, guidance, device
         if data.cond_kind == "text":
             pool = getattr(data.full, "captions", None) or ["a smiling face", "a red heart", "a cat", "a rocket"]
             self.captions = prompts or ([pool[i] for i in np.random.default_rng(0).choice(len(pool), n, replace=False)]
                                         if len(pool) >= n else pool)
             self.cond = data.encoder.condition(self.captions, device)
         elif data.cond_kind == "label":
-            lowered = [c.lower() for c in data.class_names]
-            labels = torch.arange(n) % len(data.class_names)
+            lowered, labels = [c.lower() for c in data.class_names], torch.arange(n) % len(data.class_names)
             if prompts:
                 bad = [p for p in prompts if p.lower() not in lowered and not (p.isdigit() and int(p) < len(lowered))]
                 if bad:
                     raise ValueError(f"{bad[0]!r} is not a class of this data set: {', '.join(data.class_names)}")
                 labels = torch.tensor([lowered.index(p.lower()) if p.lower() in lowered else int(p) for p in prompts])
             self.captions, self.cond = [data.class_names[i] for i in labels], {"label": labels.to(device)}
-        else:
-            self.cond = {}
         self.n = len(self.captions or [0] * n)
 
     def save(self, model, diffusion, path: Path, autocast) -> Path:

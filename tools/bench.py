@@ -1,17 +1,7 @@
-"""
-Speed and memory of a NestedUNet against a plain UNet of the same size (appendix D.1, Table 2:
-0.52 vs 0.50 s per training iteration, 0.41 vs 0.40 s per sampling step), and of sampling the
-released models.
+"""Speed and memory of a NestedUNet against a plain UNet of the same size (appendix D.1, Table 2: 0.52
+vs 0.50 s per training iteration, 0.41 vs 0.40 s per sampling step), and of sampling the released models.
 
-The plain UNet is the NestedUNet flattened (`flattened`): one UNet over the same feature
-resolutions, channels and attention layers, without the nesting, with as many parameters and
-FLOPs. Every measurement runs in a fresh process (its peak memory is its own), after warm-up
-steps, as the median of repeats: a training step (forward, backward, Adam), a guided sampling
-step (one network evaluation) and the sampler's overhead beyond it, peak memory (CPU RSS; CUDA
-allocation on a GPU), FLOPs of a training step (FlopCounterMode on the meta device) with TFLOP/s
-and MFU on a GPU whose peak is known (or --peak-flops). The knobs are train.py's: bf16 autocast,
-the memory format, torch.compile, gradient checkpointing, gradient accumulation, and the same
-sizes in the released models' architecture (release).
+Each measurement in a fresh process (its own peak memory): median step times, peak memory, FLOPs, MFU.
 
     python -m tools.bench                             # the CPU demo's model, batch 32
     python -m tools.bench --config MDM-S64 --batch 64 --text-channels 2048 --knobs base,compile
@@ -35,45 +25,33 @@ import torch
 
 from diffusion import cat_conditions, make_optimizer, training_step
 import helpers.options as opt
-from helpers.devices import autocast as device_autocast
-from helpers.devices import memory_format, prepare, reuse_freed_memory, timed
+from helpers.devices import autocast as device_autocast, memory_format, prepare, reuse_freed_memory, timed
 from helpers.models import build_diffusion, build_model, load_model_config
 from nested_unet import GLOBAL_KEYS, NestedUNetConfig, sum_params
 import tools.release as release
 
-# Dense bf16 peak FLOP/s of the GPUs we know, matched by substring of the device name, first
-# match first (the PCIe H100 before the SXM one); others: --peak-flops.
+# Dense bf16 peak FLOP/s, the first name contained in the device's (the PCIe H100 before the SXM one).
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def flattened(config: NestedUNetConfig) -> NestedUNetConfig:
-    """The plain UNet of the same size: the levels joined into one UNet. Where a level hands
-    over to its inner level (both work at that resolution), the two stages become one with the
-    res blocks of both, plus one: a level's up path has one res block more than its down path,
-    so the plain UNet's extra down block stands in for what only the nesting has (adapters,
-    the inner input and output convs); parameters and FLOPs then agree within 0.5% (a test)."""
+    """The plain UNet of the same size: the levels joined, a stage shared with the inner level getting both's
+    res blocks plus one (for the adapters and inner convs); parameters and FLOPs agree within 0.5% (a test)."""
     res, ch, blocks, attn = [], [], [], []
     for c in config.levels()[::-1]:                # highest first
-        r, cc, b, a = (list(v) for v in (c.resolutions, c.resolution_channels, c.num_res_blocks,
-                                         c.num_attn_layers_per_block))
+        r, cc, b, a = map(list, (c.resolutions, c.resolution_channels, c.num_res_blocks, c.num_attn_layers_per_block))
         if res:                                    # merge the shared resolution (the inner width wins)
-            blocks[-1] += b.pop(0) + 1
-            attn[-1] = max(attn[-1], a.pop(0))
-            ch[-1] = cc.pop(0)
+            blocks[-1], attn[-1], ch[-1] = blocks[-1] + b.pop(0) + 1, max(attn[-1], a.pop(0)), cc.pop(0)
             r.pop(0)
         res, ch, blocks, attn = res + r, ch + cc, blocks + b, attn + a
-    return type(config)(resolutions=res, resolution_channels=ch, num_res_blocks=blocks, num_attn_layers_per_block=attn,
-                        schedule=config.schedule.split("-shift")[0],
+    return type(config)(resolutions=res, resolution_channels=ch, num_res_blocks=blocks,
+                        num_attn_layers_per_block=attn, schedule=config.schedule.split("-shift")[0],
                         **{k: getattr(config, k) for k in (*GLOBAL_KEYS, "num_heads")})
 
 
 def harness(spec: dict, kind: str) -> dict:
-    """The model of `kind` ("nested" or "plain") with spec's knobs, and what is timed on one
-    fixed batch of random pixels: train_step (train.py's step), net_eval (one guided network
-    evaluation, condition and null condition in one batch), sample (a DDIM run of
-    spec["sample_steps"] steps, guidance 3), count_flops (one forward and backward, eager).
-    spec: config, batch, device, and optionally text_channels or num_classes, truncate (the
-    levels up to this resolution), bf16, channels_last, compile, grad_ckpt, accum, release."""
+    """The model of `kind` ("nested" or "plain") with spec's knobs (KNOBS; truncate: the levels up to this
+    resolution), and train_step, net_eval (one guided evaluation), sample and count_flops on a fixed batch."""
     device = torch.device(spec["device"])
     if device.type == "cpu":
         reuse_freed_memory()                       # as train.py's set-up does on a CPU
@@ -88,30 +66,27 @@ def harness(spec: dict, kind: str) -> dict:
     B, accum, layout = spec["batch"], spec.get("accum", 1), spec.get("channels_last", "auto")
     model = prepare(model, device, layout)
     run = torch.compile(model) if spec.get("compile") else model     # `model` stays eager: FLOPs, parameters
-    diffusion, adam = build_diffusion(model), make_optimizer(model, 1e-4)
-    R = model.resolutions[-1]
+    diffusion, adam, R = build_diffusion(model), make_optimizer(model, 1e-4), model.resolutions[-1]
     x = (torch.rand(B, 3, R, R, device=device) * 2 - 1).contiguous(memory_format=memory_format(layout, device))
     cond = {"text": torch.randn(B, 16, cfg.text_channels, device=device)} if cfg.text_channels else \
         {"label": torch.randint(cfg.num_classes, (B,), device=device)} if cfg.num_classes else {}
     autocast = device_autocast(device, "bf16") if spec.get("bf16") else nullcontext()
-    micro = [(x[i * B // accum:(i + 1) * B // accum], {k: v[i * B // accum:(i + 1) * B // accum] for k, v in cond.items()},
-              None, None, None) for i in range(accum)]
-
+    parts = [slice(i * B // accum, (i + 1) * B // accum) for i in range(accum)]
+    micro = [(x[p], {k: v[p] for k, v in cond.items()}, None, None, None) for p in parts]
     def train_step():
         model.train()
         training_step(diffusion, model, adam, micro, run, autocast=autocast)
 
     def count_flops() -> int:
-        # MFU's "model FLOPs": matmuls, convolutions and attention of one forward and backward
-        # (norms, activations and the optimizer left out), on the eager model, without gradient
-        # checkpointing's recomputation; a CPU's attention as matmuls, which the counter knows.
+        # MFU's "model FLOPs" (no checkpointing recomputation); a CPU's attention as matmuls, which it counts.
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
         model.train()
         ckpt = [level.gradient_checkpointing for level in model.levels()]
         for level in model.levels():
             level.gradient_checkpointing = False
-        with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext():
+        math_attention = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
+        with FlopCounterMode(display=False) as fc, math_attention:
             for mb_x, mb_cond, *_ in micro:
                 with autocast:
                     (diffusion.loss(model, mb_x, mb_cond)[0] / accum).backward()
@@ -119,21 +94,17 @@ def harness(spec: dict, kind: str) -> dict:
         for level, c in zip(model.levels(), ckpt):
             level.gradient_checkpointing = c
         return fc.get_total_flops()
-
-    # A guided evaluation, as diffusion.predict_v makes it: every z doubled, condition and null
-    # condition (the released models': the empty prompt, here 2 tokens) in one batch.
+    # A guided evaluation, as predict_v batches it: condition and null (the releases' empty prompt: 2 tokens).
     zs = [torch.randn(s, device=device) for s in model.input_shapes(B)]
     null = {"text": torch.randn(B, 2, cfg.text_channels, device=device)} if cond and model.null_text != "mask" else None
     both = cat_conditions(cond, null or model.null_condition(cond, torch.ones(B, dtype=torch.bool))) if cond else {}
     zz = [torch.cat([z, z]) for z in zs] if cond else zs
     tt = torch.full((zz[0].shape[0],), 0.5, device=device)
-
     @torch.no_grad()
     def net_eval():
         model.eval()
         with autocast:
             run(zz, tt, **both)
-
     @torch.no_grad()
     def sample():
         model.eval()
@@ -151,19 +122,14 @@ def in_fresh_process(fn, spec: dict):
 
 
 def peak_memory(device) -> dict:
-    """This process's peak resident memory over its life (KiB on Linux), and the most that
-    PyTorch's CUDA allocator handed out (tensors only: less than nvidia-smi shows)."""
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if device.type == "cuda":
-        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return out
+    """Peak resident memory (ru_maxrss: KiB on Linux), and CUDA's allocated peak (less than nvidia-smi's)."""
+    cuda = {"cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20} if device.type == "cuda" else {}
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **cuda}
 
 
 def measure(spec: dict) -> dict:
-    """One measurement, in this process: warm-up steps thrown away (allocation, kernel
-    selection, compilation), then the median of the repeats."""
-    device = torch.device(spec["device"])
-    h = harness(spec, spec["model"])
+    """One measurement in this process: warm-up steps (allocation, kernels, compilation), then the median."""
+    device, h = torch.device(spec["device"]), harness(spec, spec["model"])
     result = {**spec, "params": sum_params(h["model"])}
     timed(h["train_step"], spec["warmup"], device)
     t = statistics.median(timed(h["train_step"], spec["repeats"], device))
@@ -188,47 +154,37 @@ def measure(spec: dict) -> dict:
 
 
 def paired(spec: dict) -> dict:
-    """The NestedUNet / plain UNet time ratios (training step, guided network evaluation) in
-    one process, the two models' steps interleaved and their order alternated every round: a
-    machine that slows down for a while slows both alike. The median of the per-round ratios."""
+    """Median NestedUNet / plain UNet time ratios, steps interleaved in one process: a slow spell slows both."""
     device, runs, ratios = torch.device(spec["device"]), {k: harness(spec, k) for k in ("nested", "plain")}, {}
     for what, action in (("train", "train_step"), ("sample", "net_eval")):
         for k in runs:
             timed(runs[k][action], spec["warmup"], device)
         r = []
         for rnd in range(spec["repeats"]):
-            order = ("nested", "plain") if rnd % 2 == 0 else ("plain", "nested")
-            t = {k: timed(runs[k][action], 1, device)[0] for k in order}
+            t = {k: timed(runs[k][action], 1, device)[0] for k in (("nested", "plain"), ("plain", "nested"))[rnd % 2]}
             r.append(t["nested"] / t["plain"])
         ratios[what] = statistics.median(r)
     return ratios
 
 
 def release_sampling(spec: dict) -> dict:
-    """A released model at its real size with random weights (seeded), one guided sample
-    (batch 1, the guidance pair in one batch of 2; the null condition two tokens of random
-    features) in spec["precision"]: the seconds per step after a warm-up step, peak memory,
-    and the images (the last step's of every level, to compare precisions on the same noise)."""
+    """A released model at real size (random weights), one guided sample: s/step, peak memory, its images."""
     device = torch.device(spec["device"])
     if device.type == "cpu":
         reuse_freed_memory()
     torch.manual_seed(0)
     model = release.ReleasedNestedUNet(release.preset(release.RELEASES[spec["release"]]["preset"]))
-    for p in model.parameters():                   # random weights (the zero-initialised ones too)
-        if p.dim() > 1:
-            torch.nn.init.normal_(p, std=0.02)
+    for p in [p for p in model.parameters() if p.dim() > 1]:     # random weights (zero-initialised ones too)
+        torch.nn.init.normal_(p, std=0.02)
     model = prepare(model, device).eval()
-    diffusion = build_diffusion(model)
-    g = torch.Generator().manual_seed(1)
+    diffusion, g = build_diffusion(model), torch.Generator().manual_seed(1)
     cond, null = ({"text": torch.randn(1, L, 2048, generator=g).to(device)} for L in (12, 2))
-    times = []
-
-    def step(i, t, zs, x_preds):
-        times.append(time.perf_counter())
+    times = []                                     # when each step ends
     with torch.no_grad(), device_autocast(device, spec["precision"]):
         levels = diffusion.sample(model, cond, batch_size=1, sampler="ddim", num_inference_steps=spec["steps"],
-                                  guidance_scale=7.5, negative_cond=null, generator=torch.Generator(device).manual_seed(0),
-                                  callback=step)
+                                  guidance_scale=7.5, negative_cond=null,
+                                  generator=torch.Generator(device).manual_seed(0),
+                                  callback=lambda *_: times.append(time.perf_counter()))
     return {**spec, "params": sum_params(model), "step_s": statistics.median(b - a for a, b in zip(times, times[1:])),
             "finite": all(bool(torch.isfinite(x).all()) for x in levels), **peak_memory(device),
             "images": [x.float().cpu() for x in levels]}
@@ -241,53 +197,47 @@ KNOBS = {"base": {}, "bf16": {"bf16": True}, "fp32": {"bf16": False}, "channels_
 
 def check_args(a):
     """Every flag, checked before the first measurement: one line each."""
-    opt.check_flags("tools/bench.py", a, [
-        ("--batch", opt.at_least(1), "a batch of at least 1"),
-        ("--text-channels", opt.at_least(0), "a width >= 0 (0: no text)"),
-        ("--warmup", opt.at_least(0), "a number of warm-up steps >= 0"),
-        ("--repeats", opt.at_least(1), "at least 1 repeat"),
-        ("--sample-steps", opt.at_least(1), "at least 1 sampling step"),
-        ("--peak-flops", opt.positive, "the chip's peak in FLOP/s, e.g. 989e12"),
-    ])
+    opt.check_flags("tools/bench.py", a, [("--batch", opt.at_least(1), "a batch of at least 1"),
+                                          ("--text-channels", opt.at_least(0), "a width >= 0 (0: no text)"),
+                                          ("--warmup", opt.at_least(0), "a number of warm-up steps >= 0"),
+                                          ("--repeats", opt.at_least(1), "at least 1 repeat"),
+                                          ("--sample-steps", opt.at_least(1), "at least 1 sampling step"),
+                                          ("--peak-flops", opt.positive, "the chip's peak in FLOP/s, e.g. 989e12")])
     opt.check_device("tools/bench.py", a.device if a.device != "meta" else None)
     try:
         load_model_config(a.config)
     except ValueError as e:                        # unreadable, not JSON, not a config, not a preset
         raise SystemExit(f"tools/bench.py: {e}")
-    for flag, value, known in (("--knobs", a.knobs, KNOBS), ("--release-sampling", a.release_sampling, release.RELEASES),
+    for flag, value, known in (("--knobs", a.knobs, KNOBS),
+                               ("--release-sampling", a.release_sampling, release.RELEASES),
                                ("--precisions", a.precisions, ("fp32", "bf16", "fp16"))):
-        unknown = set((value or "").split(",")) - set(known) - {""}
-        if unknown:
+        if unknown := set((value or "").split(",")) - set(known) - {""}:
             raise SystemExit(f"tools/bench.py: {flag} {value}: unknown {', '.join(sorted(unknown))}; "
                              f"expected some of {', '.join(known)}")
     if "accum2" in a.knobs.split(",") and a.batch % 2:
-        raise SystemExit(f"tools/bench.py: --batch {a.batch}: the accum2 knob splits the batch in two: expected an even batch")
+        raise SystemExit(f"tools/bench.py: --batch {a.batch}: the accum2 knob splits the batch in two: "
+                         f"expected an even batch")
 
 
 def main(argv=None):
     p = opt.ArgumentParser(prog="tools/bench.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="CPU-S16S32", help="a preset, or a JSON config file "
-                   "(e.g. docs/official-shape.json, the shape of the comparison with the official code)")
+    p.add_argument("--config", default="CPU-S16S32", help="a preset, or a JSON config (e.g. docs/official-shape.json)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--text-channels", type=int, default=384)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--sample-steps", type=int, default=20)
-    p.add_argument("--knobs", default=None, help="comma-separated: " + ", ".join(KNOBS) + " (default: all; base is "
-                   "float32 and channels-last on a CPU, bf16 and the default layout on a GPU)")
-    p.add_argument("--peak-flops", type=float, default=None, help="the chip's peak FLOP/s for MFU (known, dense "
-                   "bf16: " + ", ".join(f"{k} {v:.0e}" for k, v in PEAK_BF16.items()) + ")")
-    p.add_argument("--count-flops", action="store_true", help="only count the FLOPs of a training step, per "
-                   "image, on the meta device (shapes only: the paper's models on a laptop, in seconds)")
-    p.add_argument("--release-sampling", default=None, help="instead: sampling the released models at their real "
-                   "size (random weights), e.g. flickr64,flickr256,flickr1024; --sample-steps DDIM steps each")
+    for flag, default in (("--text-channels", 384), ("--warmup", 3), ("--repeats", 9), ("--sample-steps", 20)):
+        p.add_argument(flag, type=int, default=default)
+    p.add_argument("--knobs", default=None, help="comma-separated: " + ", ".join(KNOBS) + " (default: all)")
+    p.add_argument("--peak-flops", type=float, default=None, help="the chip's dense bf16 peak FLOP/s for MFU "
+                   "(known: " + ", ".join(f"{k} {v:.0e}" for k, v in PEAK_BF16.items()) + ")")
+    p.add_argument("--count-flops", action="store_true", help="only count a training step's FLOPs per image "
+                   "(on the meta device: the paper's models in seconds)")
+    p.add_argument("--release-sampling", default=None, help="instead: sample the released models at their real "
+                   "size, random weights (e.g. flickr64,flickr256)")
     p.add_argument("--precisions", default="fp32,bf16", help="of --release-sampling: fp32, bf16, fp16")
     p.add_argument("--json", default="bench.json")
     a = p.parse_args(argv)
     on_gpu = a.device.startswith("cuda")
-    a.knobs = a.knobs or f"base,{'fp32' if on_gpu else 'bf16'},{'channels_last' if on_gpu else 'nchw'},grad_ckpt," \
-                         f"accum2,compile,release"
+    a.knobs = a.knobs or f"base,{'fp32,channels_last' if on_gpu else 'bf16,nchw'},grad_ckpt,accum2,compile,release"
     check_args(a)
     base = dict(config=a.config, batch=a.batch, device=a.device, text_channels=a.text_channels, warmup=a.warmup,
                 repeats=a.repeats, sample_steps=a.sample_steps, peak_flops=a.peak_flops, bf16=on_gpu)
@@ -301,10 +251,9 @@ def main(argv=None):
         return
     if a.release_sampling:
         return report_release_sampling(a)
-    rows = []
-    knobs = a.knobs.split(",")
+    rows, knobs = [], a.knobs.split(",")
     for knob in knobs:
-        for model in ("nested", "plain") if knob != "grad_ckpt" else ("nested",):   # the plain UNet has no outer levels
+        for model in ("nested", "plain") if knob != "grad_ckpt" else ("nested",):   # plain: no outer levels
             try:
                 rows.append(in_fresh_process(measure, {**base, **KNOBS[knob], "model": model, "knob": knob}))
             except Exception as e:                 # e.g. out of memory, or no compiler: the others go on
@@ -312,12 +261,11 @@ def main(argv=None):
                 continue
             print(format_row(rows[-1]), flush=True)
     interleaved = {}                               # the fair figures: an odd number of rounds
-    for knob in ("base", "release"):
-        if knob in knobs:
-            try:
-                interleaved[knob] = in_fresh_process(paired, {**base, **KNOBS[knob], "repeats": 2 * a.repeats + 1})
-            except Exception as e:
-                print(f"interleaved measurement of {knob} failed: {type(e).__name__}: {e}", file=sys.stderr)
+    for knob in [k for k in ("base", "release") if k in knobs]:
+        try:
+            interleaved[knob] = in_fresh_process(paired, {**base, **KNOBS[knob], "repeats": 2 * a.repeats + 1})
+        except Exception as e:
+            print(f"interleaved measurement of {knob} failed: {type(e).__name__}: {e}", file=sys.stderr)
     report(rows, a, interleaved)
 
 
@@ -339,8 +287,7 @@ def machine(a) -> dict:
 
 
 def report(rows, a, interleaved=None):
-    """NestedUNet / plain UNet ratios for each knob, printed and written to --json with the
-    rows and the machine."""
+    """NestedUNet / plain UNet ratios for each knob, printed and written to --json with the rows."""
     by = {(r["knob"], r["model"]): r for r in rows}
     ratios = {knob: {"train": n["train_step_s"] / p["train_step_s"],
                      "sample": n.get("sample_step_s", float("nan")) / p.get("sample_step_s", float("nan")),
@@ -359,22 +306,21 @@ def report(rows, a, interleaved=None):
 
 
 def report_release_sampling(a):
-    """Each release in each precision (a fresh process each), then the difference of each
-    precision's images to fp32's, on the same noise, level by level."""
+    """Each release in each precision (a fresh process each), and each level's difference to fp32."""
     rows = []
     for name in a.release_sampling.split(","):
         images = {}
         for precision in a.precisions.split(","):
             r = in_fresh_process(release_sampling, dict(release=name, precision=precision, steps=a.sample_steps,
                                                         device=a.device))
-            images[precision] = r.pop("images")
+            images[precision] = mine = r.pop("images")
             if "fp32" in images and precision != "fp32":
-                r["max_abs_diff_to_fp32"] = [float((x - y).abs().max()) for x, y in zip(images[precision], images["fp32"])]
+                r["max_abs_diff_to_fp32"] = [float((x - y).abs().max()) for x, y in zip(mine, images["fp32"])]
             rows.append(r)
+            diff = r.get("max_abs_diff_to_fp32")
             print(f"{name:<11}{precision:<6}{r['params'] / 1e6:7.1f}M  {r['step_s']:8.2f} s/step  peak RSS "
                   f"{r['peak_rss_mb']:8.0f} MB  finite {r['finite']}  "
-                  f"{'diff to fp32 ' + str([round(d, 4) for d in r['max_abs_diff_to_fp32']]) if 'max_abs_diff_to_fp32' in r else ''}",
-                  flush=True)
+                  f"{'' if diff is None else f'diff to fp32 {[round(d, 4) for d in diff]}'}", flush=True)
     with open(a.json, "w") as f:
         json.dump({"meta": machine(a), "release_sampling": rows}, f, indent=2)
     print(f"wrote {a.json}")

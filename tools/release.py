@@ -1,36 +1,27 @@
-"""
-The paper's released models, and converting a downloaded checkpoint of the authors' code into
+"""The paper's released models, and converting a downloaded checkpoint of the authors' code into
 a run folder that sample.py, tools/evaluate.py and train.py --init-from read.
 
-Gu et al. released three text-to-image models (about 50M Flickr text-image pairs, FLAN-T5 XL):
-64x64 (the paper's MDM-S64), 256x256 (MDM-S64S256) and 1024x1024 (MDM-S64S256S1024). They
-compute a few things their own way, each one override of nested_unet.py's or diffusion.py's
-hooks below, so that their weights load into this project's model strictly, tensor by tensor:
+Gu et al. released three text-to-image models (50M Flickr text-image pairs, FLAN-T5 XL): 64x64
+(MDM-S64), 256x256 (MDM-S64S256), 1024x1024 (MDM-S64S256S1024). What they compute their own way
+is one override each of nested_unet.py's or diffusion.py's hooks, so their weights load strictly:
 
     1. down-sampling: a stride-2 3x3 conv, not average pooling then a 3x3 conv
-    2. text: its own softmax, added to the pixels' (not one softmax over both), and padding
-       tokens are attended to (their prompts are padded as their code padded them)
+    2. text: its own softmax, added to the pixels' (not one softmax over both); padding attended to
     3. the feed-forward layer after attention normalises with GroupNorm(32) over the map
     4. every level has its own time MLP; its sinusoid is sin then cos, of the integer step k - 1
     5. the pooled text's projection into the embedding has no bias
     6. the 256 px level inside the 1024 px model divides its input by its standard deviation
     7. guidance's null text is the encoded empty prompt (they never saw a null mask)
-    8. the schedule is discrete: diffusers' "squaredcos_cap_v2" over 1000 steps, shifted per
-       level (their 256 px model divides the SNR by 4, their 1024 px one by 16 and 256)
+    8. a discrete schedule, diffusers' "squaredcos_cap_v2"; SNR / 4 at 256 px (/ 16, / 256 at 1024 px)
     9. prompts are split into T5 pieces as their code split them (mdm_token_ids)
-
-Download, convert, sample:
 
     curl -O https://docs-assets.developer.apple.com/ml-research/models/mdm/flickr64/vis_model.pth
     python -m tools.release vis_model.pth --out runs/flickr64     # which model it is: from the file
     python sample.py --ckpt runs/flickr64 "a panda playing guitar"
     python train.py --config MDM-flickr256 --res 64,256 --init-from runs/flickr64 ...   # grow it
 
-Reading the file runs no code from it: the names its pickle holds (its stored arguments are
-objects of the authors' classes) are listed without unpickling anything, each bound to an inert
-stand-in that records its data, and torch.load reads it with weights_only=True. The stored
-arguments are checked against the release, and every tensor is mapped to exactly one of ours,
-shape included (the authors' own loader is not strict and skips what does not fit).
+Reading the file runs no code from it; every tensor maps to exactly one of ours, shape included
+(the authors' own loader is not strict and skips what does not fit).
 """
 
 from __future__ import annotations
@@ -40,7 +31,6 @@ import json
 import math
 import pickletools
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,12 +46,9 @@ from nested_unet import (AttentionBlock, NestedUNet, NestedUNetConfig, group_nor
 
 URL = "https://docs-assets.developer.apple.com/ml-research/models/mdm/{name}/vis_model.pth"
 
-# ---------------------------------------------------------------------------------------
-# The released models' architecture: a variant of the NestedUNet
-# ---------------------------------------------------------------------------------------
 
-
-@dataclass
+# --- The released models' architecture: a variant of the NestedUNet ---
+@dataclasses.dataclass
 class ReleasedConfig(NestedUNetConfig):
     """A NestedUNetConfig of the released models' kind, with their one per-level key."""
     normalize_input: bool = False         # (6) this level divides its input by its per-sample std
@@ -73,14 +60,13 @@ class ReleasedConfig(NestedUNetConfig):
 def released(config: NestedUNetConfig, **kw) -> ReleasedConfig:
     """The same sizes in the released models' architecture and schedule (every level)."""
     def level(d: dict) -> dict:
-        inner = d["inner_config"] and level(d["inner_config"])
-        return {**d, "inner_config": inner, "schedule": d["schedule"].replace("cosine", ReleasedDiffusion.base_schedule)}
+        schedule = d["schedule"].replace("cosine", ReleasedDiffusion.base_schedule)
+        return {**d, "inner_config": d["inner_config"] and level(d["inner_config"]), "schedule": schedule}
     return ReleasedConfig(**{**level(dataclasses.asdict(config)), **kw})
 
 
 class StridedDownsample(nn.Module):
     """(1) A 3x3 conv with stride `factor`."""
-
     def __init__(self, channels: int, factor: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1, stride=factor)
@@ -94,8 +80,7 @@ class ReleasedAttentionBlock(AttentionBlock):
         return group_norm(channels)                       # (3)
 
     def attend_text(self, q, k, v, k_txt, v_txt, mask):
-        # (2) softmax(q k^T) v + softmax(q k_txt^T) v_txt, every token visible
-        return self.attend(q, k, v) + self.attend(q, k_txt, v_txt)
+        return self.attend(q, k, v) + self.attend(q, k_txt, v_txt)  # (2) two softmaxes, all tokens seen
 
     def feed_forward(self, x):
         # (3) GroupNorm over the map, then the MLP at each position
@@ -124,11 +109,9 @@ class ReleasedNestedUNet(NestedUNet):
         return t, cond                    # (4) each level embeds the time itself: level_embedding
 
     def level_embedding(self, emb, batch):
-        t, cond = emb
-        mlp = self.time_mlp
+        (t, cond), mlp = emb, self.time_mlp
         e = mlp(timestep_embedding(t[:batch], mlp[0].in_features, mlp[0].weight.dtype))
         return F.silu(e if cond is None else e + cond[:batch])
-
 
     def fold(self, z, cond):
         if self.config.normalize_input:   # (6) over C, H, W, unbiased, as the release computes it
@@ -142,14 +125,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, dtype=torch.float32) -> torch.
     return sinusoid(step, dim, dtype).roll(dim // 2, -1)
 
 
-# (8) The discrete schedule: diffusers' "squaredcos_cap_v2" (Nichol & Dhariwal 2021's cosine,
-# offset 0.008, each beta capped at 0.999) over steps k = 1..1000, whose alpha^2 is alpha_bar_k =
-# prod_{j <= k} (1 - beta_j). Step k is the time t = k / 1000, and its log-SNR
-# log(alpha_bar / (1 - alpha_bar)) is shifted per level as diffusion.py shifts the cosine.
-
+# --- (8) The discrete schedule ---
 def squaredcos_cap_v2(num_steps: int = 1000) -> torch.Tensor:
-    """alpha_bar_k for k = 0..num_steps (alpha_bar_0 = 1), computed in float64 and stored in
-    float32, as the released models' schedule was."""
+    """diffusers' alpha_bar_k = prod_{j <= k} (1 - beta_j) at t = k / 1000 (Nichol & Dhariwal 2021's cosine,
+    offset 0.008, betas capped at 0.999), in float64, stored in float32 as the releases' schedule was."""
     f = [math.cos((k / num_steps + 0.008) / 1.008 * math.pi / 2) ** 2 for k in range(num_steps + 1)]
     betas = torch.tensor([0.0] + [min(1 - f[k + 1] / f[k], 0.999) for k in range(num_steps)], dtype=torch.float64)
     return torch.exp(torch.cumsum(torch.log1p(-betas), 0)).float()
@@ -159,9 +138,8 @@ ALPHA_BAR = squaredcos_cap_v2()
 
 
 def discrete_logsnr(t: torch.Tensor, shift: float, power: float = 2.0) -> torch.Tensor:
-    """The log-SNR of step k = round(1000 t) of squaredcos_cap_v2, shifted: +inf at t = 0.
-    The shift divides the SNR in float32, as the released models' tables were computed: the
-    noise levels they were trained at, to the last bit."""
+    """The log-SNR of step k = round(1000 t), shifted per level as diffusion.py shifts the cosine: +inf
+    at t = 0. The SNR is divided in float32, as the releases' tables were: their noise levels to the bit."""
     abar = ALPHA_BAR.to(t.device)[(1000 * t.double()).round().long().clamp(0, 1000)]
     if shift != 1:
         abar = 1 / (1 + 1 / (abar / (1 - abar) / shift ** power))
@@ -195,10 +173,9 @@ class ReleasedDiffusion(MatryoshkaDiffusion):
         return torch.cat([steps / 1000, torch.zeros(1, dtype=torch.float64)])
 
 
-# The three releases: the authors' configs cc12m_64x64.yaml, cc12m_256x256.yaml and
-# cc12m_1024x1024.yaml (their 256 px model shifts by "power" 1, in our power-2 names "shift2"),
-# and the settings of the authors' web demo: guidance 7.5; 50 DDIM steps at 64 px, 100 at 256,
-# 250 with eta 1 at 1024; its thresholding, DeepFloyd's.
+# The releases: the authors' cc12m_64x64.yaml, cc12m_256x256.yaml, cc12m_1024x1024.yaml (their 256 px
+# model shifts by "power" 1, in our power-2 names "shift2"), and their web demo's settings: guidance 7.5,
+# 50 DDIM steps at 64 px, 100 at 256, 250 with eta 1 at 1024, DeepFloyd's thresholding.
 KEYS = dict(emb_channels=1024, num_lm_attn_layers=0, lm_feature_projected_channels=2048, text_channels=2048)
 
 
@@ -215,14 +192,9 @@ PRESETS = {
                     normalize_input=True),
         [1024, 512, 256], [32, 32, 64], [2, 2, 1], "squaredcos_cap_v2-shift16", **{**KEYS, **kw}),
 }
-RELEASES = {
-    "flickr64": dict(preset="MDM-flickr64",
-                     sampling=dict(sampler="ddim", num_inference_steps=50, eta=0.0, guidance_scale=7.5)),
-    "flickr256": dict(preset="MDM-flickr256",
-                      sampling=dict(sampler="ddim", num_inference_steps=100, eta=0.0, guidance_scale=7.5)),
-    "flickr1024": dict(preset="MDM-flickr1024",
-                       sampling=dict(sampler="ddim", num_inference_steps=250, eta=1.0, guidance_scale=7.5)),
-}
+RELEASES = {name: dict(preset=f"MDM-{name}",
+                       sampling=dict(sampler="ddim", num_inference_steps=n, eta=eta, guidance_scale=7.5))
+            for name, n, eta in (("flickr64", 50, 0.0), ("flickr256", 100, 0.0), ("flickr1024", 250, 1.0))}
 
 
 def preset(name: str, **overrides) -> ReleasedConfig:
@@ -231,10 +203,9 @@ def preset(name: str, **overrides) -> ReleasedConfig:
     return PRESETS[name](**overrides)
 
 
+# --- Reading the checkpoint ---
 class Stored:
-    """An object the checkpoint names (an argparse.Namespace, one of the authors' config
-    dataclasses or enums, a numpy scalar), rebuilt as inert data: the arguments and state
-    the pickle gives are recorded, nothing is called."""
+    """An object the file names (their config classes, enums, numpy scalars): its data, nothing called."""
     fqn = "?"
 
     def __new__(cls, *args, **kwargs):
@@ -242,16 +213,12 @@ class Stored:
         obj.args, obj.state = args, None
         return obj
 
-    def __init__(self, *args, **kwargs):
-        pass
-
     def __setstate__(self, state):
         self.state = state
 
 
 def pickle_globals(data: bytes) -> set[str]:
-    """The "module.name" of every global a pickle refers to, read off its opcodes (nothing is
-    unpickled): GLOBAL carries the name, STACK_GLOBAL takes the last two strings pushed."""
+    """Every global ("module.name") a pickle names, read off its opcodes: nothing is unpickled."""
     names, strings = set(), []
     for op, arg, _ in pickletools.genops(data):
         if op.name == "GLOBAL":
@@ -263,8 +230,7 @@ def pickle_globals(data: bytes) -> set[str]:
     return names
 
 
-# What weights_only itself reads (tensors, their storages, ordered dicts): everything else
-# the file names (builtins and os.system included) becomes a Stored.
+# What weights_only reads itself; everything else the file names (os.system too) becomes a Stored.
 NATIVE = ("torch.", "collections.OrderedDict")
 
 
@@ -282,8 +248,7 @@ def plain(obj):
 
 
 def read_checkpoint(path) -> tuple[dict, dict | None]:
-    """-> (the state dict, the stored arguments as plain data or None). Raises ValueError
-    saying what is wrong (the caller names the file)."""
+    """-> (the state dict, the stored arguments as plain data or None); ValueError (not naming the file)."""
     try:
         with zipfile.ZipFile(path) as zf:
             pkl = next(n for n in zf.namelist() if n.endswith("data.pkl"))
@@ -295,23 +260,20 @@ def read_checkpoint(path) -> tuple[dict, dict | None]:
     with torch.serialization.safe_globals(stand_ins):
         ckpt = load_torch_file(path, "checkpoint of the released models")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"holds no 'state_dict' (its keys: {list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__}); "
-                         f"expected the vis_model.pth of a released model")
+        keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"holds no 'state_dict' (its keys: {keys}); expected the vis_model.pth of a released model")
     args = plain(ckpt.get("args"))
     return dict(ckpt["state_dict"]), args if isinstance(args, dict) else None
 
 
-RESBLOCK = {"norm1": "norm1", "conv1": "conv1", "emb_proj": "time_layer", "norm2": "norm2", "conv2": "conv2",
-            "skip": "conv3"}
+# --- Their tensors' names ---
+RESBLOCK = {"emb_proj": "time_layer", "skip": "conv3"}        # our res block's names that theirs differ from
 
 
 def official_names(model: NestedUNet) -> dict[str, str]:
-    """our state-dict key -> the released models' key, for every tensor of `model` (an
-    MDM-flickr architecture). Their levels nest as `inner_unet.`, ours as `inner.`; their
-    down and up paths are blocks per resolution (`down_blocks.i.resnets.j`, `.attn.k`,
-    `.resample`), ours flat lists of stages; their up_blocks.0 is the lowest resolution."""
+    """Our state-dict key -> theirs, for every tensor. Their levels nest as `inner_unet.`, their paths are
+    blocks per resolution (`down_blocks.i.resnets.j`, `.attn.k`, `.resample`), up_blocks.0 the lowest."""
     out = {}
-
     def block(ours, theirs, module):           # a res block or an attention block, by its own names
         for name in module.state_dict():
             head, _, tail = name.partition(".")
@@ -333,21 +295,17 @@ def official_names(model: NestedUNet) -> dict[str, str]:
 
     def level(lvl, ours, theirs):
         cfg = lvl.config
-        for name in ("conv_in", "norm_out", "conv_out", "in_adapter", "out_adapter"):
-            if hasattr(lvl, name):
-                for p in ("weight", "bias"):
-                    out[f"{ours}{name}.{p}"] = f"{theirs}{name}.{p}"
-        for a, b in (("0", "temb_layer1"), ("2", "temb_layer2")):
+        same = [(n, n) for n in ("conv_in", "norm_out", "conv_out", "in_adapter", "out_adapter")]   # alike
+        for a, b in same + [("time_mlp.0", "temb_layer1"), ("time_mlp.2", "temb_layer2")]:
             for p in ("weight", "bias"):
-                out[f"{ours}time_mlp.{a}.{p}"] = f"{theirs}{b}.{p}"
+                out[f"{ours}{a}.{p}"] = f"{theirs}{b}.{p}"
         stages(f"{ours}down", f"{theirs}down_blocks", lvl.down, cfg, lambda i: cfg.num_res_blocks[i], up=False)
         stages(f"{ours}up", f"{theirs}up_blocks", lvl.up, cfg, lambda i: cfg.num_res_blocks[i] + 1, up=True)
         if lvl.inner is not None:
             level(lvl.inner, f"{ours}inner.", f"{theirs}inner_unet.")
         else:                                   # the innermost UNet: its mid blocks, and the text
-            block(f"{ours}mid.0.0", f"{theirs}mid_blocks.0.resnets.0", lvl.mid[0][0])
-            block(f"{ours}mid.0.1", f"{theirs}mid_blocks.0.attn.0", lvl.mid[0][1])
-            block(f"{ours}mid.0.2", f"{theirs}mid_blocks.1.resnets.0", lvl.mid[0][2])
+            for j, name in enumerate(("0.resnets.0", "0.attn.0", "1.resnets.0")):
+                block(f"{ours}mid.0.{j}", f"{theirs}mid_blocks.{name}", lvl.mid[0][j])
             out[f"{ours}cond_embed.text_proj.weight"] = f"{theirs}lm_proj.weight"
             out[f"{ours}cond_embed.text_proj.bias"] = f"{theirs}lm_proj.bias"
             out[f"{ours}cond_embed.text_pool.weight"] = f"{theirs}cond_emb.weight"
@@ -357,20 +315,12 @@ def official_names(model: NestedUNet) -> dict[str, str]:
 
 
 def convert(state: dict, config: ReleasedConfig, micro_scales: list[float] | None = None) -> dict:
-    """The released model's state dict -> ours for `config` (a release preset, or a smaller
-    model of the same kind). Strict: every tensor of theirs is used once, every one of ours is
-    given, with our shape (their 1x1 convolutions are our Linear layers: (out, in, 1, 1) for
-    (out, in)). Raises ValueError listing what does not fit.
-
-    Their micro-conditioning ("scale:64", one MLP per level on the image's scale, lowest level
-    first in `micro_scales`; default: each level's resolution) is constant when sampling:
-    its output is folded into the bias of the level's time MLP, to which it was added."""
+    """Their state dict -> ours for `config`, strictly (ValueError lists what does not fit). Their micro-
+    conditioning ("scale:64", an MLP per level), constant when sampling, is folded into the time bias."""
     model = ReleasedNestedUNet(config)
-    names = official_names(model)
-    levels, theirs = model.levels(), dict(state)
+    levels, theirs, folded = model.levels(), dict(state), {}
     prefixes = ["inner_unet." * (len(levels) - 1 - i) for i in range(len(levels))]   # lowest level first
     scales = micro_scales or [lvl.config.resolutions[0] for lvl in levels]
-    folded = {}
     for lvl, prefix, scale in zip(levels, prefixes, scales):
         mlp = [theirs.pop(f"{prefix}cond_layers.scale.{i}.{p}", None) for i in (0, 1) for p in ("weight", "bias")]
         if any(m is None for m in mlp):
@@ -380,9 +330,8 @@ def convert(state: dict, config: ReleasedConfig, micro_scales: list[float] | Non
         # Their value: the default scale itself (64.0, 256.0, 1024.0), in their sinusoid (sin, cos).
         feats = sinusoid(torch.tensor([float(scale)]), w0.shape[1], torch.float64).roll(w0.shape[1] // 2, -1)
         folded[prefix] = (F.silu(feats @ w0.T + b0) @ w1.T + b1)[0]
-    ours, wrong = {}, []
-    own = model.state_dict()
-    for key, their_key in names.items():
+    ours, wrong, own = {}, [], model.state_dict()
+    for key, their_key in official_names(model).items():
         if their_key not in theirs:
             wrong.append(f"{their_key} is missing")
             continue
@@ -413,9 +362,7 @@ def detect(state: dict) -> str:
 
 
 def check_arguments(args: dict | None, config):
-    """The file's own stored arguments against the model it is converted into: the channels
-    of every level, the schedule, v-prediction, the shift of every level. Raises ValueError
-    naming the first mismatch."""
+    """The file's stored arguments against the model it is converted into: ValueError at a mismatch."""
     if args is None:
         return                                  # a file without arguments: the tensors decide
     levels, unet = config.levels()[::-1], args.get("unet_config") or {}    # highest first, as theirs
@@ -426,16 +373,14 @@ def check_arguments(args: dict | None, config):
                              f"{lvl.resolution_channels}")
         unet = unet.get("inner_config") or {}
     sampler = (args.get("diffusion_config") or {}).get("sampler_config") or {}
-    # Their enums are stored as (class, value): ScheduleType.DEEPFLOYD = 3 (squaredcos_cap_v2),
-    # PredictionType.V_PREDICTION = 5.
+    # Their enums are stored as (class, value): ScheduleType.DEEPFLOYD = 3, PredictionType.V_PREDICTION = 5.
     for key, want, what in (("schedule_type", 3, "DEEPFLOYD (squaredcos_cap_v2)"),
                             ("prediction_type", 5, "V_PREDICTION")):
         got = sampler.get(key)
         got = got.get("__args__", [None])[0] if isinstance(got, dict) else got
         if got is not None and got != want:
             raise ValueError(f"its stored arguments give {key}={got}; the releases were trained with {what} ({want})")
-    # Their shift: the SNR of a level at r times the innermost resolution divided by r^p; ours:
-    # by s^2 with s its schedule's shift. So s must be r^(p / 2).
+    # Their SNR at r times the innermost resolution is divided by r^p, ours by s^2: s must be r^(p / 2).
     power = sampler.get("schedule_shifted_power")
     if power is not None and sampler.get("schedule_shifted", True):
         base = levels[-1].resolutions[0]
@@ -451,8 +396,7 @@ def check_arguments(args: dict | None, config):
 
 
 def micro_scales(args: dict | None, levels: int) -> list[float] | None:
-    """The default of each level's "scale:N" micro-conditioning, lowest level first, from the
-    stored arguments (None: each level's resolution)."""
+    """Each level's "scale:N" micro-conditioning in the stored arguments, lowest first (None: resolutions)."""
     if args is None:
         return None
     out, unet = [], args.get("unet_config") or {}
@@ -463,18 +407,17 @@ def micro_scales(args: dict | None, levels: int) -> list[float] | None:
     return out[::-1] if len(out) == levels and None not in out else None
 
 
-# (9) Their tokenisation of prompts (data.TextEncoder(split=mdm_splitter) uses it).
-
+# --- (9) Their tokenisation of prompts (data.TextEncoder(split=mdm_splitter)) ---
 def unigram_pieces(tokenizer) -> dict[str, tuple[int, float]]:
-    """A T5 tokenizer's SentencePiece vocabulary: piece (its "\u2581" written as a space, as
-    the released code keys it) -> (id, cost = -log probability)."""
+    """A T5 tokenizer's SentencePiece vocabulary: piece ("\u2581" as a space) -> (id, -log p)."""
     if hasattr(tokenizer, "sp_model"):             # the slow tokenizer: the sentencepiece model itself
         sp = tokenizer.sp_model
         vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
     else:                                           # the fast one: its Unigram model, as JSON
         model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
         if model.get("type") != "Unigram":
-            raise ValueError(f"tokenization 'ml-mdm' needs a T5 (SentencePiece unigram) tokenizer, not {model.get('type')}")
+            raise ValueError(f"tokenization 'ml-mdm' needs a T5 (SentencePiece unigram) tokenizer, "
+                             f"not {model.get('type')}")
         vocab = [tuple(v) for v in model["vocab"]]
     pieces = {p.replace("\u2581", " "): (i, -score) for i, (p, score) in enumerate(vocab)}
     for token, i in tokenizer.get_added_vocab().items():   # <extra_id_N>: in their vocabulary file too
@@ -483,22 +426,15 @@ def unigram_pieces(tokenizer) -> dict[str, tuple[int, float]]:
 
 
 def mdm_token_ids(text: str, pieces: dict, max_length: int = 128, max_chars: int = 512) -> list[int]:
-    """Token ids of a caption as the released models' code computed them (its reader and
-    tokenizer): the caption, cut to 512 characters, gets one leading space; it is split into
-    the pieces of least total cost (-log probability: the unigram model's most likely split,
-    found by dynamic programming); characters no piece covers are dropped; the end-of-text id
-    1 follows, and the whole is cut to `max_length` (a long caption loses its end id).
-
-    For ordinary single-spaced prompts this is what the Hugging Face T5 tokenizer gives; it
-    differs for the empty prompt (the unconditional input of guidance: [3, 1], the piece of a
-    lone space and the end, where Hugging Face gives [1]), repeated or trailing spaces,
-    characters outside the vocabulary, and text that NFKC would normalise."""
+    """A caption's token ids as their code computed them: a leading space, the unigram model's likeliest split
+    (dynamic programming), uncovered characters dropped, the end id 1, all cut to `max_length` (a long caption
+    loses its end id). Hugging Face's T5 tokenizer differs on the empty prompt (guidance's: [1], here [3, 1]),
+    extra spaces, characters outside the vocabulary, and text that NFKC would normalise."""
     s = " " + text[:max_chars]
     longest = max(len(p) for p in pieces)
-    INF = float("inf")
-    best, back = [0.0] + [INF] * len(s), [None] * (len(s) + 1)     # best[j]: cost of s[:j]
+    best, back = [0.0] + [math.inf] * len(s), [None] * (len(s) + 1)     # best[j]: cost of s[:j]
     for i in range(len(s)):
-        if best[i] == INF:
+        if best[i] == math.inf:
             continue
         matched = False
         for j in range(i + 1, min(len(s), i + longest) + 1):
@@ -511,10 +447,9 @@ def mdm_token_ids(text: str, pieces: dict, max_length: int = 128, max_chars: int
             best[i + 1], back[i + 1] = best[i], (i, None)
     ids, j = [], len(s)
     while j > 0:
-        i, token = back[j]
+        j, token = back[j]
         if token is not None:
             ids.append(token)
-        j = i
     return (ids[::-1] + [1])[:max_length]
 
 
@@ -525,19 +460,14 @@ def mdm_splitter(tokenizer, max_length: int = 128):
 
 
 def run_metadata(name: str, config: ReleasedConfig, text_encoder: str = "google/flan-t5-xl") -> dict:
-    """What sample.py reads: the model and diffusion configs, the text encoder and its
-    tokenisation, and the demo's sampling settings."""
-    return {"model_config": config.to_dict(),
-            "diffusion_config": vars(DiffusionConfig(thresholding="deepfloyd")),
-            "cond": "text", "text_encoder": text_encoder, "text_tokenization": "ml-mdm",
-            "class_names": None, "data": None, "video": False, "release": name,
-            "sampling": RELEASES[name]["sampling"], "step": 0}
+    """What sample.py reads: the configs, the text encoder and its tokenisation, the demo's sampling."""
+    return {"model_config": config.to_dict(), "diffusion_config": vars(DiffusionConfig(thresholding="deepfloyd")),
+            "cond": "text", "text_encoder": text_encoder, "text_tokenization": "ml-mdm", "class_names": None,
+            "data": None, "video": False, "release": name, "sampling": RELEASES[name]["sampling"], "step": 0}
 
 
 def convert_file(path, out, name: str | None = None, config=None, text_encoder: str = "google/flan-t5-xl") -> Path:
-    """A downloaded vis_model.pth -> run folder `out` with ema.safetensors. `config`: a model
-    of the release's kind other than its preset (the tests' tiny ones); `text_encoder`: where
-    its FLAN-T5 XL is (its name on the hub by default)."""
+    """A downloaded vis_model.pth -> run folder `out` (ema.safetensors); `config`: another of its kind."""
     state, args = read_checkpoint(path)
     found = detect(state)
     if name is not None and name != found:
