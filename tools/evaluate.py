@@ -33,7 +33,7 @@ import helpers.measures as metrics
 import helpers.options as opt
 from helpers.devices import autocast, prepare, timed
 from helpers.models import Trained
-from helpers.pictures import save_gif
+from helpers.pictures import save_gif, save_grid
 from nested_unet import PRESETS, NestedUNet, preset
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -224,15 +224,18 @@ def nested(a):
     test = data.load_fashion_mnist(R, "test")
     idx = np.concatenate([np.flatnonzero(test.labels == c)[:a.num // 10] for c in range(10)])
     x, labels = data.to_tensor(test.images[idx]), torch.from_numpy(test.labels[idx])
-    feats, rows = metrics.EffNetFeatures(a.device), {}
+    feats, rows, shown = metrics.EffNetFeatures(a.device), {}, {}     # shown: one image of each class
     real = metrics.real_stats(run.meta["data"], R, 1000, feats)
     classifier = metrics.train_classifier(run.meta["data"], R)[0]
     low, keep = F.avg_pool2d(x, R // r), torch.ones(1, 1, R, R)
     keep[..., R // 2:] = 0                         # the right half drawn
 
+    first = lambda t: t[:: len(x) // 10][:10]         # the first image of each class
+
     def score(name, images, **extra):
         rows[name] = {"class_acc": metrics.accuracy(classifier, images, labels),
                       "fd_effnet": metrics.fd_effnet(images, real, feats), **extra}
+        shown[name] = first(images)
         print(name, rows[name], flush=True)
 
     def generate(guidance=None, **given):          # the run's sampling, DDIM --steps steps, 100 images a batch
@@ -259,10 +262,16 @@ def nested(a):
     for scales in ([5.0, 1.0], [3.0, 3.0], [1.0, 5.0]):
         score(f"guidance per level {scales}", generate(guidance=scales))
     (out := Path(a.out)).parent.mkdir(parents=True, exist_ok=True)
+    # The figure, a column per class: the real image, its low resolution, super-resolved; its left half,
+    # inpainted; image-to-image at strength 0.5; a sample of the label.
+    shown |= {"low": F.interpolate(first(low), size=(R, R), mode="nearest"), "half": first(x) * keep}
+    names = [f"real {R}x{R} test images", "low", f"super-resolution {r} -> {R}", "half",
+             "inpainting the right half", "image-to-image, strength 0.5", "samples of the labels"]
+    save_grid(torch.cat([shown[k] for k in names]), f"{out}.png", nrow=10)
     Path(f"{out}.json").write_text(json.dumps({"ckpt": str(run.path), "images": len(x), "steps": a.steps,
                                               "settings": run.settings(sampler="ddim", num_inference_steps=a.steps),
                                               "rows": rows}, indent=2))
-    print(f"wrote {out}.json")
+    print(f"wrote {out}.json and {out}.png")
 
 
 def check_args(a):
