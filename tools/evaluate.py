@@ -251,6 +251,7 @@ def nested(a):
     score(f"real {R}x{R} test images", x)
     score(f"bicubic {r} -> {R}", F.interpolate(low, size=(R, R), mode="bicubic", align_corners=False).clamp(-1, 1))
     score("samples of the labels", generate())
+    score("unconditional samples (guidance 0)", generate(guidance=0.0))   # accuracy: chance, FD: the data's
     for k in (0, a.resample):
         out = generate(known=[(low, None)] + [None] * (len(run.model.resolutions) - 1), resample=k)
         score(f"super-resolution {r} -> {R}" + (f", resampling {k}" if k else ""), out,
