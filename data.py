@@ -57,6 +57,8 @@ def preprocess(img: Image.Image, size: int) -> torch.Tensor:
         img = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", img.size, BACKGROUND + (255,)), img)
     img = img.convert("RGB")
+    # A center crop keeps the subject's proportions (a squeeze would not); then Lanczos when shrinking,
+    # which keeps fine detail without aliasing, and bicubic when enlarging.
     (w, h), s = img.size, min(img.size)
     img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
     img = img.resize((size, size), Image.Resampling.LANCZOS if size < s else Image.Resampling.BICUBIC)
@@ -142,7 +144,7 @@ def load_fashion_mnist(size: int = 32, split: str = "train") -> TensorImageDatas
     with gzip.open(Path(FASHION_DIR) / f"{prefix}-labels-idx1-ubyte.gz") as f:
         labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
     x = torch.from_numpy(images.copy()).float()[:, None]                # (N, 1, 28, 28)
-    if size != 28:
+    if size != 28:                                 # 28 -> 32: a size the UNet can halve again and again
         x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=size < 28)
     images = x.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()     # (N, size, size, 1)
     return TensorImageDataset(images, labels=labels, class_names=FASHION_CLASSES)
@@ -318,6 +320,8 @@ class ResumableSampler(DistributedSampler):
         self.start = start
 
     def __iter__(self):
+        # The epoch's whole order is drawn again from (seed, epoch) and what was read is skipped: a resumed
+        # run reads exactly the samples the killed one would have read next.
         return iter(list(super().__iter__())[self.start:])
 
     def __len__(self):
@@ -347,6 +351,8 @@ class Batches:
                                   pin_memory=torch.cuda.is_available()))
 
     def __next__(self):
+        # A batch whose samples all failed to decode is counted and skipped; the position moves on as it
+        # would have in an uninterrupted run, so resuming never reads a batch twice.
         while True:
             try:
                 b = next(self.it)
@@ -358,8 +364,8 @@ class Batches:
             if "image" in b:
                 return b
 
-    def state(self):
-        return {"epoch": self.epoch, "pos": self.pos}
+    def state(self):                               # all a checkpoint needs: the epoch seeds the order,
+        return {"epoch": self.epoch, "pos": self.pos}   # pos says how far into it this rank has read
 
 
 class HFStream(torch.utils.data.IterableDataset):
@@ -403,6 +409,8 @@ class HFStream(torch.utils.data.IterableDataset):
 
 def collate(items: list) -> dict:
     """Stack a batch; samples that failed to decode (None) are dropped and counted."""
+    # `index` is each sample's place in the data set: train.py derives the sample's time and noise from it
+    # (and the step), so a sample's randomness depends neither on its batch nor on the number of processes.
     good = [it for it in items if it is not None]
     batch = {"skipped": len(items) - len(good)}
     if not good:

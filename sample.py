@@ -146,9 +146,13 @@ def draw(run: Trained, cond: dict, n: int, seed: int, settings: dict, negative_p
         if callback is not None:
             callback(i, t, zs, x_preds)
 
+    # The given pixels come as one image (1, C, r, r); every row of the batch draws around the same one
+    # (expand: a view, no copy), so n samples of one photo differ only in what the model draws.
     def rows(x):                                   # a given image (1, C, r, r) for each of the n
         return x.expand(n, *x.shape[1:]) if torch.is_tensor(x) else x
     given = {k: [v and tuple(map(rows, v)) for v in g] if k == "known" else rows(g) for k, g in given.items()}
+    # Only the network runs in `precision`: the sampler's state (z_t of every level) stays float32, since
+    # hundreds of small updates rounded to bf16's 8 bits of mantissa would blur the image.
     with autocast(run.device, precision):
         return run.diffusion.sample(run.model, cond, batch_size=n, callback=step_done, progress=progress,
                                     negative_cond=run.negative_condition(n, negative_prompt), **settings,
@@ -174,6 +178,10 @@ def given_pixels(run: Trained, upscale=None, image=None, mask=None, strength=Non
         return {}
     if run.is_video:
         raise ValueError("drawing around given pixels is for images; this is a video model")
+    # Super-resolution. In the extended space (Eq. 2) a lower level is the top image average-pooled, so an
+    # image of a lower level's size is that level, and pooling it further gives every level below it. Those
+    # levels are known; at each step diffusion.sample puts them back, noised to that step by their own
+    # schedule, and the levels above see them through the nesting while they denoise.
     if upscale is not None:
         if upscale.shape[-2] != upscale.shape[-1] or upscale.shape[-1] not in sizes[:-1]:
             raise ValueError(f"{upscale.shape[-1]}x{upscale.shape[-2]} pixels; this model's lower levels are "
@@ -183,13 +191,17 @@ def given_pixels(run: Trained, upscale=None, image=None, mask=None, strength=Non
                            for i, r in enumerate(sizes)], resample=resample)
     top = image if image.shape[-2:] == (R, R) else \
         F.interpolate(image, size=(R, R), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    # Image-to-image (SDEdit): every level starts from the image pooled to it and noised to `strength`, so a
+    # small strength keeps the layout and colours and redraws the detail; 1 forgets the image.
     if mask is None:
         return dict(init=top.to(run.device), strength=0.75 if strength is None else strength)
     if mask.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} pixels, the image "
                          f"{image.shape[-1]}x{image.shape[-2]}: expected the same size")
     keep = (F.interpolate(mask[:, :1], size=(R, R), mode="nearest") < 0).float()     # black: keep, white: draw
-    # Every level knows the image, pooled to it; a level's pixel is kept if all it holds are.
+    # Inpainting: every level knows the image, pooled to it; a level's pixel is kept only if all the pixels
+    # it averages are (a min-pool of the mask), since its pooled value would otherwise mix in pixels that
+    # are about to be redrawn. The drawn region is then free at every level, the rest fixed at every level.
     out = dict(known=[(F.avg_pool2d(top, R // r).to(run.device), (-F.max_pool2d(-keep, R // r)).to(run.device))
                       for r in sizes], resample=resample)
     if strength is not None and strength < 1:
@@ -229,6 +241,7 @@ def main(argv=None):
     if scales and len(scales) not in (1, len(run.model.resolutions)):
         fail(f"--guidance-scale {','.join(map(str, scales))}: {len(scales)} scales for a model of "
              f"{len(run.model.resolutions)} levels: give one, or one per level, lowest first")
+    # One guidance scale serves every level; a list guides level i by scales[i] (diffusion.predict_v).
     settings = run.settings(sampler=args.sampler, num_inference_steps=args.num_inference_steps, eta=args.eta,
                             guidance_scale=scales and (scales[0] if len(scales) == 1 else scales),
                             thresholding=args.thresholding)
@@ -236,13 +249,15 @@ def main(argv=None):
         fail("--negative-prompt needs a text-conditional model")
     # The released models' activations exceed fp16's range (ml-mdm issue 69): never fp16 unless asked.
     precision = resolve_precision(args.precision, device, fp16=run.fp16_ok)
+    # The images of --upscale, --init-image and --mask are read and fitted before the first step: a wrong
+    # size ends in one line now, not after minutes of sampling.
     given = given_by_flags(run, args)
     try:
         if args.prompts_file:
             write_folder(run, lines, args, settings, rank, world, precision=precision, **given)
         else:
             write_figures(run, args, settings, precision=precision, **given)
-    except NonFinite as e:
+    except NonFinite as e:                         # a NaN never recovers: every later step mixes it in
         fail(f"the sample turned NaN or infinite at step {e.args[0]} in {precision}: its values left that "
              f"precision's range; run it with --precision fp32" + (" (or bf16)" if precision == "fp16" else ""))
 

@@ -144,7 +144,7 @@ def ema_decay(step: int, max_decay: float, power: float) -> float:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
-    for e, p in zip(ema.parameters(), model.parameters()):
+    for e, p in zip(ema.parameters(), model.parameters()):    # parameters only: the model has no buffers
         e.lerp_(p.detach(), 1 - decay)             # e = decay * e + (1 - decay) * p
 
 
@@ -413,6 +413,8 @@ def optimizer_step(st: Stage, d: RunData, o: TrainOptions, step: int, world: int
     sums, bad = training_step(st.diffusion, st.model, st.opt, micro, st.train_model, o.clip,
                               o.high_res_fraction if len(st.model.resolutions) > 1 else None, autocast,
                               st.train_model.no_sync if world > 1 and not o.compile else None, st.scaler)
+    # The learning rate's warm-up, then the EMA: the weights that sample.py uses. The EMA follows every
+    # step, also the last of a stage, so a grown model starts from the average the small one ended with.
     st.sched.step()
     update_ema(st.ema, st.model, ema_decay(step + 1, o.ema, o.ema_power))
     log.sums += sums
