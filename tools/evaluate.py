@@ -338,7 +338,7 @@ def main(argv=None):
     sampling(v, 48, 50, 4.0, "clips, 8 of each motion")
     n = sub.add_parser("nested", help="super-resolution, inpainting, image-to-image, guidance per level")
     n.add_argument("--ckpt", default=None, help="a class-conditional Fashion-MNIST run (default: the newest)")
-    n.add_argument("--num", type=int, default=500, help="real test images, as many of each class")
+    n.add_argument("--num", type=int, default=500, help="real test images in all, as many of each class")
     n.add_argument("--steps", type=int, default=50, help="DDIM steps")
     n.add_argument("--resample", type=int, default=2, help="RePaint's resampling of the second super-resolution")
     for q, out in ((s, "runs/compare"), (f, None), (v, "samples/video-eval"), (n, "samples/nested-eval")):
