@@ -35,6 +35,7 @@ from helpers.devices import autocast, prepare, timed
 from helpers.models import Trained
 from helpers.pictures import save_gif, save_grid
 from nested_unet import PRESETS, NestedUNet, preset
+from sample import given_pixels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -228,7 +229,7 @@ def nested(a):
     real = metrics.real_stats(run.meta["data"], R, 1000, feats)
     classifier = metrics.train_classifier(run.meta["data"], R)[0]
     low, keep = F.avg_pool2d(x, R // r), torch.ones(1, 1, R, R)
-    keep[..., R // 2:] = 0                         # the right half drawn
+    keep[..., R // 2:] = 0                         # the right half drawn: white in sample.py's mask
 
     first = lambda t: t[:: len(x) // 10][:10]         # the first image of each class
 
@@ -252,11 +253,11 @@ def nested(a):
     score(f"bicubic {r} -> {R}", F.interpolate(low, size=(R, R), mode="bicubic", align_corners=False).clamp(-1, 1))
     score("samples of the labels", generate())
     score("unconditional samples (guidance 0)", generate(guidance=0.0))   # accuracy: chance, FD: the data's
-    for k in (0, a.resample):
-        out = generate(known=[(low, None)] + [None] * (len(run.model.resolutions) - 1), resample=k)
+    for k in (0, a.resample):                      # the given pixels as sample.py --upscale / --mask makes them
+        out = generate(**given_pixels(run, upscale=low, resample=k))
         score(f"super-resolution {r} -> {R}" + (f", resampling {k}" if k else ""), out,
               pooled_mad=float((F.avg_pool2d(out, R // r) - low).abs().mean()))
-    out = generate(known=[(F.avg_pool2d(x, R // s), -F.max_pool2d(-keep, R // s)) for s in run.model.resolutions])
+    out = generate(**given_pixels(run, image=x, mask=1 - 2 * keep))
     score("inpainting the right half", out, kept_exact=bool(torch.equal(out[..., :R // 2], x[..., :R // 2])))
     for strength in (0.25, 0.5, 0.75):
         score(f"image-to-image, strength {strength}", generate(init=x, strength=strength))
